@@ -1,0 +1,20 @@
+//! # strait
+//!
+//! The data plane of a block store that spans several data centres (IDCs): where block
+//! replicas go (`2+2` across two IDCs), how replicated writes stream through a pipeline of
+//! servers, how reads find the closest healthy replica, and how traffic between IDCs (the
+//! DCI) is kept inside its budget.
+//!
+//! The crate is split into pure cores, which hold the logic and never do IO or read the
+//! clock, and IO shells that drive them. The cores present so far:
+//!
+//! - [`topology`]: IDCs, racks, nodes and DCI links; distance by tier.
+//! - [`placement`]: replication specs, target choice in pipeline order, read order.
+//! - [`units`]: sizes, rates and durations as operators write them.
+//!
+//! strait does not include a metadata service: which blocks exist and where their
+//! replicas live is the embedding server's business; strait decides, moves and stores.
+
+pub mod placement;
+pub mod topology;
+pub mod units;
