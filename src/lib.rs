@@ -11,10 +11,17 @@
 //! - [`topology`]: IDCs, racks, nodes and DCI links; distance by tier.
 //! - [`placement`]: replication specs, target choice in pipeline order, read order.
 //! - [`units`]: sizes, rates and durations as operators write them.
+//! - [`block`]: block ids, generation stamps, CRC32C chunk checksums.
+//!
+//! And the shells:
+//!
+//! - [`store`]: block replicas on local disk (io_uring or psync), crash recovery.
 //!
 //! strait does not include a metadata service: which blocks exist and where their
 //! replicas live is the embedding server's business; strait decides, moves and stores.
 
+pub mod block;
 pub mod placement;
+pub mod store;
 pub mod topology;
 pub mod units;

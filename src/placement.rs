@@ -1113,11 +1113,10 @@ mod tests {
                 if w.spec.idc_count() == 2 {
                     prop_assert_eq!(dci_crossings(t, tg), 1);
                 }
-                if let Some(wn) = w.writer.node {
-                    if is_eligible(wn) && segs.iter().any(|s| s.0 == w.writer.idc) {
+                if let Some(wn) = w.writer.node
+                    && is_eligible(wn) && segs.iter().any(|s| s.0 == w.writer.idc) {
                         prop_assert_eq!(tg[0], wn, "writer's own node first");
                     }
-                }
             }
 
             #[test]

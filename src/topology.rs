@@ -674,14 +674,14 @@ impl TopologyBuilder {
                     name: e.name.clone(),
                 });
             }
-            if let Some(racks) = &e.racks {
-                if let Some(bad) = racks.iter().find(|r| !valid_name(r)) {
-                    return Err(TopologyError::BadName {
-                        line: Line(e.line),
-                        what: "rack",
-                        name: bad.clone(),
-                    });
-                }
+            if let Some(racks) = &e.racks
+                && let Some(bad) = racks.iter().find(|r| !valid_name(r))
+            {
+                return Err(TopologyError::BadName {
+                    line: Line(e.line),
+                    what: "rack",
+                    name: bad.clone(),
+                });
             }
             idcs.push(IdcInfo {
                 name: e.name.clone(),

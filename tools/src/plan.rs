@@ -125,10 +125,10 @@ pub fn run(topology: &Topology, params: &PlanParams) -> PlanReport {
             .crossings
             .entry(placement::dci_crossings(topology, p.targets()))
             .or_default() += 1;
-        if let Some(&first) = p.targets().first() {
-            if writer.tier_to(&topology.location(first)).crosses_dci() {
-                report.writer_hop_crossings += 1;
-            }
+        if let Some(&first) = p.targets().first()
+            && writer.tier_to(&topology.location(first)).crosses_dci()
+        {
+            report.writer_hop_crossings += 1;
         }
         for (idc, seg) in p.segments() {
             if seg.len() >= 2 && topology.idc(idc).racks.len() >= 2 {

@@ -1,0 +1,468 @@
+//! Conformance suite of the block store: one body per behaviour, run against every
+//! backend (`uring` where the kernel offers it, and `psync`).
+
+use std::path::Path;
+
+use strait::block::{BlockId, ChecksumSpec, GenStamp};
+use strait::store::{
+    BackendKind, BlockStore, Durability, ReplicaState, ReplicaWriter, StoreConfig, StoreError,
+};
+
+mod common;
+use common::pattern;
+
+async fn open(root: &Path, backend: BackendKind) -> BlockStore {
+    let mut cfg = StoreConfig::new(root);
+    cfg.backend = backend;
+    cfg.io_depth = 8;
+    BlockStore::open(cfg).await.expect("store opens").0
+}
+
+async fn write_all(w: &ReplicaWriter, data: &[u8], packet: usize, durability: Durability) {
+    let spec = w.spec();
+    let mut off = w.len() as usize;
+    for piece in data.chunks(packet) {
+        w.write(off as u64, piece, &spec.checksums(piece), durability)
+            .await
+            .expect("write");
+        off += piece.len();
+    }
+}
+
+async fn read_all(store: &BlockStore, block: BlockId, gs: GenStamp) -> Vec<u8> {
+    let r = store.reader(block, gs).await.expect("reader");
+    let mut out = Vec::new();
+    while (out.len() as u64) < r.len() {
+        let n = (r.len() - out.len() as u64).min(1 << 20) as usize;
+        out.extend_from_slice(&r.read(out.len() as u64, n).await.expect("read"));
+    }
+    out
+}
+
+const GS: GenStamp = GenStamp(1);
+
+async fn round_trip_sizes(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), backend).await;
+    let spec = ChecksumSpec::default();
+    let sizes = [
+        0usize,
+        1,
+        4095,
+        4096,
+        4097,
+        65_536 + 1,
+        (1 << 20) + 123,
+        3 << 20,
+    ];
+    for (i, &size) in sizes.iter().enumerate() {
+        let block = BlockId(i as u64 + 100);
+        let data = pattern(i as u64, size);
+        let w = store.create(block, GS, spec).await.unwrap();
+        write_all(&w, &data, 64 << 10, Durability::Buffered).await;
+        assert_eq!(w.finalize().await.unwrap(), size as u64);
+        let info = store.get(block).unwrap();
+        assert_eq!(
+            (info.state, info.len),
+            (ReplicaState::Finalized, size as u64)
+        );
+        assert_eq!(read_all(&store, block, GS).await, data, "size {size}");
+        // Unaligned ranges inside the replica.
+        if size > 10 {
+            let r = store.reader(block, GS).await.unwrap();
+            for (off, len) in [
+                (1u64, 1usize),
+                (size as u64 / 3, size / 2),
+                (size as u64 - 1, 1),
+            ] {
+                let got = r.read(off, len).await.unwrap();
+                assert_eq!(&got[..], &data[off as usize..off as usize + len]);
+            }
+            let e = r.read(size as u64 - 1, 2).await.unwrap_err();
+            assert!(matches!(e, StoreError::OutOfRange { .. }), "{e}");
+        }
+    }
+    drop(store);
+    // Reopen: everything is still there, verified.
+    let mut cfg = StoreConfig::new(dir.path());
+    cfg.backend = backend;
+    cfg.verify_on_open = true;
+    let (store, report) = BlockStore::open(cfg).await.unwrap();
+    assert_eq!(report.finalized, sizes.len());
+    assert!(
+        report.recovered_rbw.is_empty() && report.quarantined.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(
+        read_all(&store, BlockId(106), GS).await,
+        pattern(6, sizes[6])
+    );
+}
+
+async fn sync_durability_and_small_chunks(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), backend).await;
+    // 512-byte chunks cannot use O_DIRECT; the store must still work.
+    let spec = ChecksumSpec::crc32c(512).unwrap();
+    let data = pattern(9, 10_000);
+    let w = store.create(BlockId(1), GS, spec).await.unwrap();
+    write_all(&w, &data, 1536, Durability::Sync).await;
+    w.finalize().await.unwrap();
+    assert_eq!(read_all(&store, BlockId(1), GS).await, data);
+}
+
+async fn concurrent_appends(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), backend).await;
+    let spec = ChecksumSpec::default();
+    let data = pattern(3, 64 * 65_536);
+    let w = store.create(BlockId(5), GS, spec).await.unwrap();
+    // Issue all appends before awaiting any: they reserve ranges in order.
+    let futs: Vec<_> = data
+        .chunks(65_536)
+        .enumerate()
+        .map(|(i, piece)| {
+            let crcs = spec.checksums(piece);
+            let w = &w;
+            async move {
+                w.write(i as u64 * 65_536, piece, &crcs, Durability::Buffered)
+                    .await
+            }
+        })
+        .collect();
+    for r in futures_join_all(futs).await {
+        r.unwrap();
+    }
+    assert_eq!(w.finalize().await.unwrap(), data.len() as u64);
+    assert_eq!(read_all(&store, BlockId(5), GS).await, data);
+}
+
+/// Polls every future to completion concurrently (no extra dependency for join_all).
+async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..futs.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}
+
+async fn bad_writes_are_refused(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), backend).await;
+    let spec = ChecksumSpec::default();
+    let w = store.create(BlockId(7), GS, spec).await.unwrap();
+    let d = pattern(1, 8192);
+    let crcs = spec.checksums(&d);
+    let invalid = |e: StoreError| assert!(matches!(e, StoreError::Invalid { .. }), "{e}");
+    invalid(
+        w.write(100, &d, &crcs, Durability::Buffered)
+            .await
+            .unwrap_err(),
+    );
+    invalid(
+        w.write(4096, &d, &crcs, Durability::Buffered)
+            .await
+            .unwrap_err(),
+    );
+    invalid(
+        w.write(0, &d, &crcs[..1], Durability::Buffered)
+            .await
+            .unwrap_err(),
+    );
+    let mut bad = d.clone();
+    bad[5000] ^= 0xff;
+    let e = w
+        .write(0, &bad, &crcs, Durability::Buffered)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::DataChecksum {
+                chunk: 1,
+                offset: 4096,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Nothing of the refused writes landed.
+    assert_eq!(w.len(), 0);
+    // A short chunk ends the replica; it can only be rewritten longer.
+    let short = &d[..5000];
+    w.write(0, short, &spec.checksums(short), Durability::Buffered)
+        .await
+        .unwrap();
+    invalid(
+        w.write(
+            5000,
+            &d[..10],
+            &spec.checksums(&d[..10]),
+            Durability::Buffered,
+        )
+        .await
+        .unwrap_err(),
+    );
+    invalid(
+        w.write(8192, &d, &crcs, Durability::Buffered)
+            .await
+            .unwrap_err(),
+    );
+    let tail = &d[4096..7000];
+    w.write(4096, tail, &spec.checksums(tail), Durability::Buffered)
+        .await
+        .unwrap();
+    assert_eq!(w.len(), 7000);
+    assert_eq!(w.finalize().await.unwrap(), 7000);
+    assert_eq!(read_all(&store, BlockId(7), GS).await, d[..7000].to_vec());
+
+    let e = store.create(BlockId(7), GS, spec).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::AlreadyExists {
+                state: ReplicaState::Finalized,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = store.reader(BlockId(8), GS).await.unwrap_err();
+    assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
+    let e = store.reader(BlockId(7), GenStamp(2)).await.unwrap_err();
+    assert!(matches!(e, StoreError::GenStampMismatch { .. }), "{e}");
+    store.delete(BlockId(7), GS).await.unwrap();
+    assert!(store.get(BlockId(7)).is_none());
+    assert!(store.list().is_empty());
+}
+
+async fn corruption_is_detected_and_quarantined(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), backend).await;
+    let spec = ChecksumSpec::default();
+    let data = pattern(4, 100_000);
+    let w = store.create(BlockId(0x0102_0304), GS, spec).await.unwrap();
+    write_all(&w, &data, 65_536, Durability::Buffered).await;
+    w.finalize().await.unwrap();
+    let path = dir.path().join("finalized/02/03/blk_16909060_1");
+    let mut bytes = std::fs::read(&path).expect("data file at its documented path");
+    bytes[50_000] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let r = store.reader(BlockId(0x0102_0304), GS).await.unwrap();
+    // A range that does not touch the bad chunk still reads.
+    assert_eq!(&r.read(0, 4096).await.unwrap()[..], &data[..4096]);
+    let e = r.read(40_000, 20_000).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::ChecksumMismatch {
+                chunk: 12,
+                offset: 49_152,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        store.get(BlockId(0x0102_0304)).unwrap().state,
+        ReplicaState::Corrupt
+    );
+    let e = store.reader(BlockId(0x0102_0304), GS).await.unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    drop((r, store));
+    let store = open(dir.path(), backend).await;
+    assert_eq!(
+        store.get(BlockId(0x0102_0304)).unwrap().state,
+        ReplicaState::Corrupt,
+        "quarantine survives restart"
+    );
+    // A fresh copy may replace the corrupt replica.
+    let w = store.create(BlockId(0x0102_0304), GS, spec).await.unwrap();
+    write_all(&w, &data, 65_536, Durability::Buffered).await;
+    w.finalize().await.unwrap();
+    assert_eq!(read_all(&store, BlockId(0x0102_0304), GS).await, data);
+}
+
+async fn genstamp_bump_and_truncate(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), backend).await;
+    let spec = ChecksumSpec::default();
+    let data = pattern(5, 40_000);
+    let mut w = store.create(BlockId(9), GS, spec).await.unwrap();
+    write_all(&w, &data[..32_768], 8192, Durability::Buffered).await;
+    // Recovery: the pipeline agreed on 20 000 bytes acked, with a new genstamp.
+    w.truncate_to(20_000).await.unwrap();
+    w.bump_genstamp(GenStamp(2)).await.unwrap();
+    let e = store.reader(BlockId(9), GS).await.unwrap_err();
+    assert!(
+        matches!(e, StoreError::GenStampMismatch { .. }),
+        "old genstamp refused: {e}"
+    );
+    // Resume by rewriting the partial chunk, then append the rest.
+    let resume = &data[16_384..];
+    w.write(
+        16_384,
+        resume,
+        &spec.checksums(resume),
+        Durability::Buffered,
+    )
+    .await
+    .unwrap();
+    assert_eq!(w.finalize().await.unwrap(), 40_000);
+    assert_eq!(read_all(&store, BlockId(9), GenStamp(2)).await, data);
+    // Finalized replicas can be bumped too; lower or equal stamps are refused.
+    store
+        .bump_genstamp(BlockId(9), GenStamp(2), GenStamp(3))
+        .await
+        .unwrap();
+    let e = store
+        .bump_genstamp(BlockId(9), GenStamp(3), GenStamp(3))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Invalid { .. }), "{e}");
+    drop(store);
+    let store = open(dir.path(), backend).await;
+    assert_eq!(store.get(BlockId(9)).unwrap().genstamp, GenStamp(3));
+    assert_eq!(read_all(&store, BlockId(9), GenStamp(3)).await, data);
+}
+
+async fn rbw_recovery_cuts_to_verified_prefix(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChecksumSpec::default();
+    let data = pattern(6, 10 * 4096 + 100);
+    {
+        let store = open(dir.path(), backend).await;
+        let w = store.create(BlockId(11), GS, spec).await.unwrap();
+        write_all(&w, &data, 4096, Durability::Buffered).await;
+        let w2 = store.create(BlockId(12), GS, spec).await.unwrap();
+        write_all(&w2, &data[..3 * 4096], 4096, Durability::Buffered).await;
+        // Both writers dropped without finalize: a crash, from the store's view.
+    }
+    // Damage chunk 7 of block 11 on disk.
+    let path = dir.path().join("rbw/00/00/blk_11_1");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[7 * 4096 + 10] ^= 0x80;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut cfg = StoreConfig::new(dir.path());
+    cfg.backend = backend;
+    let (store, report) = BlockStore::open(cfg).await.unwrap();
+    let mut rbw = report.recovered_rbw.clone();
+    rbw.sort_by_key(|r| r.block);
+    assert_eq!(
+        rbw.iter().map(|r| (r.block, r.len)).collect::<Vec<_>>(),
+        vec![(BlockId(11), 7 * 4096), (BlockId(12), 3 * 4096)]
+    );
+    assert_eq!(
+        read_all(&store, BlockId(11), GS).await,
+        data[..7 * 4096].to_vec()
+    );
+    // The pipeline can resume the recovered replica.
+    let w = store.reopen_rbw(BlockId(11), GS).await.unwrap();
+    assert_eq!(w.len(), 7 * 4096);
+    write_all(&w, &data[7 * 4096..], 4096, Durability::Buffered).await;
+    w.finalize().await.unwrap();
+    assert_eq!(read_all(&store, BlockId(11), GS).await, data);
+}
+
+async fn interrupted_finalize_is_finished(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChecksumSpec::default();
+    let data = pattern(8, 9000);
+    {
+        let store = open(dir.path(), backend).await;
+        let w = store.create(BlockId(13), GS, spec).await.unwrap();
+        write_all(&w, &data, 4096, Durability::Sync).await;
+    }
+    // Crash between the two renames of finalize: meta already moved, data not yet.
+    let fin = dir.path().join("finalized/00/00");
+    std::fs::create_dir_all(&fin).unwrap();
+    std::fs::rename(
+        dir.path().join("rbw/00/00/blk_13_1.meta"),
+        fin.join("blk_13_1.meta"),
+    )
+    .unwrap();
+    // And a stray data file without meta, which must not become a replica.
+    std::fs::write(fin.join("blk_14_1"), b"junk").unwrap();
+    let mut cfg = StoreConfig::new(dir.path());
+    cfg.backend = backend;
+    let (store, report) = BlockStore::open(cfg).await.unwrap();
+    assert_eq!(report.finalized, 1);
+    assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    assert_eq!(
+        store.get(BlockId(13)).unwrap().state,
+        ReplicaState::Finalized
+    );
+    assert_eq!(read_all(&store, BlockId(13), GS).await, data);
+    assert!(store.reader(BlockId(14), GS).await.is_err());
+}
+
+async fn second_open_is_locked(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = open(dir.path(), backend).await;
+    let mut cfg = StoreConfig::new(dir.path());
+    cfg.backend = backend;
+    let e = BlockStore::open(cfg).await.unwrap_err();
+    assert!(matches!(e, StoreError::Locked { .. }), "{e}");
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod psync {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(strait::store::BackendKind::Psync).await;
+                }
+            )*
+        }
+        mod uring {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if !super::uring_available().await {
+                        eprintln!("skipped: io_uring cannot be set up on this machine");
+                        return;
+                    }
+                    super::$name(strait::store::BackendKind::Uring).await;
+                }
+            )*
+        }
+    };
+}
+
+async fn uring_available() -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = StoreConfig::new(dir.path());
+    cfg.backend = BackendKind::Uring;
+    BlockStore::open(cfg).await.is_ok()
+}
+
+conformance!(
+    round_trip_sizes,
+    sync_durability_and_small_chunks,
+    concurrent_appends,
+    bad_writes_are_refused,
+    corruption_is_detected_and_quarantined,
+    genstamp_bump_and_truncate,
+    rbw_recovery_cuts_to_verified_prefix,
+    interrupted_finalize_is_finished,
+    second_open_is_locked,
+);
