@@ -928,16 +928,46 @@ impl ReplicaWriter {
     /// the replica's current length (append) or, when the replica ends in a partial
     /// chunk, that chunk's start (rewrite it longer). Only the last chunk of `data` may be
     /// short, and then it ends the replica. The data is verified against `crcs` first.
-    pub async fn write(
-        &self,
+    ///
+    /// The checks and the reservation of the range happen when `write` is called, not
+    /// when the returned future is first polled: appends issued back to back are ordered
+    /// by their calls and may then complete in any order.
+    pub fn write<'a>(
+        &'a self,
         offset: u64,
-        data: &[u8],
-        crcs: &[u32],
+        data: &'a [u8],
+        crcs: &'a [u32],
         durability: Durability,
-    ) -> Result<(), StoreError> {
-        if data.is_empty() {
-            return Ok(());
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'a {
+        let reserved = if data.is_empty() {
+            Ok(None)
+        } else {
+            self.reserve(offset, data, crcs).map(Some)
+        };
+        async move {
+            let Some(exclusive) = reserved? else {
+                return Ok(());
+            };
+            // A write that changes the tail waits for the appends before it to land.
+            let _guard = if exclusive {
+                Guard::Write(self.tail.write().await)
+            } else {
+                Guard::Read(self.tail.read().await)
+            };
+            let short_end =
+                !(data.len() as u64).is_multiple_of(u64::from(self.spec.bytes_per_chunk()));
+            let result = self
+                .do_write(offset, data, crcs, durability, short_end)
+                .await;
+            if let Err(e) = &result {
+                self.state().failed.get_or_insert_with(|| e.to_string());
+            }
+            result
         }
+    }
+
+    /// Validates a write and reserves its range; returns whether it must run alone.
+    fn reserve(&self, offset: u64, data: &[u8], crcs: &[u32]) -> Result<bool, StoreError> {
         let bpc = u64::from(self.spec.bytes_per_chunk());
         let n = data.len() as u64;
         if data.len() > MAX_IO {
@@ -970,44 +1000,23 @@ impl ReplicaWriter {
                 chunk: m.chunk,
                 offset: m.offset,
             })?;
-
-        let short_end = !n.is_multiple_of(bpc);
-        // Reserve the range under the state lock, in call order, before any await: then
-        // appends issued back to back may complete in any order.
-        let exclusive = {
-            let mut st = self.state();
-            if let Some(reason) = &st.failed {
-                return Err(StoreError::WriterFailed {
-                    block: self.block,
-                    reason: reason.clone(),
-                });
-            }
-            let partial_start = st.len - st.len % bpc;
-            let rewrite = !st.len.is_multiple_of(bpc) && offset == partial_start;
-            if offset != st.len && !rewrite {
-                return Err(
-                    self.invalid(format!("write at {offset}, replica length is {}", st.len))
-                );
-            }
-            if rewrite && offset + n < st.len {
-                return Err(self.invalid("rewrite of the last chunk must not shorten it"));
-            }
-            st.len = offset + n;
-            rewrite || short_end
-        };
-        // A write that changes the tail waits for the appends before it to land.
-        let _guard = if exclusive {
-            Guard::Write(self.tail.write().await)
-        } else {
-            Guard::Read(self.tail.read().await)
-        };
-        let result = self
-            .do_write(offset, data, crcs, durability, short_end)
-            .await;
-        if let Err(e) = &result {
-            self.state().failed.get_or_insert_with(|| e.to_string());
+        let mut st = self.state();
+        if let Some(reason) = &st.failed {
+            return Err(StoreError::WriterFailed {
+                block: self.block,
+                reason: reason.clone(),
+            });
         }
-        result
+        let partial_start = st.len - st.len % bpc;
+        let rewrite = !st.len.is_multiple_of(bpc) && offset == partial_start;
+        if offset != st.len && !rewrite {
+            return Err(self.invalid(format!("write at {offset}, replica length is {}", st.len)));
+        }
+        if rewrite && offset + n < st.len {
+            return Err(self.invalid("rewrite of the last chunk must not shorten it"));
+        }
+        st.len = offset + n;
+        Ok(rewrite || !n.is_multiple_of(bpc))
     }
 
     async fn do_write(

@@ -1,0 +1,160 @@
+//! `strait-bench`: scenarios that measure strait against the physical reference (raw
+//! disk, raw QUIC stream) in the same run. Each prints a human table, then one JSON object
+//! as its last line so results can be compared across commits.
+
+pub mod store;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// A latency histogram in microseconds, 1 µs to 100 s, 3 significant digits.
+#[derive(Clone)]
+pub struct Latency(Histogram<u64>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency(Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds"))
+    }
+}
+
+impl Latency {
+    /// Records one operation.
+    pub fn record(&mut self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 100_000_000);
+        self.0.saturating_record(us);
+    }
+
+    /// Adds another histogram's samples.
+    pub fn merge(&mut self, other: &Latency) {
+        let _ = self.0.add(&other.0);
+    }
+
+    /// Value at a quantile (0..=1), in µs.
+    pub fn at(&self, q: f64) -> u64 {
+        self.0.value_at_quantile(q)
+    }
+
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// `p50 / p90 / p99 / p99.9 / max` in µs, for a table cell.
+    pub fn summary(&self) -> String {
+        format!(
+            "{:>7} {:>7} {:>7} {:>7} {:>8}",
+            self.at(0.5),
+            self.at(0.9),
+            self.at(0.99),
+            self.at(0.999),
+            self.0.max()
+        )
+    }
+}
+
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat`.
+pub fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after ')'.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Wall time, CPU time and bytes of one measured phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Phase {
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Wall-clock time.
+    pub wall: Duration,
+    /// Process CPU time.
+    pub cpu: f64,
+}
+
+impl Phase {
+    /// Measures `f`.
+    pub async fn measure<T, F: std::future::Future<Output = T>>(bytes: u64, f: F) -> (Phase, T) {
+        let (c0, t0) = (cpu_seconds(), Instant::now());
+        let out = f.await;
+        let phase = Phase {
+            bytes,
+            wall: t0.elapsed(),
+            cpu: cpu_seconds() - c0,
+        };
+        (phase, out)
+    }
+
+    /// Throughput in MB/s (10^6 bytes).
+    pub fn mb_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// CPU seconds per GB (10^9 bytes).
+    pub fn cpu_s_per_gb(&self) -> f64 {
+        self.cpu / (self.bytes as f64 / 1e9).max(1e-12)
+    }
+}
+
+/// A plain text table with a header row.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column names.
+    pub fn new(header: &[&str]) -> Self {
+        Table {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row.
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Renders with columns padded to their widest cell.
+    pub fn render(&self) -> String {
+        let n = self.header.len();
+        let mut width = vec![0; n];
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, c) in r.iter().enumerate().take(n) {
+                width[i] = width[i].max(c.len());
+            }
+        }
+        let mut out = String::new();
+        for (k, r) in std::iter::once(&self.header).chain(&self.rows).enumerate() {
+            for (i, c) in r.iter().enumerate().take(n) {
+                let _ = write!(
+                    out,
+                    "{}{:<w$}",
+                    if i > 0 { "  " } else { "" },
+                    c,
+                    w = width[i]
+                );
+            }
+            out.push('\n');
+            if k == 0 {
+                out.push_str(&"-".repeat(width.iter().sum::<usize>() + 2 * (n - 1)));
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// Rounds to 3 decimals for the JSON line.
+pub fn r3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
