@@ -12,10 +12,12 @@
 //! - [`placement`]: replication specs, target choice in pipeline order, read order.
 //! - [`units`]: sizes, rates and durations as operators write them.
 //! - [`block`]: block ids, generation stamps, CRC32C chunk checksums.
+//! - [`wire`]: the framed, versioned protocol between nodes.
 //!
 //! And the shells:
 //!
 //! - [`store`]: block replicas on local disk (io_uring or psync), crash recovery.
+//! - [`transport`]: QUIC and TLS-over-TCP links with mutual TLS, framed streams.
 //!
 //! strait does not include a metadata service: which blocks exist and where their
 //! replicas live is the embedding server's business; strait decides, moves and stores.
@@ -24,4 +26,6 @@ pub mod block;
 pub mod placement;
 pub mod store;
 pub mod topology;
+pub mod transport;
 pub mod units;
+pub mod wire;

@@ -1,0 +1,238 @@
+//! Frames over a byte stream. Generic over the stream, so one implementation serves a
+//! quinn stream and a TLS-over-TCP stream.
+//!
+//! [`FrameReader`] reads a length prefix, checks it against [`wire::MAX_FRAME`] before
+//! reserving anything, reads the frame and decodes it; packet payloads come out as slices
+//! of the read buffer. [`FrameWriter`] encodes a frame's head into a small reused buffer and
+//! hands the payload to the sink as its own `Bytes`, so a sink that can take ownership
+//! (quinn's `write_chunk`) sends it without a copy.
+
+use std::future::Future;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::wire::{self, Frame, WireError};
+
+/// Why a framed stream failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FramedError {
+    /// The peer sent bytes that are not a valid frame; the stream is unusable.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] WireError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The underlying stream failed.
+    #[error("stream: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads frames from an `AsyncRead`.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps a stream.
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next frame, or `None` when the stream ended cleanly between frames.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, FramedError> {
+        loop {
+            if self.buf.len() >= wire::LEN_PREFIX {
+                let prefix: [u8; wire::LEN_PREFIX] =
+                    self.buf[..wire::LEN_PREFIX].try_into().unwrap_or_default();
+                let need = wire::LEN_PREFIX + wire::frame_len(prefix)?;
+                if self.buf.len() >= need {
+                    return Ok(wire::decode_frame(&mut self.buf)?);
+                }
+                // The limit is checked; reserving the rest of this frame is bounded.
+                self.buf.reserve(need - self.buf.len());
+            } else {
+                self.buf.reserve(64 << 10);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FramedError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// The underlying stream.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+}
+
+/// Where [`FrameWriter`] puts bytes: an owned-buffer sink.
+pub trait ByteSink: Send {
+    /// Sends all of `bytes`.
+    fn send_bytes(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Pushes out anything buffered.
+    fn flush_bytes(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Ends the stream (no more frames).
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Any tokio `AsyncWrite` as a [`ByteSink`] (copies into the writer, as TLS must anyway).
+#[derive(Debug)]
+pub struct IoSink<W>(pub W);
+
+impl<W: AsyncWrite + Unpin + Send> ByteSink for IoSink<W> {
+    async fn send_bytes(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.0.write_all(&bytes).await
+    }
+    async fn flush_bytes(&mut self) -> io::Result<()> {
+        self.0.flush().await
+    }
+    async fn finish(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
+impl ByteSink for quinn::SendStream {
+    async fn send_bytes(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.write_chunk(bytes).await.map_err(io::Error::from)
+    }
+    async fn flush_bytes(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    async fn finish(&mut self) -> io::Result<()> {
+        quinn::SendStream::finish(self).map_err(|e| io::Error::new(io::ErrorKind::NotConnected, e))
+    }
+}
+
+/// Writes frames to a [`ByteSink`].
+#[derive(Debug)]
+pub struct FrameWriter<S> {
+    inner: S,
+    head: BytesMut,
+}
+
+impl<S: ByteSink> FrameWriter<S> {
+    /// Wraps a sink.
+    pub fn new(inner: S) -> Self {
+        FrameWriter {
+            inner,
+            head: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// Sends one frame and flushes it.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), FramedError> {
+        self.feed(frame).await?;
+        self.inner.flush_bytes().await?;
+        Ok(())
+    }
+
+    /// Sends one frame without flushing (for a batch; call [`flush`](Self::flush) after).
+    pub async fn feed(&mut self, frame: &Frame) -> Result<(), FramedError> {
+        if self.head.capacity() < 4096 {
+            self.head.reserve(4096);
+        }
+        let payload = frame.encode_head(&mut self.head);
+        let head = self.head.split().freeze();
+        self.inner.send_bytes(head).await?;
+        if let Some(p) = payload.filter(|p| !p.is_empty()) {
+            self.inner.send_bytes(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes frames fed so far.
+    pub async fn flush(&mut self) -> Result<(), FramedError> {
+        Ok(self.inner.flush_bytes().await?)
+    }
+
+    /// Ends the stream after the frames sent so far.
+    pub async fn finish(&mut self) -> Result<(), FramedError> {
+        Ok(self.inner.finish().await?)
+    }
+
+    /// The underlying sink.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{BlockId, GenStamp};
+    use crate::wire::{Ack, ErrorFrame, Packet, PacketFlags, ReadBlock, Status, TrafficClass};
+
+    #[tokio::test]
+    async fn frames_over_a_pipe() {
+        let (a, b) = tokio::io::duplex(1024);
+        let mut w = FrameWriter::new(IoSink(a));
+        let mut r = FrameReader::new(b);
+        let frames = vec![
+            Frame::Ack(Ack {
+                seq: 1,
+                statuses: vec![Status::Success],
+            }),
+            Frame::Packet(Packet {
+                seq: 2,
+                offset: 0,
+                flags: PacketFlags::default(),
+                data_len: 100_000,
+                crcs: vec![0; 25],
+                payload: Bytes::from(vec![7u8; 100_000]),
+            }),
+            Frame::ReadBlock(ReadBlock {
+                block: BlockId(1),
+                genstamp: GenStamp(1),
+                offset: 0,
+                len: 1,
+                class: TrafficClass::Read,
+                compression: wire::Compression::None,
+            }),
+            Frame::Error(ErrorFrame {
+                status: Status::Rejected,
+                message: "no".into(),
+            }),
+        ];
+        let sent = frames.clone();
+        let writer = tokio::spawn(async move {
+            for f in &sent {
+                w.send(f).await.unwrap();
+            }
+            w.finish().await.unwrap();
+        });
+        for f in &frames {
+            assert_eq!(r.recv().await.unwrap().as_ref(), Some(f));
+        }
+        assert!(r.recv().await.unwrap().is_none(), "clean end");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut r = FrameReader::new(b);
+        a.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        assert!(matches!(
+            r.recv().await,
+            Err(FramedError::Malformed(WireError::FrameLength { .. }))
+        ));
+
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut r = FrameReader::new(b);
+        a.write_all(&[10, 0, 0, 0, 1, 3]).await.unwrap();
+        drop(a);
+        assert!(matches!(r.recv().await, Err(FramedError::Truncated)));
+    }
+}

@@ -1,0 +1,248 @@
+//! Mutual TLS for node links: a cluster CA, one certificate per node naming the node (as
+//! a DNS subject alternative name), ALPN `strait/1`, TLS 1.3 only, ring as the provider.
+//!
+//! A server requires a client certificate from the cluster CA; a client checks that the
+//! server's certificate names the node it meant to reach. Which node a client is, is read
+//! from its certificate ([`peer_name`]) and then looked up in the topology by the caller.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use super::TransportError;
+
+/// The ALPN protocol id of strait links.
+pub const ALPN: &[u8] = b"strait/1";
+
+/// A node's TLS identity: the cluster CA it trusts, its certificate chain and key.
+#[derive(Debug)]
+pub struct TlsIdentity {
+    ca: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        TlsIdentity {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+fn tls_err(what: impl Into<String>) -> TransportError {
+    TransportError::Tls(what.into())
+}
+
+impl TlsIdentity {
+    /// Loads PEM files: the CA certificate, the node's certificate (chain), its key.
+    pub fn from_pem_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TransportError> {
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|e| tls_err(format!("{}: {e}", p.display())));
+        Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?).map_err(|e| {
+            tls_err(format!(
+                "{} / {} / {}: {e}",
+                ca.display(),
+                cert.display(),
+                key.display()
+            ))
+        })
+    }
+
+    /// Parses PEM text: the CA certificate, the node's certificate (chain), its key.
+    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self, TransportError> {
+        let ca = CertificateDer::from_pem_slice(ca)
+            .map_err(|e| tls_err(format!("CA certificate: {e}")))?;
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls_err(format!("node certificate: {e}")))?;
+        if chain.is_empty() {
+            return Err(tls_err("node certificate: no certificate in PEM"));
+        }
+        let key =
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| tls_err(format!("node key: {e}")))?;
+        Ok(TlsIdentity { ca, chain, key })
+    }
+
+    fn roots(&self) -> Result<RootCertStore, TransportError> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.ca.clone())
+            .map_err(|e| tls_err(format!("CA certificate: {e}")))?;
+        Ok(roots)
+    }
+
+    /// Server side: requires a client certificate from the CA.
+    pub fn server_config(&self) -> Result<ServerConfig, TransportError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
+                .build()
+                .map_err(|e| tls_err(format!("client verifier: {e}")))?;
+        let mut cfg = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls_err(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| tls_err(format!("node certificate/key: {e}")))?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// Client side: trusts only the CA, presents the node's certificate.
+    pub fn client_config(&self) -> Result<ClientConfig, TransportError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls_err(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| tls_err(format!("node certificate/key: {e}")))?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(cfg)
+    }
+}
+
+/// The node name a verified peer certificate carries (its first DNS subject alternative
+/// name).
+pub fn peer_name(cert: &CertificateDer<'_>) -> Result<String, TransportError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TransportError::PeerIdentity(format!("unparsable peer certificate: {e}")))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| TransportError::PeerIdentity(format!("bad subjectAltName: {e}")))?
+        .ok_or_else(|| {
+            TransportError::PeerIdentity("peer certificate has no subjectAltName".into())
+        })?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(s) => Some(s.to_string()),
+            _ => None,
+        })
+        .ok_or_else(|| TransportError::PeerIdentity("peer certificate names no node".into()))
+}
+
+/// A cluster certificate authority that issues node certificates (for `strait certs`,
+/// the local cluster and tests).
+pub struct CertAuthority {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// PEM files of one identity.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM.
+    pub key_pem: String,
+}
+
+impl CertAuthority {
+    /// A new CA with a fresh key.
+    pub fn generate(name: &str) -> Result<Self, TransportError> {
+        let key = rcgen::KeyPair::generate().map_err(|e| tls_err(format!("CA key: {e}")))?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+            .map_err(|e| tls_err(e.to_string()))?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| tls_err(format!("CA certificate: {e}")))?;
+        Ok(CertAuthority {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA key, PEM (keep it secret; needed to issue more node certificates).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// Issues a certificate for node `name`, usable as TLS server and client.
+    pub fn issue(&self, name: &str) -> Result<IssuedCert, TransportError> {
+        let key =
+            rcgen::KeyPair::generate().map_err(|e| tls_err(format!("key for {name}: {e}")))?;
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
+            .map_err(|e| tls_err(format!("certificate for {name:?}: {e}")))?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| tls_err(format!("certificate for {name}: {e}")))?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The identity of node `name`, in memory.
+    pub fn identity(&self, name: &str) -> Result<TlsIdentity, TransportError> {
+        let c = self.issue(name)?;
+        TlsIdentity::from_pem(
+            self.cert_pem.as_bytes(),
+            c.cert_pem.as_bytes(),
+            c.key_pem.as_bytes(),
+        )
+    }
+
+    /// Writes `ca.pem`, `ca.key` and `<node>.pem` / `<node>.key` for every name into `dir`;
+    /// returns the files written. Keys are written with mode 0600.
+    pub fn write_files<'a>(
+        &self,
+        dir: &Path,
+        nodes: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<PathBuf>, TransportError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |p: &Path, e: std::io::Error| tls_err(format!("{}: {e}", p.display()));
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let write = |name: String, text: &str, secret: bool| -> Result<PathBuf, TransportError> {
+            let p = dir.join(name);
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true)
+                .create(true)
+                .truncate(true)
+                .mode(if secret { 0o600 } else { 0o644 });
+            let mut f = o.open(&p).map_err(|e| io(&p, e))?;
+            std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io(&p, e))?;
+            Ok(p)
+        };
+        let mut out = vec![
+            write("ca.pem".into(), &self.cert_pem, false)?,
+            write("ca.key".into(), &self.key_pem, true)?,
+        ];
+        for n in nodes {
+            let c = self.issue(n)?;
+            out.push(write(format!("{n}.pem"), &c.cert_pem, false)?);
+            out.push(write(format!("{n}.key"), &c.key_pem, true)?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,460 @@
+//! Transport over real sockets on 127.1.x.y: mutual TLS over QUIC and TCP, the three bad
+//! peers, pooling and reconnects, malformed frames, unreachable peers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use strait::block::{BlockId, GenStamp};
+use strait::topology::{NodeId, Topology};
+use strait::transport::{
+    ByteSink, CertAuthority, FramedError, Incoming, LinkKind, TlsIdentity, Transport,
+    TransportConfig, TransportError,
+};
+use strait::wire::{Ack, Frame, Packet, PacketFlags, ReadBlock, Status, TrafficClass};
+use tokio::sync::mpsc;
+
+static NET: AtomicU8 = AtomicU8::new(1);
+
+/// A two-IDC topology on a fresh 127.1.N.0/24: a1, a2 in idc-a; b1, b2 in idc-b; and
+/// "gone", where nothing listens.
+fn topology() -> Arc<Topology> {
+    let n = NET.fetch_add(1, Ordering::Relaxed);
+    let addr = |host: u8| -> SocketAddr { format!("127.1.{n}.{host}:7300").parse().unwrap() };
+    Arc::new(
+        Topology::builder()
+            .idc("idc-a")
+            .idc("idc-b")
+            .node("a1", "idc-a", "r1", addr(1), 1 << 40)
+            .node("a2", "idc-a", "r2", addr(2), 1 << 40)
+            .node("b1", "idc-b", "r1", addr(11), 1 << 40)
+            .node("b2", "idc-b", "r1", addr(12), 1 << 40)
+            .node("gone", "idc-b", "r2", addr(99), 1 << 40)
+            .link("idc-a", "idc-b", 125_000_000, Duration::from_millis(2))
+            .build()
+            .unwrap(),
+    )
+}
+
+fn config() -> TransportConfig {
+    TransportConfig {
+        connect_timeout: Duration::from_secs(2),
+        open_timeout: Duration::from_secs(2),
+        ..TransportConfig::default()
+    }
+}
+
+async fn start(t: &Arc<Topology>, ca: &CertAuthority, name: &str) -> (Transport, Incoming) {
+    let id = t.node_by_name(name).unwrap();
+    Transport::bind(id, t.clone(), &ca.identity(name).unwrap(), config())
+        .await
+        .unwrap()
+}
+
+/// Echoes every frame back; reports stream errors.
+fn echo(mut incoming: Incoming) -> mpsc::UnboundedReceiver<(NodeId, LinkKind, FramedError)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(mut s) = incoming.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    match s.reader.recv().await {
+                        Ok(Some(f)) => {
+                            if s.writer.send(&f).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = s.writer.finish().await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx.send((s.peer, s.kind, e));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    rx
+}
+
+fn sample_frames() -> Vec<Frame> {
+    vec![
+        Frame::Ack(Ack {
+            seq: 1,
+            statuses: vec![Status::Success, Status::Success],
+        }),
+        Frame::Packet(Packet {
+            seq: 2,
+            offset: 0,
+            flags: PacketFlags {
+                last: true,
+                ..Default::default()
+            },
+            data_len: 65536,
+            crcs: vec![1; 16],
+            payload: Bytes::from(vec![9u8; 65536]),
+        }),
+        Frame::ReadBlock(ReadBlock {
+            block: BlockId(3),
+            genstamp: GenStamp(4),
+            offset: 0,
+            len: 10,
+            class: TrafficClass::Read,
+            compression: strait::wire::Compression::None,
+        }),
+    ]
+}
+
+async fn exchange(t: &Transport, peer: NodeId) -> Result<LinkKind, String> {
+    let mut s = t.open(peer).await.map_err(|e| e.to_string())?;
+    for f in sample_frames() {
+        s.writer.send(&f).await.map_err(|e| e.to_string())?;
+        let back = s.reader.recv().await.map_err(|e| e.to_string())?;
+        if back.as_ref() != Some(&f) {
+            return Err(format!("echo mismatch: {back:?}"));
+        }
+    }
+    Ok(s.kind)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_across_idcs_tcp_inside() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_a2, a2_in) = start(&topo, &ca, "a2").await;
+    let (_b1, b1_in) = start(&topo, &ca, "b1").await;
+    echo(a2_in);
+    echo(b1_in);
+    let id = |n| topo.node_by_name(n).unwrap();
+    assert_eq!(exchange(&a1, id("b1")).await.unwrap(), LinkKind::Quic);
+    assert_eq!(exchange(&a1, id("a2")).await.unwrap(), LinkKind::TcpTls);
+    // Inside an IDC, QUIC can be asked for explicitly.
+    let mut s = a1.open_via(id("a2"), LinkKind::Quic).await.unwrap();
+    s.writer.send(&sample_frames()[0]).await.unwrap();
+    assert_eq!(
+        s.reader.recv().await.unwrap().as_ref(),
+        Some(&sample_frames()[0])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sees_the_peer_identity() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_b1, mut b1_in) = start(&topo, &ca, "b1").await;
+    let b1 = topo.node_by_name("b1").unwrap();
+    let client = tokio::spawn(async move {
+        let mut s = a1.open(b1).await.unwrap();
+        s.writer.send(&sample_frames()[0]).await.unwrap();
+        s.reader.recv().await.unwrap();
+    });
+    let mut s = b1_in.accept().await.unwrap();
+    assert_eq!(s.peer, topo.node_by_name("a1").unwrap());
+    assert_eq!(s.kind, LinkKind::Quic);
+    let f = s.reader.recv().await.unwrap().unwrap();
+    s.writer.send(&f).await.unwrap();
+    client.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_share_one_connection() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_b1, b1_in) = start(&topo, &ca, "b1").await;
+    echo(b1_in);
+    let b1 = topo.node_by_name("b1").unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let a1 = a1.clone();
+        tasks.push(tokio::spawn(async move { exchange(&a1, b1).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), LinkKind::Quic);
+    }
+    assert_eq!(
+        a1.counters().connections[0].load(Ordering::Relaxed),
+        1,
+        "one QUIC connection for 20 streams"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_peer_restart() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (b1t, b1_in) = start(&topo, &ca, "b1").await;
+    echo(b1_in);
+    let b1 = topo.node_by_name("b1").unwrap();
+    exchange(&a1, b1).await.unwrap();
+    b1t.shutdown().await;
+    drop(b1t);
+    let (_b1t, b1_in) = start(&topo, &ca, "b1").await;
+    echo(b1_in);
+    // The pooled connection is dead; at most one exchange may fail while the pool finds
+    // out, then a fresh connection is made.
+    let first = exchange(&a1, b1).await;
+    if first.is_err() {
+        exchange(&a1, b1).await.expect("reconnected");
+    }
+    assert!(a1.counters().connections[0].load(Ordering::Relaxed) >= 2);
+}
+
+/// Opens a stream and exchanges one frame; the refused peers must fail here.
+async fn try_talk(t: &Transport, peer: NodeId) -> Result<(), String> {
+    let mut s = t.open(peer).await.map_err(|e| e.to_string())?;
+    s.writer
+        .send(&sample_frames()[0])
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(5), s.reader.recv()).await {
+        Err(_) => Err("no answer".into()),
+        Ok(Ok(Some(_))) => Ok(()),
+        Ok(Ok(None)) => Err("stream closed".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_without_certificate_is_refused() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (_b1, b1_in) = start(&topo, &ca, "b1").await;
+    let mut errors = echo(b1_in);
+    // A client that trusts the CA but presents no certificate of its own.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"strait/1".to_vec()];
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = topo.node(topo.node_by_name("b1").unwrap()).addr;
+    let result: Result<(), String> = async {
+        let conn = ep
+            .connect_with(quinn::ClientConfig::new(Arc::new(quic_tls)), addr, "b1")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(b"hello").await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 1];
+        recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+    .await;
+    assert!(result.is_err(), "a peer without certificate got through");
+    assert!(
+        errors.try_recv().is_err(),
+        "no stream was ever handed to the node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_another_ca_is_refused() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let rogue = CertAuthority::generate("rogue CA").unwrap();
+    let (_b1, b1_in) = start(&topo, &ca, "b1").await;
+    echo(b1_in);
+    // a1 with a certificate from the wrong CA (it also distrusts b1 as a consequence).
+    let a1 = topo.node_by_name("a1").unwrap();
+    let (t, _) = Transport::bind(a1, topo.clone(), &rogue.identity("a1").unwrap(), config())
+        .await
+        .unwrap();
+    let b1 = topo.node_by_name("b1").unwrap();
+    assert!(try_talk(&t, b1).await.is_err());
+    // Trusting the right CA but holding a rogue certificate: still refused by the server.
+    let cert = rogue.issue("a2").unwrap();
+    let mixed = TlsIdentity::from_pem(
+        ca.cert_pem().as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let a2 = topo.node_by_name("a2").unwrap();
+    let (t2, _) = Transport::bind(a2, topo.clone(), &mixed, config())
+        .await
+        .unwrap();
+    assert!(try_talk(&t2, b1).await.is_err(), "refused over QUIC");
+    assert!(try_talk_tcp(&t2, b1).await.is_err(), "refused over TCP too");
+}
+
+async fn try_talk_tcp(t: &Transport, peer: NodeId) -> Result<(), String> {
+    let mut s = t
+        .open_via(peer, LinkKind::TcpTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.writer
+        .send(&sample_frames()[0])
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(5), s.reader.recv()).await {
+        Err(_) => Err("no answer".into()),
+        Ok(Ok(Some(_))) => Ok(()),
+        Ok(Ok(None)) => Err("stream closed".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_with_the_wrong_name_is_refused() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    // Something listens at b1's address with b2's (valid) certificate.
+    let b1 = topo.node_by_name("b1").unwrap();
+    let (_imp, imp_in) = Transport::bind(b1, topo.clone(), &ca.identity("b2").unwrap(), config())
+        .await
+        .unwrap();
+    echo(imp_in);
+    let e = try_talk(&a1, b1).await.unwrap_err();
+    assert!(
+        e.contains("b1") || e.contains("certificate") || e.contains("name"),
+        "{e}"
+    );
+    assert!(try_talk_tcp(&a1, b1).await.is_err(), "refused over TCP too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_unknown_to_the_topology_is_refused() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (_b1, b1_in) = start(&topo, &ca, "b1").await;
+    let mut errors = echo(b1_in);
+    // A valid certificate from the cluster CA, for a name the topology does not have.
+    let a2 = topo.node_by_name("a2").unwrap();
+    let (t, _) = Transport::bind(
+        a2,
+        topo.clone(),
+        &ca.identity("intruder").unwrap(),
+        config(),
+    )
+    .await
+    .unwrap();
+    let b1 = topo.node_by_name("b1").unwrap();
+    assert!(try_talk(&t, b1).await.is_err());
+    assert!(try_talk_tcp(&t, b1).await.is_err());
+    assert!(errors.try_recv().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frame_ends_only_its_stream() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_b1, b1_in) = start(&topo, &ca, "b1").await;
+    let mut errors = echo(b1_in);
+    let b1 = topo.node_by_name("b1").unwrap();
+    let mut good = a1.open(b1).await.unwrap();
+    good.writer.send(&sample_frames()[0]).await.unwrap();
+    assert!(good.reader.recv().await.unwrap().is_some());
+    for garbage in [
+        &[0xff, 0xff, 0xff, 0x7f][..],
+        &[6, 0, 0, 0, 1, 200, 0, 0, 0, 0][..],
+    ] {
+        let mut bad = a1.open(b1).await.unwrap();
+        bad.writer
+            .get_mut()
+            .send_bytes(Bytes::copy_from_slice(garbage))
+            .await
+            .unwrap();
+        let (_, kind, err) = errors.recv().await.unwrap();
+        assert_eq!(kind, LinkKind::Quic);
+        assert!(matches!(err, FramedError::Malformed(_)), "{err}");
+    }
+    // The connection and the other stream still work.
+    good.writer.send(&sample_frames()[1]).await.unwrap();
+    assert_eq!(
+        good.reader.recv().await.unwrap().as_ref(),
+        Some(&sample_frames()[1])
+    );
+    exchange(&a1, b1).await.unwrap();
+    assert_eq!(a1.counters().connections[0].load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_peer_fails_in_bounded_time() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let gone = topo.node_by_name("gone").unwrap();
+    let t0 = Instant::now();
+    let e = a1.open(gone).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TransportError::Timeout { .. } | TransportError::Connect { .. }
+        ),
+        "{e}"
+    );
+    let e = a1.open_via(gone, LinkKind::TcpTls).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TransportError::Timeout { .. } | TransportError::Connect { .. }
+        ),
+        "{e}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let e = a1.open(topo.node_by_name("a1").unwrap()).await.unwrap_err();
+    assert!(matches!(e, TransportError::NotAPeer(_)), "{e}");
+}
+
+#[tokio::test]
+async fn identity_files_round_trip_and_bad_files_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let files = ca.write_files(dir.path(), ["a1", "b1"]).unwrap();
+    assert_eq!(files.len(), 6);
+    TlsIdentity::from_pem_files(
+        &dir.path().join("ca.pem"),
+        &dir.path().join("a1.pem"),
+        &dir.path().join("a1.key"),
+    )
+    .unwrap();
+    let e = TlsIdentity::from_pem_files(
+        &dir.path().join("ca.pem"),
+        &dir.path().join("nope.pem"),
+        &dir.path().join("a1.key"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nope.pem"), "{e}");
+    std::fs::write(dir.path().join("junk.pem"), "not a pem").unwrap();
+    assert!(
+        TlsIdentity::from_pem_files(
+            &dir.path().join("junk.pem"),
+            &dir.path().join("a1.pem"),
+            &dir.path().join("a1.key")
+        )
+        .is_err()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("a1.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+use rustls::pki_types::pem::PemObject;
