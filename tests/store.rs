@@ -61,6 +61,7 @@ async fn round_trip_sizes(backend: BackendKind) {
         let w = store.create(block, GS, spec).await.unwrap();
         write_all(&w, &data, 64 << 10, Durability::Buffered).await;
         assert_eq!(w.finalize().await.unwrap(), size as u64);
+        drop(w);
         let info = store.get(block).unwrap();
         assert_eq!(
             (info.state, info.len),
@@ -108,6 +109,7 @@ async fn sync_durability_and_small_chunks(backend: BackendKind) {
     let w = store.create(BlockId(1), GS, spec).await.unwrap();
     write_all(&w, &data, 1536, Durability::Sync).await;
     w.finalize().await.unwrap();
+    drop(w);
     assert_eq!(read_all(&store, BlockId(1), GS).await, data);
 }
 
@@ -134,6 +136,7 @@ async fn concurrent_appends(backend: BackendKind) {
         r.unwrap();
     }
     assert_eq!(w.finalize().await.unwrap(), data.len() as u64);
+    drop(w);
     assert_eq!(read_all(&store, BlockId(5), GS).await, data);
 }
 
@@ -231,6 +234,7 @@ async fn bad_writes_are_refused(backend: BackendKind) {
         .unwrap();
     assert_eq!(w.len(), 7000);
     assert_eq!(w.finalize().await.unwrap(), 7000);
+    drop(w);
     assert_eq!(read_all(&store, BlockId(7), GS).await, d[..7000].to_vec());
 
     let e = store.create(BlockId(7), GS, spec).await.unwrap_err();
@@ -261,6 +265,7 @@ async fn corruption_is_detected_and_quarantined(backend: BackendKind) {
     let w = store.create(BlockId(0x0102_0304), GS, spec).await.unwrap();
     write_all(&w, &data, 65_536, Durability::Buffered).await;
     w.finalize().await.unwrap();
+    drop(w);
     let path = dir.path().join("finalized/02/03/blk_16909060_1");
     let mut bytes = std::fs::read(&path).expect("data file at its documented path");
     bytes[50_000] ^= 1;
@@ -298,6 +303,7 @@ async fn corruption_is_detected_and_quarantined(backend: BackendKind) {
     let w = store.create(BlockId(0x0102_0304), GS, spec).await.unwrap();
     write_all(&w, &data, 65_536, Durability::Buffered).await;
     w.finalize().await.unwrap();
+    drop(w);
     assert_eq!(read_all(&store, BlockId(0x0102_0304), GS).await, data);
 }
 
@@ -306,7 +312,7 @@ async fn genstamp_bump_and_truncate(backend: BackendKind) {
     let store = open(dir.path(), backend).await;
     let spec = ChecksumSpec::default();
     let data = pattern(5, 40_000);
-    let mut w = store.create(BlockId(9), GS, spec).await.unwrap();
+    let w = store.create(BlockId(9), GS, spec).await.unwrap();
     write_all(&w, &data[..32_768], 8192, Durability::Buffered).await;
     // Recovery: the pipeline agreed on 20 000 bytes acked, with a new genstamp.
     w.truncate_to(20_000).await.unwrap();
@@ -327,6 +333,7 @@ async fn genstamp_bump_and_truncate(backend: BackendKind) {
     .await
     .unwrap();
     assert_eq!(w.finalize().await.unwrap(), 40_000);
+    drop(w);
     assert_eq!(read_all(&store, BlockId(9), GenStamp(2)).await, data);
     // Finalized replicas can be bumped too; lower or equal stamps are refused.
     store
@@ -379,6 +386,7 @@ async fn rbw_recovery_cuts_to_verified_prefix(backend: BackendKind) {
     assert_eq!(w.len(), 7 * 4096);
     write_all(&w, &data[7 * 4096..], 4096, Durability::Buffered).await;
     w.finalize().await.unwrap();
+    drop(w);
     assert_eq!(read_all(&store, BlockId(11), GS).await, data);
 }
 

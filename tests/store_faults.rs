@@ -119,6 +119,7 @@ async fn disk_full_is_a_clean_error_and_recoverable() {
             .unwrap_err();
         assert!(matches!(again, StoreError::WriterFailed { .. }), "{again}");
         assert!(w.finalize().await.is_err());
+        drop(w);
         // The partial replica stays in rbw; the other replica is intact.
         assert_eq!(store.get(BlockId(2)).unwrap().state, ReplicaState::Rbw);
         let r = store.reader(BlockId(1), GS).await.unwrap();

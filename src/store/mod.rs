@@ -839,6 +839,8 @@ struct WriterState {
     /// End of the bytes reserved by writes so far (the replica's length once they land).
     len: u64,
     failed: Option<String>,
+    genstamp: GenStamp,
+    finalized: bool,
 }
 
 /// Writes one `rbw` replica. Appends may run concurrently (each reserves its range
@@ -847,7 +849,6 @@ struct WriterState {
 pub struct ReplicaWriter {
     store: BlockStore,
     block: BlockId,
-    genstamp: GenStamp,
     spec: ChecksumSpec,
     data: Arc<FileRef>,
     meta: Arc<FileRef>,
@@ -860,7 +861,7 @@ impl std::fmt::Debug for ReplicaWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicaWriter")
             .field("block", &self.block)
-            .field("genstamp", &self.genstamp)
+            .field("genstamp", &self.genstamp())
             .field("len", &self.len())
             .finish()
     }
@@ -879,11 +880,15 @@ impl ReplicaWriter {
         ReplicaWriter {
             store,
             block,
-            genstamp,
             spec,
             data,
             meta,
-            state: Mutex::new(WriterState { len, failed: None }),
+            state: Mutex::new(WriterState {
+                len,
+                failed: None,
+                genstamp,
+                finalized: false,
+            }),
             tail: RwLock::new(()),
         }
     }
@@ -899,7 +904,7 @@ impl ReplicaWriter {
 
     /// The replica's current generation stamp.
     pub fn genstamp(&self) -> GenStamp {
-        self.genstamp
+        self.state().genstamp
     }
 
     /// The checksum spec of the replica.
@@ -945,25 +950,64 @@ impl ReplicaWriter {
             self.reserve(offset, data, crcs).map(Some)
         };
         async move {
-            let Some(exclusive) = reserved? else {
-                return Ok(());
-            };
-            // A write that changes the tail waits for the appends before it to land.
-            let _guard = if exclusive {
-                Guard::Write(self.tail.write().await)
-            } else {
-                Guard::Read(self.tail.read().await)
-            };
-            let short_end =
-                !(data.len() as u64).is_multiple_of(u64::from(self.spec.bytes_per_chunk()));
-            let result = self
-                .do_write(offset, data, crcs, durability, short_end)
-                .await;
-            if let Err(e) = &result {
-                self.state().failed.get_or_insert_with(|| e.to_string());
+            match reserved? {
+                Some(exclusive) => {
+                    self.run_write(exclusive, offset, data, crcs, durability)
+                        .await
+                }
+                None => Ok(()),
             }
-            result
         }
+    }
+
+    /// [`write`](Self::write) with owned buffers: the returned future borrows nothing, so
+    /// it can be spawned. The range is reserved when this is called.
+    pub fn write_owned(
+        self: &Arc<Self>,
+        offset: u64,
+        data: Bytes,
+        crcs: Vec<u32>,
+        durability: Durability,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let reserved = if data.is_empty() {
+            Ok(None)
+        } else {
+            self.reserve(offset, &data, &crcs).map(Some)
+        };
+        let this = self.clone();
+        async move {
+            match reserved? {
+                Some(exclusive) => {
+                    this.run_write(exclusive, offset, &data, &crcs, durability)
+                        .await
+                }
+                None => Ok(()),
+            }
+        }
+    }
+
+    async fn run_write(
+        &self,
+        exclusive: bool,
+        offset: u64,
+        data: &[u8],
+        crcs: &[u32],
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        // A write that changes the tail waits for the appends before it to land.
+        let _guard = if exclusive {
+            Guard::Write(self.tail.write().await)
+        } else {
+            Guard::Read(self.tail.read().await)
+        };
+        let short_end = !(data.len() as u64).is_multiple_of(u64::from(self.spec.bytes_per_chunk()));
+        let result = self
+            .do_write(offset, data, crcs, durability, short_end)
+            .await;
+        if let Err(e) = &result {
+            self.state().failed.get_or_insert_with(|| e.to_string());
+        }
+        result
     }
 
     /// Validates a write and reserves its range; returns whether it must run alone.
@@ -1001,6 +1045,13 @@ impl ReplicaWriter {
                 offset: m.offset,
             })?;
         let mut st = self.state();
+        if st.finalized {
+            return Err(StoreError::WrongState {
+                block: self.block,
+                state: ReplicaState::Finalized,
+                needed: ReplicaState::Rbw,
+            });
+        }
         if let Some(reason) = &st.failed {
             return Err(StoreError::WriterFailed {
                 block: self.block,
@@ -1104,24 +1155,30 @@ impl ReplicaWriter {
     }
 
     /// Gives the replica a new, larger generation stamp while it is being written.
-    pub async fn bump_genstamp(&mut self, new: GenStamp) -> Result<(), StoreError> {
-        self.store
-            .bump_genstamp(self.block, self.genstamp, new)
-            .await?;
-        self.genstamp = new;
+    pub async fn bump_genstamp(&self, new: GenStamp) -> Result<(), StoreError> {
+        let _guard = self.tail.write().await;
+        let old = self.genstamp();
+        self.store.bump_genstamp(self.block, old, new).await?;
+        self.state().genstamp = new;
         Ok(())
     }
 
-    /// Makes the replica durable and complete: fsyncs data and meta, moves both into
-    /// `finalized` (meta first), fsyncs the directories. Returns the length.
-    pub async fn finalize(self) -> Result<u64, StoreError> {
-        if let Some(reason) = self.state().failed.clone() {
-            return Err(StoreError::WriterFailed {
-                block: self.block,
-                reason,
-            });
-        }
-        let e = self.store.lookup(self.block, self.genstamp)?;
+    /// Makes the replica durable and complete: waits for writes in flight, fsyncs data
+    /// and meta, moves both into `finalized` (meta first), fsyncs the directories.
+    /// Returns the length. Later writes are refused.
+    pub async fn finalize(&self) -> Result<u64, StoreError> {
+        let _guard = self.tail.write().await;
+        let gs = {
+            let st = self.state();
+            if let Some(reason) = st.failed.clone() {
+                return Err(StoreError::WriterFailed {
+                    block: self.block,
+                    reason,
+                });
+            }
+            st.genstamp
+        };
+        let e = self.store.lookup(self.block, gs)?;
         if e.state != ReplicaState::Rbw {
             return Err(StoreError::WrongState {
                 block: self.block,
@@ -1138,7 +1195,7 @@ impl ReplicaWriter {
         m.map_err(|e| io_err("fsync", &self.meta.path, e))?;
         let len = self.state().len;
         let inner = self.store.inner.clone();
-        let (block, gs) = (self.block, self.genstamp);
+        let block = self.block;
         blocking(move || {
             let (rd, rm) = inner.paths(ReplicaState::Rbw, block, gs);
             let (fd, fm) = inner.paths(ReplicaState::Finalized, block, gs);
@@ -1154,6 +1211,7 @@ impl ReplicaWriter {
             e.state = ReplicaState::Finalized;
             e.len = len;
         }
+        self.state().finalized = true;
         Ok(len)
     }
 }

@@ -3,6 +3,7 @@
 //! as its last line so results can be compared across commits.
 
 pub mod store;
+pub mod transport;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};

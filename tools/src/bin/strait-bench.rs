@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use strait::store::BackendKind;
 use strait::units;
 use strait_tools::bench::store::{self, StoreBenchParams};
+use strait_tools::bench::transport::{self, TransportBenchParams};
 
 #[derive(Parser)]
 #[command(name = "strait-bench", version, about = "strait benchmarks")]
@@ -42,6 +43,22 @@ enum Scenario {
         /// Rounds (interleaved); medians are reported. The disk here is virtual and
         /// varies by ±30% from run to run, so one round proves nothing.
         #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Transport: framed stream vs raw quinn stream vs framed TLS-over-TCP, and the
+    /// round-trip latency of a small request.
+    Transport {
+        /// Bytes per transfer.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        bytes: usize,
+        /// Bytes per data packet.
+        #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+        packet: usize,
+        /// Round trips measured.
+        #[arg(long, default_value_t = 5000)]
+        round_trips: usize,
+        /// Rounds; medians are reported.
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
 }
@@ -85,6 +102,26 @@ fn main() -> ExitCode {
                     io_size,
                     depth,
                     backends,
+                    rounds,
+                })
+                .await
+            }
+            Scenario::Transport {
+                bytes,
+                packet,
+                round_trips,
+                rounds,
+            } => {
+                if packet == 0 || packet > strait::wire::MAX_PAYLOAD {
+                    return Err(format!(
+                        "--packet must be 1..={} bytes",
+                        strait::wire::MAX_PAYLOAD
+                    ));
+                }
+                transport::run(&TransportBenchParams {
+                    bytes: bytes as u64,
+                    packet,
+                    round_trips,
                     rounds,
                 })
                 .await

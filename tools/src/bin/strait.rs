@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use strait::placement::ReplicationSpec;
 use strait::topology::Topology;
+use strait::transport::CertAuthority;
 use strait_tools::plan::{self, PlanParams, Summary};
 
 #[derive(Parser)]
@@ -46,6 +47,15 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         examples: usize,
     },
+    /// Generate a cluster CA and one certificate per node of a topology (PEM files).
+    Certs {
+        /// Topology file (TOML).
+        #[arg(long, default_value = "examples/two-idc.toml")]
+        topology: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +70,19 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Certs { topology, out } => {
+            let topo = Topology::from_file(&topology)
+                .map_err(|e| format!("{}: {e}", topology.display()))?;
+            let ca = CertAuthority::generate("strait cluster CA").map_err(|e| e.to_string())?;
+            let files = ca
+                .write_files(&out, topo.nodes().iter().map(|n| n.name.as_str()))
+                .map_err(|e| e.to_string())?;
+            println!("wrote {} files to {}:", files.len(), out.display());
+            for f in files {
+                println!("  {}", f.display());
+            }
+            Ok(())
+        }
         Command::Plan {
             topology,
             spec,
