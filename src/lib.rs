@@ -18,12 +18,18 @@
 //!
 //! - [`store`]: block replicas on local disk (io_uring or psync), crash recovery.
 //! - [`transport`]: QUIC and TLS-over-TCP links with mutual TLS, framed streams.
+//! - [`node`]: the storage server a process embeds.
+//! - [`pipeline`]: replicated writes through a pipeline, and their recovery.
+//! - [`read`]: locality-ordered, verified, hedged reads.
 //!
 //! strait does not include a metadata service: which blocks exist and where their
 //! replicas live is the embedding server's business; strait decides, moves and stores.
 
 pub mod block;
+pub mod node;
+pub mod pipeline;
 pub mod placement;
+pub mod read;
 pub mod store;
 pub mod topology;
 pub mod transport;

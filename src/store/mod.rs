@@ -960,30 +960,35 @@ impl ReplicaWriter {
         }
     }
 
-    /// [`write`](Self::write) with owned buffers: the returned future borrows nothing, so
-    /// it can be spawned. The range is reserved when this is called.
-    pub fn write_owned(
+    /// [`write`](Self::write) with owned buffers, checked now: validation (checksums
+    /// included) and the reservation of the range happen in this call, and a refusal is
+    /// returned at once; the IO runs in the returned future, which borrows nothing and
+    /// can be spawned.
+    pub fn try_write_owned(
         self: &Arc<Self>,
         offset: u64,
         data: Bytes,
         crcs: Vec<u32>,
         durability: Durability,
-    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+    ) -> Result<
+        impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
+        StoreError,
+    > {
         let reserved = if data.is_empty() {
-            Ok(None)
+            None
         } else {
-            self.reserve(offset, &data, &crcs).map(Some)
+            Some(self.reserve(offset, &data, &crcs)?)
         };
         let this = self.clone();
-        async move {
-            match reserved? {
+        Ok(async move {
+            match reserved {
                 Some(exclusive) => {
                     this.run_write(exclusive, offset, &data, &crcs, durability)
                         .await
                 }
                 None => Ok(()),
             }
-        }
+        })
     }
 
     async fn run_write(

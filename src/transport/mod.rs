@@ -39,6 +39,9 @@ pub enum LinkKind {
     Quic,
     /// TLS 1.3 over TCP (rustls); about half the CPU per byte of QUIC on loopback here.
     TcpTls,
+    /// In-process, no network: a node writing to itself as the first pipeline target.
+    #[serde(skip)]
+    Local,
 }
 
 impl std::fmt::Display for LinkKind {
@@ -46,6 +49,7 @@ impl std::fmt::Display for LinkKind {
         f.write_str(match self {
             LinkKind::Quic => "quic",
             LinkKind::TcpTls => "tcp-tls",
+            LinkKind::Local => "local",
         })
     }
 }
@@ -179,6 +183,8 @@ pub enum Source {
     Quic(quinn::RecvStream),
     /// One TLS-over-TCP connection.
     Tcp(tokio::io::ReadHalf<TlsTcp>),
+    /// An in-process pipe.
+    Local(tokio::io::ReadHalf<tokio::io::DuplexStream>),
 }
 
 impl AsyncRead for Source {
@@ -190,6 +196,7 @@ impl AsyncRead for Source {
         match self.get_mut() {
             Source::Quic(s) => Pin::new(s).poll_read(cx, buf),
             Source::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Source::Local(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -200,6 +207,8 @@ pub enum Sink {
     Quic(quinn::SendStream),
     /// One TLS-over-TCP connection.
     Tcp(IoSink<tokio::io::WriteHalf<TlsTcp>>),
+    /// An in-process pipe.
+    Local(IoSink<tokio::io::WriteHalf<tokio::io::DuplexStream>>),
 }
 
 impl ByteSink for Sink {
@@ -207,18 +216,21 @@ impl ByteSink for Sink {
         match self {
             Sink::Quic(s) => s.send_bytes(bytes).await,
             Sink::Tcp(s) => s.send_bytes(bytes).await,
+            Sink::Local(s) => s.send_bytes(bytes).await,
         }
     }
     async fn flush_bytes(&mut self) -> std::io::Result<()> {
         match self {
             Sink::Quic(s) => s.flush_bytes().await,
             Sink::Tcp(s) => s.flush_bytes().await,
+            Sink::Local(s) => s.flush_bytes().await,
         }
     }
     async fn finish(&mut self) -> std::io::Result<()> {
         match self {
             Sink::Quic(s) => ByteSink::finish(s).await,
             Sink::Tcp(s) => s.finish().await,
+            Sink::Local(s) => s.finish().await,
         }
     }
 }
@@ -422,6 +434,7 @@ impl Transport {
         let s = match kind {
             LinkKind::Quic => self.open_quic(peer).await?,
             LinkKind::TcpTls => self.open_tcp(peer).await?,
+            LinkKind::Local => return Err(TransportError::NotAPeer(peer)),
         };
         self.inner.counters.streams_opened[tier].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(s)
@@ -612,6 +625,21 @@ impl Transport {
         )
         .await;
     }
+}
+
+/// Two connected in-process streams (no network, no TLS) between a node and itself.
+pub(crate) fn local_pair(me: NodeId, buffer: usize) -> (Stream, Stream) {
+    let (a, b) = tokio::io::duplex(buffer);
+    let half = |s: tokio::io::DuplexStream| {
+        let (r, w) = tokio::io::split(s);
+        Stream {
+            peer: me,
+            kind: LinkKind::Local,
+            reader: FrameReader::new(Source::Local(r)),
+            writer: FrameWriter::new(Sink::Local(IoSink(w))),
+        }
+    };
+    (half(a), half(b))
 }
 
 fn tune_tcp(tcp: &TcpStream, buffer: usize) {

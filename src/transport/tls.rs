@@ -19,11 +19,19 @@ use super::TransportError;
 pub const ALPN: &[u8] = b"strait/1";
 
 /// A node's TLS identity: the cluster CA it trusts, its certificate chain and key.
-#[derive(Debug)]
 pub struct TlsIdentity {
     ca: CertificateDer<'static>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("TlsIdentity")
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Clone for TlsIdentity {

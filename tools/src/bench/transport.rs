@@ -97,6 +97,7 @@ async fn serve_stream(s: &mut Stream) -> Result<(), String> {
                             n += chunk.bytes.len() as u64;
                         }
                     }
+                    Source::Local(_) => return Err("no raw mode in-process".into()),
                     Source::Tcp(r) => {
                         let mut buf = vec![0u8; 1 << 20];
                         loop {

@@ -1,0 +1,299 @@
+//! The storage server a process embeds: its block store, its transport, the relay side of
+//! write pipelines and the read service.
+//!
+//! [`Node::start`] opens the store, binds the transport and serves every stream peers
+//! open: a `WriteBlock` frame starts a pipeline relay, a `ReadBlock` a read. The node is
+//! also the handle a local client uses to write ([`crate::pipeline::Writer`]) and read
+//! ([`crate::read::Reader`]). Several nodes can run in one process (tests), each with its
+//! own address and store directory. The node does not decide placement or keep block
+//! metadata: the embedding server does, fed by [`NodeEvent`]s.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+
+use crate::block::{BlockId, GenStamp};
+use crate::pipeline::PipelineConfig;
+use crate::store::{BlockStore, OpenReport, StoreConfig, StoreError};
+use crate::topology::{NodeId, Tier, Topology};
+use crate::transport::{Incoming, Stream, TlsIdentity, Transport, TransportConfig, TransportError};
+use crate::wire::{ErrorFrame, Frame, Status};
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's name in the topology.
+    pub name: String,
+    /// The cluster topology.
+    pub topology: Arc<Topology>,
+    /// TLS identity (cluster CA, node certificate and key).
+    pub identity: TlsIdentity,
+    /// Block store settings.
+    pub store: StoreConfig,
+    /// Link settings.
+    pub transport: TransportConfig,
+    /// Write pipeline settings.
+    pub pipeline: PipelineConfig,
+    /// How long [`Node::shutdown`] waits for in-flight work before aborting it.
+    pub shutdown_grace: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for node `name` with its store at `store_root`.
+    pub fn new(
+        name: impl Into<String>,
+        topology: Arc<Topology>,
+        identity: TlsIdentity,
+        store_root: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        NodeConfig {
+            name: name.into(),
+            topology,
+            identity,
+            store: StoreConfig::new(store_root),
+            transport: TransportConfig::default(),
+            pipeline: PipelineConfig::default(),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The name is not a node of the topology.
+    #[error("node {0:?} is not in the topology")]
+    UnknownNode(String),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The transport could not start.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+}
+
+/// Things the embedding server must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// A write completed (or is continuing) with fewer replicas than it started with.
+    UnderReplicated {
+        /// The block.
+        block: BlockId,
+        /// Its generation stamp after recovery.
+        genstamp: GenStamp,
+        /// Replicas that hold it.
+        replicas: Vec<NodeId>,
+        /// Nodes dropped from the pipeline.
+        failed: Vec<NodeId>,
+    },
+    /// A replica failed verification (found by a read) and should be replaced.
+    CorruptReplica {
+        /// The block.
+        block: BlockId,
+        /// The generation stamp read.
+        genstamp: GenStamp,
+        /// The node holding the bad replica.
+        node: NodeId,
+    },
+}
+
+/// Byte counters by distance tier (index: [`Tier`] as usize).
+#[derive(Debug, Default)]
+pub struct TierCounters([AtomicU64; 4]);
+
+impl TierCounters {
+    /// Adds `n` bytes at `tier`.
+    pub fn add(&self, tier: Tier, n: u64) {
+        self.0[tier as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes counted at `tier`.
+    pub fn get(&self, tier: Tier) -> u64 {
+        self.0[tier as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of a node.
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    /// Block bytes this node's clients read, by the tier of the replica they came from.
+    pub read_bytes: TierCounters,
+    /// Block bytes this node served to readers, by the tier of the reader.
+    pub served_bytes: TierCounters,
+    /// Packet payload bytes this node sent down write pipelines, by tier of the hop.
+    pub pipeline_sent_bytes: TierCounters,
+}
+
+/// Relays of the blocks being written through this node, so that a recovery pipeline
+/// waits for the old relay of the same block to finish before touching the replica.
+pub(crate) type RelayRegistry = std::sync::Mutex<HashMap<BlockId, watch::Receiver<bool>>>;
+
+pub(crate) struct Shared {
+    pub(crate) me: NodeId,
+    pub(crate) topology: Arc<Topology>,
+    pub(crate) store: BlockStore,
+    pub(crate) transport: Transport,
+    pub(crate) pipeline: PipelineConfig,
+    pub(crate) events: broadcast::Sender<NodeEvent>,
+    pub(crate) metrics: NodeMetrics,
+    pub(crate) relays: RelayRegistry,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, e: NodeEvent) {
+        // No subscriber is fine: events are advisory.
+        let _ = self.events.send(e);
+    }
+
+    pub(crate) fn name(&self, n: NodeId) -> &str {
+        &self.topology.node(n).name
+    }
+}
+
+/// A running storage node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) shared: Arc<Shared>,
+    tasks: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.shared.name(self.shared.me))
+            .finish()
+    }
+}
+
+impl Node {
+    /// Opens the store, binds the transport and starts serving peers.
+    pub async fn start(config: NodeConfig) -> Result<(Node, OpenReport), NodeError> {
+        let me = config
+            .topology
+            .node_by_name(&config.name)
+            .ok_or_else(|| NodeError::UnknownNode(config.name.clone()))?;
+        let (store, report) = BlockStore::open(config.store.clone()).await?;
+        let (transport, incoming) = Transport::bind(
+            me,
+            config.topology.clone(),
+            &config.identity,
+            config.transport.clone(),
+        )
+        .await?;
+        let (events, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            me,
+            topology: config.topology.clone(),
+            store,
+            transport,
+            pipeline: config.pipeline.clone(),
+            events,
+            metrics: NodeMetrics::default(),
+            relays: std::sync::Mutex::new(HashMap::new()),
+        });
+        let task = tokio::spawn(serve(shared.clone(), incoming));
+        Ok((
+            Node {
+                shared,
+                tasks: Arc::new(std::sync::Mutex::new(Some(task))),
+                grace: config.shutdown_grace,
+            },
+            report,
+        ))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared.me
+    }
+
+    /// The topology.
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.shared.topology
+    }
+
+    /// The block store.
+    pub fn store(&self) -> &BlockStore {
+        &self.shared.store
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Transport {
+        &self.shared.transport
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.shared.metrics
+    }
+
+    /// Subscribes to events (under-replicated blocks, corrupt replicas). Events sent while
+    /// nobody listens, or that a slow listener misses beyond 1024, are dropped.
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Stops serving: closes the transport (in-flight pipelines through this node fail and
+    /// leave their replicas in `rbw`, recoverable), waits up to the grace period for the
+    /// handlers to finish, then aborts the rest.
+    pub async fn shutdown(&self) {
+        let task = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.shared.transport.shutdown().await;
+        if let Some(t) = task {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(self.grace, t).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+async fn serve(shared: Arc<Shared>, mut incoming: Incoming) {
+    let mut handlers = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            s = incoming.accept() => match s {
+                Some(s) => {
+                    handlers.spawn(handle(shared.clone(), s));
+                }
+                None => break,
+            },
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+        }
+    }
+    while handlers.join_next().await.is_some() {}
+}
+
+async fn handle(shared: Arc<Shared>, mut s: Stream) {
+    let first = match s.reader.recv().await {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(peer = %shared.name(s.peer), error = %e, "bad first frame");
+            return;
+        }
+    };
+    match first {
+        Frame::WriteBlock(req) => crate::pipeline::serve_write(shared, s, req).await,
+        Frame::ReadBlock(req) => crate::read::serve_read(shared, s, req).await,
+        other => {
+            let msg = format!(
+                "unexpected first frame {:?}",
+                std::mem::discriminant(&other)
+            );
+            let _ = s
+                .writer
+                .send(&Frame::Error(ErrorFrame {
+                    status: Status::Rejected,
+                    message: msg,
+                }))
+                .await;
+        }
+    }
+}

@@ -1,0 +1,1099 @@
+//! Replicated writes: the [`Writer`] that streams a block through a pipeline of nodes, the
+//! relay that each node runs for it, and recovery when a node fails mid-write.
+//!
+//! The writer sends a `WriteBlock` to the first target naming the rest; each relay opens
+//! the next hop the same way and answers a setup ack (sequence `u64::MAX`) carrying one
+//! status per node from itself downstream. Data then flows as packets of whole chunks.
+//! A relay verifies a packet's checksums (as the store reserves the write), forwards it
+//! downstream *before* its own disk write completes, writes it, and acks upstream once its
+//! own write and the downstream ack are both in; an ack carries one status per node. On
+//! the last packet each relay finalizes its replica (durable) before acking, so the
+//! writer's `close` returns only when every replica is finalized.
+//!
+//! The writer keeps a window of packets in flight, sized in bytes from the bandwidth-delay
+//! product of the slowest hop (at least 80 × 64 KiB, as HDFS). A relay bounds its own
+//! queue to the same window. When a node fails — an ack names it, or its stream breaks —
+//! the writer drops it, bumps the generation stamp, rebuilds the pipeline with the
+//! survivors (each truncates its `rbw` replica to the resume offset and takes the new
+//! stamp), resends the unacknowledged packets and emits
+//! [`NodeEvent::UnderReplicated`](crate::node::NodeEvent). It gives up only when every
+//! replica of an IDC the write started with has failed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, watch};
+
+use crate::block::{BlockId, ChecksumSpec, GenStamp};
+use crate::node::{Node, NodeEvent, Shared};
+use crate::store::{Durability, ReplicaState, ReplicaWriter, StoreError};
+use crate::topology::{IdcId, NodeId, Tier};
+use crate::transport::{FrameWriter, LinkKind, Sink, Stream, TransportError};
+use crate::wire::{
+    self, Ack, Compression, ErrorFrame, Frame, Packet, PacketFlags, Status, TrafficClass,
+    WriteBlock, WriteMode,
+};
+
+/// Sequence number of the setup ack.
+pub const SETUP_SEQ: u64 = u64::MAX;
+
+/// Tuning of write pipelines.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Data bytes per packet (a multiple of the chunk size is used).
+    pub packet_bytes: usize,
+    /// Smallest window of bytes in flight (HDFS: 80 packets of 64 KiB).
+    pub min_window_bytes: usize,
+    /// A packet not acked within this time fails the pipeline.
+    pub ack_timeout: Duration,
+    /// Limit for setting up (or rebuilding) a pipeline.
+    pub setup_timeout: Duration,
+    /// How long a recovery waits for the old relay of the same block to finish.
+    pub relay_handover_timeout: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            packet_bytes: 64 << 10,
+            min_window_bytes: 80 * (64 << 10),
+            ack_timeout: Duration::from_secs(30),
+            setup_timeout: Duration::from_secs(10),
+            relay_handover_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Per-write options.
+#[derive(Debug, Clone)]
+pub struct WriteParams {
+    /// Generation stamp of the new block.
+    pub genstamp: GenStamp,
+    /// Chunking and checksum.
+    pub checksum: ChecksumSpec,
+    /// Traffic class of governed hops.
+    pub class: TrafficClass,
+    /// Nodes that may replace a failed target in the same IDC (reserved for recovery
+    /// with replacement; today the pipeline continues with the survivors).
+    pub spares: Vec<NodeId>,
+}
+
+impl WriteParams {
+    /// Defaults for a new block with `genstamp`.
+    pub fn new(genstamp: GenStamp) -> Self {
+        WriteParams {
+            genstamp,
+            checksum: ChecksumSpec::default(),
+            class: TrafficClass::Sync,
+            spares: Vec::new(),
+        }
+    }
+}
+
+/// What a completed write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// The block.
+    pub block: BlockId,
+    /// Its final generation stamp (bumped once per recovery).
+    pub genstamp: GenStamp,
+    /// Committed length.
+    pub len: u64,
+    /// Nodes holding a finalized replica.
+    pub replicas: Vec<NodeId>,
+    /// Nodes dropped from the pipeline.
+    pub failed: Vec<NodeId>,
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The targets are empty, repeated, too many, or not in the topology.
+    #[error("invalid pipeline targets: {0}")]
+    InvalidTargets(String),
+    /// Every replica in an IDC the write started with has failed.
+    #[error("{block}: every replica in idc {idc} failed (failed nodes: {failed:?})")]
+    IdcLost {
+        /// The block.
+        block: BlockId,
+        /// The IDC left without a replica.
+        idc: String,
+        /// Nodes that failed.
+        failed: Vec<String>,
+    },
+    /// The writer failed earlier and cannot be used.
+    #[error("{block}: writer already failed")]
+    Failed {
+        /// The block.
+        block: BlockId,
+    },
+    /// More data than a block may hold.
+    #[error("{block}: write beyond the maximum block size")]
+    TooLarge {
+        /// The block.
+        block: BlockId,
+    },
+}
+
+enum AckMsg {
+    Ack(Ack),
+    Broken(String),
+}
+
+struct Pipe {
+    sink: FrameWriter<Sink>,
+    acks: mpsc::Receiver<AckMsg>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+struct Unacked {
+    seq: u64,
+    offset: u64,
+    flags: PacketFlags,
+    data: Bytes,
+    crcs: Vec<u32>,
+    sent: Instant,
+}
+
+/// Latency of packet acks, in microseconds.
+pub type AckHistogram = hdrhistogram::Histogram<u64>;
+
+/// Streams one block through a pipeline of nodes. See the [module docs](self).
+pub struct Writer {
+    shared: Arc<Shared>,
+    block: BlockId,
+    genstamp: GenStamp,
+    params: WriteParams,
+    /// Current pipeline, in order.
+    targets: Vec<NodeId>,
+    /// IDCs the write started in (each must keep a replica).
+    idcs: Vec<IdcId>,
+    failed: Vec<NodeId>,
+    pipe: Option<Pipe>,
+    window: usize,
+    unacked: VecDeque<Unacked>,
+    unacked_bytes: usize,
+    next_seq: u64,
+    acked_len: u64,
+    /// Bytes not yet sent; starts at `buf_offset` (a chunk boundary).
+    buf: BytesMut,
+    buf_offset: u64,
+    /// Bytes of `buf` already sent by an hflush (the partial chunk is resent later).
+    flushed_in_buf: usize,
+    broken: bool,
+    ack_us: AckHistogram,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("block", &self.block)
+            .field("genstamp", &self.genstamp)
+            .field("targets", &self.targets)
+            .field("acked_len", &self.acked_len)
+            .finish()
+    }
+}
+
+fn window_for(shared: &Shared, from: NodeId, chain: &[NodeId]) -> usize {
+    let topo = &shared.topology;
+    let mut prev = from;
+    let mut bdp = 0u64;
+    for &n in chain {
+        let (a, b) = (topo.location(prev).idc, topo.location(n).idc);
+        if a != b {
+            bdp = bdp.max(topo.link(a, b).map_or(0, |l| l.bdp_bytes()));
+        }
+        prev = n;
+    }
+    (2 * bdp as usize).max(shared.pipeline.min_window_bytes)
+}
+
+impl Writer {
+    /// Sets up a pipeline through `targets` (in pipeline order, e.g. from
+    /// [`placement`](crate::placement)) for a new block, written from `node`.
+    pub async fn create(
+        node: &Node,
+        block: BlockId,
+        targets: &[NodeId],
+        params: WriteParams,
+    ) -> Result<Writer, WriteError> {
+        let shared = node.shared.clone();
+        let topo = &shared.topology;
+        if targets.is_empty() || targets.len() > wire::MAX_TARGETS + 1 {
+            return Err(WriteError::InvalidTargets(format!(
+                "{} targets (1..={})",
+                targets.len(),
+                wire::MAX_TARGETS + 1
+            )));
+        }
+        for (i, t) in targets.iter().enumerate() {
+            if !topo.contains(*t) {
+                return Err(WriteError::InvalidTargets(format!(
+                    "target {t:?} not in topology"
+                )));
+            }
+            if targets[..i].contains(t) {
+                return Err(WriteError::InvalidTargets(format!(
+                    "{} appears twice",
+                    topo.node(*t).name
+                )));
+            }
+        }
+        let mut idcs: Vec<IdcId> = targets.iter().map(|&t| topo.location(t).idc).collect();
+        idcs.dedup();
+        let window = window_for(&shared, shared.me, targets);
+        let mut w = Writer {
+            block,
+            genstamp: params.genstamp,
+            targets: targets.to_vec(),
+            idcs,
+            failed: Vec::new(),
+            pipe: None,
+            window,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            next_seq: 0,
+            acked_len: 0,
+            buf: BytesMut::new(),
+            buf_offset: 0,
+            flushed_in_buf: 0,
+            broken: false,
+            ack_us: AckHistogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("valid histogram bounds"),
+            params,
+            shared,
+        };
+        w.establish(0).await?;
+        Ok(w)
+    }
+
+    /// The block.
+    pub fn block(&self) -> BlockId {
+        self.block
+    }
+
+    /// The current generation stamp.
+    pub fn genstamp(&self) -> GenStamp {
+        self.genstamp
+    }
+
+    /// The current pipeline.
+    pub fn targets(&self) -> &[NodeId] {
+        &self.targets
+    }
+
+    /// Bytes acknowledged by every node of the pipeline.
+    pub fn acked_len(&self) -> u64 {
+        self.acked_len
+    }
+
+    /// Window of bytes in flight this writer uses.
+    pub fn window_bytes(&self) -> usize {
+        self.window
+    }
+
+    /// Packet ack latencies so far (µs).
+    pub fn ack_latency(&self) -> &AckHistogram {
+        &self.ack_us
+    }
+
+    fn name(&self, n: NodeId) -> String {
+        self.shared.name(n).to_string()
+    }
+
+    /// Appends data to the block. Returns once it is queued; whole packets are sent as
+    /// they fill, waiting for acks when the window is full.
+    pub async fn write(&mut self, mut data: Bytes) -> Result<(), WriteError> {
+        if self.broken {
+            return Err(WriteError::Failed { block: self.block });
+        }
+        if self.buf_offset + (self.buf.len() + data.len()) as u64 > crate::block::MAX_BLOCK_SIZE {
+            return Err(WriteError::TooLarge { block: self.block });
+        }
+        let packet = self.packet_bytes();
+        while !data.is_empty() {
+            let take = (packet - self.buf.len().min(packet))
+                .min(data.len())
+                .max(if self.buf.len() >= packet { 0 } else { 1 });
+            self.buf
+                .extend_from_slice(&data.split_to(take.min(data.len())));
+            if self.buf.len() >= packet {
+                self.send_buffered(packet, PacketFlags::default()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn packet_bytes(&self) -> usize {
+        let bpc = self.params.checksum.bytes_per_chunk() as usize;
+        (self.shared.pipeline.packet_bytes / bpc).max(1) * bpc
+    }
+
+    /// Sends the first `n` buffered bytes as one packet.
+    async fn send_buffered(&mut self, n: usize, flags: PacketFlags) -> Result<(), WriteError> {
+        let data = self.buf.split_to(n).freeze();
+        let offset = self.buf_offset;
+        self.buf_offset += n as u64;
+        self.flushed_in_buf = 0;
+        self.send_packet(offset, data, flags).await
+    }
+
+    async fn send_packet(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        flags: PacketFlags,
+    ) -> Result<(), WriteError> {
+        while self.unacked_bytes + data.len() > self.window && !self.unacked.is_empty() {
+            self.wait_ack().await?;
+        }
+        let crcs = self.params.checksum.checksums(&data);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.unacked_bytes += data.len();
+        self.unacked.push_back(Unacked {
+            seq,
+            offset,
+            flags,
+            data: data.clone(),
+            crcs: crcs.clone(),
+            sent: Instant::now(),
+        });
+        let frame = Frame::Packet(Packet {
+            seq,
+            offset,
+            flags,
+            data_len: data.len() as u32,
+            crcs,
+            payload: data,
+        });
+        let sent = match self.pipe.as_mut() {
+            Some(p) => p.sink.feed(&frame).await.map_err(|e| e.to_string()),
+            None => Err("no pipeline".into()),
+        };
+        if let Err(e) = sent {
+            // The first hop is gone; recovery resends everything unacked.
+            self.recover(0, &e).await?;
+        } else if flags.last || flags.sync || self.unacked.len() == 1 {
+            self.flush_pipe().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_pipe(&mut self) -> Result<(), WriteError> {
+        let r = match self.pipe.as_mut() {
+            Some(p) => p.sink.flush().await.map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        if let Err(e) = r {
+            self.recover(0, &e).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest unacked packet's ack (recovering on failure).
+    async fn wait_ack(&mut self) -> Result<(), WriteError> {
+        let timeout = self.shared.pipeline.ack_timeout;
+        let msg = match self.pipe.as_mut() {
+            Some(p) => match tokio::time::timeout(timeout, p.acks.recv()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => AckMsg::Broken("ack stream ended".into()),
+                Err(_) => AckMsg::Broken(format!("no ack within {timeout:?}")),
+            },
+            None => AckMsg::Broken("no pipeline".into()),
+        };
+        match msg {
+            AckMsg::Ack(a) => {
+                let Some(front) = self.unacked.front() else {
+                    return Ok(());
+                };
+                if a.seq != front.seq {
+                    return self
+                        .recover(
+                            0,
+                            &format!("ack for {} while waiting for {}", a.seq, front.seq),
+                        )
+                        .await;
+                }
+                match a.statuses.iter().position(|s| *s != Status::Success) {
+                    None if a.statuses.len() >= self.targets.len() => {
+                        let p = self.unacked.pop_front().expect("front exists");
+                        self.unacked_bytes -= p.data.len();
+                        self.acked_len = self.acked_len.max(p.offset + p.data.len() as u64);
+                        let _ = self
+                            .ack_us
+                            .record(p.sent.elapsed().as_micros().max(1) as u64);
+                        Ok(())
+                    }
+                    None => self.recover(a.statuses.len(), "ack misses statuses").await,
+                    Some(i) => {
+                        let why = format!("{:?} at {}", a.statuses[i], self.name(self.targets[i]));
+                        self.recover(i, &why).await
+                    }
+                }
+            }
+            AckMsg::Broken(why) => self.recover(0, &why).await,
+        }
+    }
+
+    /// Sets up the pipeline to `self.targets`, resuming at `offset`. On a refusal from a
+    /// node, drops it and tries again with the rest.
+    async fn establish(&mut self, offset: u64) -> Result<(), WriteError> {
+        loop {
+            match self.try_establish(offset).await {
+                Ok(p) => {
+                    self.pipe = Some(p);
+                    return Ok(());
+                }
+                Err((index, why)) => {
+                    self.drop_target(index, &why)?;
+                    if offset > 0 || !self.failed.is_empty() {
+                        self.genstamp = GenStamp(self.genstamp.0 + 1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks `targets[index]` failed; errors when an IDC has no replica left.
+    fn drop_target(&mut self, index: usize, why: &str) -> Result<(), WriteError> {
+        let index = index.min(self.targets.len().saturating_sub(1));
+        let failed = self.targets.remove(index);
+        tracing::warn!(block = %self.block, node = %self.name(failed), reason = why, "dropping node from pipeline");
+        self.failed.push(failed);
+        let topo = &self.shared.topology;
+        for &idc in &self.idcs {
+            if !self.targets.iter().any(|&t| topo.location(t).idc == idc) {
+                self.broken = true;
+                return Err(WriteError::IdcLost {
+                    block: self.block,
+                    idc: topo.idc(idc).name.clone(),
+                    failed: self.failed.iter().map(|&f| self.name(f)).collect(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the first hop and sends the `WriteBlock`; returns the index of the node that
+    /// failed setup, and why.
+    async fn try_establish(&mut self, offset: u64) -> Result<Pipe, (usize, String)> {
+        let first = self.targets[0];
+        let req = WriteBlock {
+            block: self.block,
+            genstamp: self.genstamp,
+            offset,
+            targets: self.targets[1..].iter().map(|&t| self.name(t)).collect(),
+            mode: WriteMode::Sync,
+            class: self.params.class,
+            checksum: self.params.checksum,
+            compression: Compression::None,
+        };
+        let timeout = self.shared.pipeline.setup_timeout;
+        let mut s = tokio::time::timeout(timeout, open_hop(&self.shared, first))
+            .await
+            .map_err(|_| (0, format!("setup timed out after {timeout:?}")))?
+            .map_err(|e| (0, e.to_string()))?;
+        let statuses = tokio::time::timeout(timeout, setup_exchange(&mut s, req))
+            .await
+            .map_err(|_| (0, format!("setup ack timed out after {timeout:?}")))??;
+        if let Some(i) = statuses.iter().position(|s| *s != Status::Success) {
+            return Err((i, format!("setup refused: {:?}", statuses[i])));
+        }
+        if statuses.len() < self.targets.len() {
+            return Err((statuses.len(), "setup ack misses statuses".into()));
+        }
+        let (tx, rx) = mpsc::channel(wire::MAX_PACKET_CHUNKS.min(self.window / 512 + 16));
+        let Stream {
+            mut reader, writer, ..
+        } = s;
+        let task = tokio::spawn(async move {
+            loop {
+                let msg = match reader.recv().await {
+                    Ok(Some(Frame::Ack(a))) => AckMsg::Ack(a),
+                    Ok(Some(Frame::Error(e))) => {
+                        AckMsg::Broken(format!("{:?}: {}", e.status, e.message))
+                    }
+                    Ok(Some(_)) => AckMsg::Broken("unexpected frame on ack stream".into()),
+                    Ok(None) => AckMsg::Broken("pipeline closed the stream".into()),
+                    Err(e) => AckMsg::Broken(e.to_string()),
+                };
+                let end = matches!(msg, AckMsg::Broken(_));
+                if tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Pipe {
+            sink: writer,
+            acks: rx,
+            reader: task,
+        })
+    }
+
+    /// Drops `targets[index]` (or the node a broken stream points to), bumps the
+    /// generation stamp, rebuilds the pipeline with the survivors and resends what was not
+    /// acknowledged.
+    async fn recover(&mut self, index: usize, why: &str) -> Result<(), WriteError> {
+        self.pipe = None;
+        self.drop_target(index, why)?;
+        loop {
+            self.genstamp = GenStamp(self.genstamp.0 + 1);
+            let resume = self
+                .unacked
+                .front()
+                .map_or(self.acked_len.min(self.buf_offset), |p| {
+                    p.offset.min(self.acked_len)
+                });
+            match self.try_establish(resume).await {
+                Err((i, why)) => {
+                    self.drop_target(i, &why)?;
+                    continue;
+                }
+                Ok(p) => self.pipe = Some(p),
+            }
+            // Resend everything unacknowledged, renumbered from 0 on the new pipeline.
+            let pending: Vec<Unacked> = self.unacked.drain(..).collect();
+            self.unacked_bytes = 0;
+            self.next_seq = 0;
+            let mut ok = true;
+            for p in pending {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let frame = Frame::Packet(Packet {
+                    seq,
+                    offset: p.offset,
+                    flags: p.flags,
+                    data_len: p.data.len() as u32,
+                    crcs: p.crcs.clone(),
+                    payload: p.data.clone(),
+                });
+                self.unacked_bytes += p.data.len();
+                self.unacked.push_back(Unacked {
+                    seq,
+                    sent: Instant::now(),
+                    ..p
+                });
+                let r = match self.pipe.as_mut() {
+                    Some(pipe) => pipe.sink.feed(&frame).await,
+                    None => Ok(()),
+                };
+                if r.is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok && let Some(pipe) = self.pipe.as_mut() {
+                ok = pipe.sink.flush().await.is_ok();
+            }
+            if !ok {
+                self.pipe = None;
+                self.drop_target(0, "first hop failed while resending")?;
+                continue;
+            }
+            self.shared.emit(NodeEvent::UnderReplicated {
+                block: self.block,
+                genstamp: self.genstamp,
+                replicas: self.targets.clone(),
+                failed: self.failed.clone(),
+            });
+            tracing::info!(block = %self.block, genstamp = %self.genstamp, survivors = self.targets.len(), resume, "pipeline recovered");
+            return Ok(());
+        }
+    }
+
+    async fn drain_acks(&mut self) -> Result<(), WriteError> {
+        while !self.unacked.is_empty() {
+            self.wait_ack().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends everything buffered (a partial last chunk included) and waits until every
+    /// node of the pipeline has acknowledged it. Data is then in every replica's OS.
+    pub async fn hflush(&mut self) -> Result<(), WriteError> {
+        self.flush_buffer(false).await
+    }
+
+    /// Like [`hflush`](Self::hflush), and every replica fdatasyncs it before acking.
+    pub async fn hsync(&mut self) -> Result<(), WriteError> {
+        self.flush_buffer(true).await
+    }
+
+    async fn flush_buffer(&mut self, sync: bool) -> Result<(), WriteError> {
+        if self.broken {
+            return Err(WriteError::Failed { block: self.block });
+        }
+        let bpc = self.params.checksum.bytes_per_chunk() as usize;
+        if self.buf.len() > self.flushed_in_buf || sync {
+            let whole = self.buf.len() / bpc * bpc;
+            if whole > 0 {
+                self.send_buffered(
+                    whole,
+                    PacketFlags {
+                        sync,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            }
+            if !self.buf.is_empty() {
+                // The partial chunk goes out now and again, longer, with the next packet.
+                let data = Bytes::copy_from_slice(&self.buf);
+                self.flushed_in_buf = self.buf.len();
+                self.send_packet(
+                    self.buf_offset,
+                    data,
+                    PacketFlags {
+                        sync,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            } else if sync && whole == 0 {
+                self.send_packet(
+                    self.buf_offset,
+                    Bytes::new(),
+                    PacketFlags {
+                        sync,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            }
+        }
+        self.drain_acks().await
+    }
+
+    /// Sends the rest, finalizes the replica on every node of the pipeline (durable) and
+    /// returns the committed length and the nodes that hold it.
+    pub async fn close(mut self) -> Result<WriteOutcome, WriteError> {
+        if self.broken {
+            return Err(WriteError::Failed { block: self.block });
+        }
+        let data = self.buf.split().freeze();
+        let offset = self.buf_offset;
+        self.buf_offset += data.len() as u64;
+        let len = self.buf_offset;
+        self.send_packet(
+            offset,
+            data,
+            PacketFlags {
+                last: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        self.drain_acks().await?;
+        if let Some(mut p) = self.pipe.take() {
+            let _ = p.sink.finish().await;
+        }
+        Ok(WriteOutcome {
+            block: self.block,
+            genstamp: self.genstamp,
+            len,
+            replicas: self.targets.clone(),
+            failed: self.failed.clone(),
+        })
+    }
+}
+
+/// Opens the hop to `peer`: over the transport, or in-process when the peer is this node
+/// (the writer runs on its own first target, as HDFS clients on datanodes do).
+async fn open_hop(shared: &Arc<Shared>, peer: NodeId) -> Result<Stream, TransportError> {
+    if peer != shared.me {
+        return shared.transport.open(peer).await;
+    }
+    let (ours, theirs) = crate::transport::local_pair(shared.me, 1 << 20);
+    let relay_shared = shared.clone();
+    let mut theirs = theirs;
+    tokio::spawn(async move {
+        if let Ok(Some(Frame::WriteBlock(req))) = theirs.reader.recv().await {
+            serve_write(relay_shared, theirs, req).await;
+        }
+    });
+    Ok(ours)
+}
+
+/// Sends a `WriteBlock` and reads the setup ack's statuses.
+async fn setup_exchange(s: &mut Stream, req: WriteBlock) -> Result<Vec<Status>, (usize, String)> {
+    s.writer
+        .send(&Frame::WriteBlock(req))
+        .await
+        .map_err(|e| (0, e.to_string()))?;
+    match s.reader.recv().await {
+        Ok(Some(Frame::Ack(a))) if a.seq == SETUP_SEQ => Ok(a.statuses),
+        Ok(Some(Frame::Error(e))) => Err((0, format!("{:?}: {}", e.status, e.message))),
+        Ok(other) => Err((0, format!("unexpected setup answer {other:?}"))),
+        Err(e) => Err((0, e.to_string())),
+    }
+}
+
+fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::NoSpace { .. } => Status::NoSpace,
+        StoreError::DataChecksum { .. } => Status::ChecksumError,
+        StoreError::ChecksumMismatch { .. } | StoreError::Corrupt { .. } => Status::Corrupt,
+        StoreError::Io { .. } | StoreError::WriterFailed { .. } => Status::DiskError,
+        _ => Status::Rejected,
+    }
+}
+
+/// Registers this relay for `block`, waiting for an earlier relay of the same block (an
+/// old pipeline being torn down) to finish. Returns the sender to signal completion.
+async fn register_relay(shared: &Shared, block: BlockId) -> Result<watch::Sender<bool>, String> {
+    let (tx, rx) = watch::channel(false);
+    let previous = {
+        let mut relays = shared.relays.lock().unwrap_or_else(|e| e.into_inner());
+        relays.insert(block, rx)
+    };
+    if let Some(mut old) = previous {
+        let wait = old.wait_for(|done| *done);
+        if tokio::time::timeout(shared.pipeline.relay_handover_timeout, wait)
+            .await
+            .is_err()
+        {
+            return Err("previous relay of this block did not finish".into());
+        }
+    }
+    Ok(tx)
+}
+
+/// Opens (or, for a resume, recovers) the local replica for a `WriteBlock`.
+async fn open_replica(
+    shared: &Shared,
+    req: &WriteBlock,
+) -> Result<Arc<ReplicaWriter>, (Status, String)> {
+    let store = &shared.store;
+    let existing = store.get(req.block);
+    if req.offset == 0 {
+        if let Some(r) = existing {
+            if r.state == ReplicaState::Finalized && r.genstamp >= req.genstamp {
+                return Err((
+                    Status::Rejected,
+                    format!("{} already finalized at {}", req.block, r.genstamp),
+                ));
+            }
+            if r.genstamp > req.genstamp {
+                return Err((
+                    Status::Rejected,
+                    format!("{} has newer {}", req.block, r.genstamp),
+                ));
+            }
+            store
+                .delete(req.block, r.genstamp)
+                .await
+                .map_err(|e| (store_status(&e), e.to_string()))?;
+        }
+        let w = store
+            .create(req.block, req.genstamp, req.checksum)
+            .await
+            .map_err(|e| (store_status(&e), e.to_string()))?;
+        return Ok(Arc::new(w));
+    }
+    // Resume after recovery: the rbw replica, cut to the resume offset, with the new stamp.
+    let r = existing.ok_or((
+        Status::NotFound,
+        format!("{}: no replica to resume", req.block),
+    ))?;
+    if r.state != ReplicaState::Rbw || r.genstamp > req.genstamp {
+        return Err((
+            Status::Rejected,
+            format!("{}: replica is {:?} at {}", req.block, r.state, r.genstamp),
+        ));
+    }
+    let w = store
+        .reopen_rbw(req.block, r.genstamp)
+        .await
+        .map_err(|e| (store_status(&e), e.to_string()))?;
+    if w.len() < req.offset {
+        return Err((
+            Status::Rejected,
+            format!(
+                "{}: replica has {} bytes, resume at {}",
+                req.block,
+                w.len(),
+                req.offset
+            ),
+        ));
+    }
+    w.truncate_to(req.offset)
+        .await
+        .map_err(|e| (store_status(&e), e.to_string()))?;
+    if r.genstamp < req.genstamp {
+        w.bump_genstamp(req.genstamp)
+            .await
+            .map_err(|e| (store_status(&e), e.to_string()))?;
+    }
+    Ok(Arc::new(w))
+}
+
+struct Pending {
+    seq: u64,
+    last: bool,
+    write: Result<tokio::task::JoinHandle<Result<(), StoreError>>, Status>,
+}
+
+/// The relay side of a pipeline, for one `WriteBlock` received from upstream.
+pub(crate) async fn serve_write(shared: Arc<Shared>, up: Stream, req: WriteBlock) {
+    let block = req.block;
+    let done = match register_relay(&shared, block).await {
+        Ok(tx) => tx,
+        Err(why) => {
+            let mut up = up;
+            let _ = up.writer.send(&setup_ack(vec![Status::Rejected])).await;
+            tracing::warn!(%block, reason = why, "relay refused");
+            return;
+        }
+    };
+    relay(&shared, up, req).await;
+    let _ = done.send(true);
+    let mut relays = shared.relays.lock().unwrap_or_else(|e| e.into_inner());
+    if relays.get(&block).is_some_and(|rx| *rx.borrow()) {
+        relays.remove(&block);
+    }
+}
+
+fn setup_ack(statuses: Vec<Status>) -> Frame {
+    Frame::Ack(Ack {
+        seq: SETUP_SEQ,
+        statuses,
+    })
+}
+
+async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
+    let topo = &shared.topology;
+    let block = req.block;
+    let mut targets = Vec::with_capacity(req.targets.len());
+    for name in &req.targets {
+        match topo.node_by_name(name) {
+            Some(id) if id != shared.me && !targets.contains(&id) => targets.push(id),
+            _ => {
+                let _ = up
+                    .writer
+                    .send(&Frame::Error(ErrorFrame {
+                        status: Status::Rejected,
+                        message: format!("bad downstream target {name:?}"),
+                    }))
+                    .await;
+                return;
+            }
+        }
+    }
+    let writer = match open_replica(shared, &req).await {
+        Ok(w) => w,
+        Err((status, why)) => {
+            tracing::warn!(%block, reason = why, "cannot open replica for pipeline");
+            let _ = up.writer.send(&setup_ack(vec![status])).await;
+            return;
+        }
+    };
+
+    // Downstream hop.
+    let mut down: Option<Stream> = None;
+    let mut statuses = vec![Status::Success];
+    if let Some(&next) = targets.first() {
+        let down_req = WriteBlock {
+            targets: req.targets[1..].to_vec(),
+            ..req.clone()
+        };
+        let timeout = shared.pipeline.setup_timeout;
+        let opened = tokio::time::timeout(timeout, shared.transport.open(next)).await;
+        match opened {
+            Ok(Ok(mut s)) => {
+                match tokio::time::timeout(timeout, setup_exchange(&mut s, down_req)).await {
+                    Ok(Ok(st)) if !st.is_empty() => {
+                        let ok = st.iter().all(|x| *x == Status::Success);
+                        statuses.extend(st);
+                        if ok {
+                            down = Some(s);
+                        }
+                    }
+                    _ => statuses.push(Status::Unreachable),
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%block, next = %shared.name(next), error = %e, "downstream unreachable");
+                statuses.push(Status::Unreachable);
+            }
+            Err(_) => statuses.push(Status::Unreachable),
+        }
+    }
+    let setup_ok = statuses.iter().all(|s| *s == Status::Success);
+    if up.writer.send(&setup_ack(statuses)).await.is_err() || !setup_ok {
+        return;
+    }
+
+    let down_tier = targets.first().map(|&n| topo.tier(shared.me, n));
+    let (down_w, down_r) = match down {
+        Some(s) => (Some(s.writer), Some(s.reader)),
+        None => (None, None),
+    };
+    let Stream {
+        reader: mut up_r,
+        writer: up_w,
+        ..
+    } = up;
+    let queue = (window_for(shared, shared.me, &targets) / shared.pipeline.packet_bytes.max(1))
+        .clamp(16, 4096);
+    let (tx, rx) = mpsc::channel::<Pending>(queue);
+    let acker = tokio::spawn(ack_loop(
+        shared.clone(),
+        writer.clone(),
+        rx,
+        up_w,
+        down_r,
+        targets.len(),
+    ));
+
+    // Receive, verify, forward, write.
+    let mut down_w = down_w;
+    loop {
+        let p = match up_r.recv().await {
+            Ok(Some(Frame::Packet(p))) => p,
+            Ok(None) => break,
+            Ok(Some(_)) | Err(_) => break,
+        };
+        let last = p.flags.last;
+        let seq = p.seq;
+        // The last packet needs no fdatasync of its own: finalize fsyncs the replica.
+        let durability = if p.flags.sync {
+            Durability::Sync
+        } else {
+            Durability::Buffered
+        };
+        let write = if p.flags.compressed {
+            Err(Status::Rejected)
+        } else {
+            // Checksums are verified here, before anything is forwarded or written.
+            match writer.try_write_owned(p.offset, p.payload.clone(), p.crcs.clone(), durability) {
+                Ok(fut) => Ok(tokio::spawn(fut)),
+                Err(e) => {
+                    tracing::warn!(%block, seq, error = %e, "packet refused");
+                    Err(store_status(&e))
+                }
+            }
+        };
+        let bad = write.is_err();
+        if !bad && let Some(w) = down_w.as_mut() {
+            let len = p.payload.len() as u64;
+            if w.send(&Frame::Packet(p)).await.is_err() {
+                down_w = None; // the ack loop sees the broken stream and reports it
+            } else if let Some(t) = down_tier {
+                shared.metrics.pipeline_sent_bytes.add(t, len);
+            }
+        }
+        if tx.send(Pending { seq, last, write }).await.is_err() || bad || last {
+            break;
+        }
+    }
+    drop(tx);
+    if let Some(mut w) = down_w {
+        let _ = w.finish().await;
+    }
+    let _ = acker.await;
+}
+
+async fn ack_loop(
+    shared: Arc<Shared>,
+    writer: Arc<ReplicaWriter>,
+    mut rx: mpsc::Receiver<Pending>,
+    mut up_w: FrameWriter<Sink>,
+    mut down_r: Option<crate::transport::FrameReader<crate::transport::Source>>,
+    downstream: usize,
+) {
+    let block = writer.block();
+    let mut down_broken = false;
+    while let Some(p) = rx.recv().await {
+        let mut local = match p.write {
+            Ok(h) => match h.await {
+                Ok(Ok(())) => Status::Success,
+                Ok(Err(e)) => {
+                    tracing::warn!(%block, error = %e, "local write failed");
+                    store_status(&e)
+                }
+                Err(_) => Status::DiskError,
+            },
+            Err(s) => s,
+        };
+        if p.last
+            && local == Status::Success
+            && let Err(e) = writer.finalize().await
+        {
+            tracing::warn!(%block, error = %e, "finalize failed");
+            local = store_status(&e);
+        }
+        let mut statuses = vec![local];
+        if downstream > 0 {
+            let down = if down_broken {
+                None
+            } else {
+                match down_r.as_mut() {
+                    Some(r) => {
+                        match tokio::time::timeout(shared.pipeline.ack_timeout, r.recv()).await {
+                            Ok(Ok(Some(Frame::Ack(a)))) if a.seq == p.seq => Some(a.statuses),
+                            _ => None,
+                        }
+                    }
+                    None => None,
+                }
+            };
+            match down {
+                Some(st) => statuses.extend(st),
+                None => {
+                    down_broken = true;
+                    statuses.push(Status::Unreachable);
+                }
+            }
+        }
+        let failed = statuses.iter().any(|s| *s != Status::Success);
+        if up_w
+            .send(&Frame::Ack(Ack {
+                seq: p.seq,
+                statuses,
+            }))
+            .await
+            .is_err()
+            || failed
+        {
+            break;
+        }
+    }
+    // Let any writes still queued land before the replica is handed over.
+    while let Some(p) = rx.recv().await {
+        if let Ok(h) = p.write {
+            let _ = h.await;
+        }
+    }
+    let _ = up_w.finish().await;
+}
+
+/// The link kind of a hop from `from` to `to` on `node`'s transport.
+pub fn hop_kind(node: &Node, to: NodeId) -> LinkKind {
+    if to == node.id() {
+        LinkKind::Local
+    } else {
+        node.transport().link_kind(to)
+    }
+}
+
+/// Whether a chain of targets crosses the DCI from `from`.
+pub fn crosses_dci(node: &Node, chain: &[NodeId]) -> bool {
+    let topo = node.topology();
+    let mut prev = node.id();
+    chain.iter().any(|&n| {
+        let c = topo.tier(prev, n) == Tier::Dci;
+        prev = n;
+        c
+    })
+}

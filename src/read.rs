@@ -1,0 +1,477 @@
+//! Reads from the closest healthy replica.
+//!
+//! A [`Reader`] orders a block's replicas with
+//! [`placement::sort_by_distance`](crate::placement::sort_by_distance): the reader's own
+//! node (read straight from the local store, no network), its rack, its IDC, then the
+//! other IDC. Every chunk is verified end to end. A checksum mismatch, a missing replica,
+//! a genstamp mismatch or a dead node moves on to the next replica, and a corrupt replica
+//! is reported as a [`NodeEvent::CorruptReplica`](crate::node::NodeEvent). A read slower
+//! than the hedge threshold is started again on another replica in the same IDC, and the
+//! first answer wins. The other IDC is asked only when no replica in the reader's IDC can
+//! serve. Bytes read are counted per distance tier in
+//! [`NodeMetrics::read_bytes`](crate::node::NodeMetrics).
+//!
+//! This module also holds the read service a node runs for its peers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use rand::SeedableRng;
+
+use crate::block::{BlockId, ChecksumSpec, GenStamp, MAX_BLOCK_SIZE};
+use crate::node::{Node, NodeEvent, Shared};
+use crate::placement;
+use crate::store::StoreError;
+use crate::topology::{NodeId, Origin, Tier};
+use crate::transport::Stream;
+use crate::wire::{
+    Compression, ErrorFrame, Frame, Packet, PacketFlags, ReadBlock, ReadResponse, Status,
+    TrafficClass,
+};
+
+/// Per-reader options.
+#[derive(Debug, Clone)]
+pub struct ReadParams {
+    /// Start the same read on another replica in the same IDC when the first has not
+    /// answered after this long; `None` disables hedging.
+    pub hedge_after: Option<Duration>,
+    /// Limit for one replica to answer a read.
+    pub replica_timeout: Duration,
+    /// Bytes per packet the serving node sends.
+    pub packet_bytes: usize,
+}
+
+impl Default for ReadParams {
+    fn default() -> Self {
+        ReadParams {
+            hedge_after: Some(Duration::from_millis(50)),
+            replica_timeout: Duration::from_secs(10),
+            packet_bytes: 256 << 10,
+        }
+    }
+}
+
+/// Why a read failed on every replica.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// No replica could serve; each with why.
+    #[error("{block}: no replica could serve the read: {}", .tried.iter().map(|(n, w)| format!("{n}: {w}")).collect::<Vec<_>>().join("; "))]
+    NoReplica {
+        /// The block.
+        block: BlockId,
+        /// Nodes tried, with the reason each failed.
+        tried: Vec<(String, String)>,
+    },
+    /// The range is outside the block.
+    #[error("{block}: range {offset}+{len} outside the block ({block_len} bytes)")]
+    OutOfRange {
+        /// The block.
+        block: BlockId,
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// The block's length.
+        block_len: u64,
+    },
+}
+
+/// Why one replica could not serve.
+#[derive(Debug)]
+enum ReplicaFailure {
+    /// The replica is corrupt (report it).
+    Corrupt(String),
+    /// The range is beyond the replica (the block is shorter).
+    OutOfRange(u64),
+    /// Anything else: missing, stale, dead node, timeout.
+    Other(String),
+}
+
+/// Reads one block from its replicas. See the [module docs](self).
+pub struct Reader {
+    shared: Arc<Shared>,
+    block: BlockId,
+    genstamp: GenStamp,
+    order: Vec<NodeId>,
+    params: ReadParams,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("block", &self.block)
+            .field("genstamp", &self.genstamp)
+            .field("order", &self.order)
+            .finish()
+    }
+}
+
+impl Reader {
+    /// Prepares reads of `block` at `genstamp` from `replicas`, from `node`.
+    pub fn open(
+        node: &Node,
+        block: BlockId,
+        genstamp: GenStamp,
+        replicas: &[NodeId],
+        params: ReadParams,
+    ) -> Reader {
+        let shared = node.shared.clone();
+        let origin = Origin::node(shared.topology.location(shared.me));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(block.0 ^ shared.me.index() as u64);
+        let valid: Vec<NodeId> = replicas
+            .iter()
+            .copied()
+            .filter(|&r| shared.topology.contains(r))
+            .collect();
+        let order = placement::sort_by_distance(&shared.topology, &origin, &valid, &mut rng);
+        Reader {
+            shared,
+            block,
+            genstamp,
+            order,
+            params,
+        }
+    }
+
+    /// Replicas in the order they will be tried.
+    pub fn order(&self) -> &[NodeId] {
+        &self.order
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+        self.read_range(offset, len).await.map(|(b, _)| b)
+    }
+
+    /// Reads the whole block.
+    pub async fn read_all(&self) -> Result<Bytes, ReadError> {
+        self.read_range(0, MAX_BLOCK_SIZE).await.map(|(b, _)| b)
+    }
+
+    /// Reads `[offset, offset + len)`, clamped to the block's end when `len` reaches past
+    /// it only because it was given as "to the end" ([`MAX_BLOCK_SIZE`]).
+    async fn read_range(&self, offset: u64, len: u64) -> Result<(Bytes, NodeId), ReadError> {
+        let me = self.shared.me;
+        let topo = &self.shared.topology;
+        let local_idc = topo.location(me).idc;
+        let (local, remote): (Vec<NodeId>, Vec<NodeId>) = self
+            .order
+            .iter()
+            .partition(|&&n| topo.location(n).idc == local_idc);
+        let mut tried: Vec<(String, String)> = Vec::new();
+        // The reader's IDC first, with hedging; the other IDC only if it cannot serve.
+        for group in [local, remote] {
+            if group.is_empty() {
+                continue;
+            }
+            let mut inflight = FuturesUnordered::new();
+            let mut next = 0;
+            let start = |n: NodeId| {
+                let f = self.read_replica(n, offset, len);
+                async move { (n, f.await) }
+            };
+            inflight.push(start(group[0]));
+            next += 1;
+            loop {
+                let hedge = async {
+                    match self.params.hedge_after {
+                        Some(d) if next < group.len() => tokio::time::sleep(d).await,
+                        _ => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    done = inflight.next() => {
+                        let Some((node, result)) = done else { break };
+                        match result {
+                            Ok(bytes) => return Ok((bytes, node)),
+                            Err(ReplicaFailure::OutOfRange(block_len)) => {
+                                return Err(ReadError::OutOfRange { block: self.block, offset, len, block_len });
+                            }
+                            Err(ReplicaFailure::Corrupt(why)) => {
+                                self.shared.emit(NodeEvent::CorruptReplica { block: self.block, genstamp: self.genstamp, node });
+                                tried.push((self.shared.name(node).to_string(), why));
+                            }
+                            Err(ReplicaFailure::Other(why)) => tried.push((self.shared.name(node).to_string(), why)),
+                        }
+                        if next < group.len() {
+                            inflight.push(start(group[next]));
+                            next += 1;
+                        } else if inflight.is_empty() {
+                            break;
+                        }
+                    }
+                    _ = hedge => {
+                        tracing::debug!(block = %self.block, node = %self.shared.name(group[next]), "hedging a slow read");
+                        inflight.push(start(group[next]));
+                        next += 1;
+                    }
+                }
+            }
+        }
+        Err(ReadError::NoReplica {
+            block: self.block,
+            tried,
+        })
+    }
+
+    async fn read_replica(
+        &self,
+        node: NodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ReplicaFailure> {
+        let tier = self.shared.topology.tier(self.shared.me, node);
+        let t = self.params.replica_timeout;
+        let bytes = if node == self.shared.me {
+            tokio::time::timeout(t, self.read_local_store(offset, len)).await
+        } else {
+            tokio::time::timeout(t, self.read_peer(node, offset, len)).await
+        }
+        .map_err(|_| ReplicaFailure::Other(format!("no answer within {t:?}")))??;
+        self.shared.metrics.read_bytes.add(tier, bytes.len() as u64);
+        Ok(bytes)
+    }
+
+    async fn read_local_store(&self, offset: u64, len: u64) -> Result<Bytes, ReplicaFailure> {
+        let r = self
+            .shared
+            .store
+            .reader(self.block, self.genstamp)
+            .await
+            .map_err(store_failure)?;
+        let len = clamp_len(offset, len, r.len())?;
+        let mut out = BytesMut::with_capacity(len as usize);
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(crate::store::MAX_IO as u64) as usize;
+            out.extend_from_slice(&r.read(pos, n).await.map_err(store_failure)?);
+            pos += n as u64;
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_peer(
+        &self,
+        node: NodeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ReplicaFailure> {
+        let mut s = self
+            .shared
+            .transport
+            .open(node)
+            .await
+            .map_err(|e| ReplicaFailure::Other(e.to_string()))?;
+        let req = ReadBlock {
+            block: self.block,
+            genstamp: self.genstamp,
+            offset,
+            len,
+            class: TrafficClass::Read,
+            compression: Compression::None,
+        };
+        let other = |e: crate::transport::FramedError| ReplicaFailure::Other(e.to_string());
+        s.writer.send(&Frame::ReadBlock(req)).await.map_err(other)?;
+        let resp = match s.reader.recv().await.map_err(other)? {
+            Some(Frame::ReadResponse(r)) => r,
+            Some(Frame::Error(e)) => {
+                return Err(ReplicaFailure::Other(format!(
+                    "{:?}: {}",
+                    e.status, e.message
+                )));
+            }
+            other => {
+                return Err(ReplicaFailure::Other(format!(
+                    "unexpected answer {other:?}"
+                )));
+            }
+        };
+        match resp.status {
+            Status::Success => {}
+            // The peer refuses a range beyond its replica and says how long it is.
+            Status::Rejected if clamp_len(offset, len, resp.replica_len).is_err() => {
+                return Err(ReplicaFailure::OutOfRange(resp.replica_len));
+            }
+            Status::Corrupt => {
+                return Err(ReplicaFailure::Corrupt(
+                    "peer reports the replica corrupt".into(),
+                ));
+            }
+            s => return Err(ReplicaFailure::Other(format!("peer answered {s:?}"))),
+        }
+        let len = clamp_len(offset, len, resp.replica_len)?;
+        let spec = resp.checksum;
+        let bpc = u64::from(spec.bytes_per_chunk());
+        let start = offset / bpc * bpc;
+        let end = offset + len;
+        let mut out = BytesMut::with_capacity(len as usize);
+        let mut pos = start;
+        while pos < end {
+            let p = match s.reader.recv().await.map_err(other)? {
+                Some(Frame::Packet(p)) => p,
+                Some(Frame::Error(e)) if e.status == Status::Corrupt => {
+                    return Err(ReplicaFailure::Corrupt(e.message));
+                }
+                Some(Frame::Error(e)) => {
+                    return Err(ReplicaFailure::Other(format!(
+                        "{:?}: {}",
+                        e.status, e.message
+                    )));
+                }
+                other => {
+                    return Err(ReplicaFailure::Other(format!(
+                        "stream ended at {pos}: {other:?}"
+                    )));
+                }
+            };
+            if p.offset != pos || p.flags.compressed || p.payload.is_empty() {
+                return Err(ReplicaFailure::Other(format!(
+                    "packet at {} (expected {pos})",
+                    p.offset
+                )));
+            }
+            if p.crcs.len() as u64 != spec.chunks_for(p.payload.len() as u64) {
+                return Err(ReplicaFailure::Other(
+                    "packet checksum count does not match its data".into(),
+                ));
+            }
+            spec.verify(pos / bpc, &p.payload, &p.crcs).map_err(|m| {
+                ReplicaFailure::Corrupt(format!(
+                    "data from {} fails its checksum: {m}",
+                    self.shared.name(node)
+                ))
+            })?;
+            let pend = pos + p.payload.len() as u64;
+            let lo = offset.max(pos) - pos;
+            let hi = end.min(pend) - pos;
+            if lo < hi {
+                out.extend_from_slice(&p.payload[lo as usize..hi as usize]);
+            }
+            pos = pend;
+        }
+        Ok(out.freeze())
+    }
+}
+
+/// Clamps a "to the end" length; refuses a range that starts beyond the replica.
+fn clamp_len(offset: u64, len: u64, replica_len: u64) -> Result<u64, ReplicaFailure> {
+    if offset > replica_len {
+        return Err(ReplicaFailure::OutOfRange(replica_len));
+    }
+    if len == MAX_BLOCK_SIZE {
+        return Ok(replica_len - offset);
+    }
+    if offset + len > replica_len {
+        return Err(ReplicaFailure::OutOfRange(replica_len));
+    }
+    Ok(len)
+}
+
+fn store_failure(e: StoreError) -> ReplicaFailure {
+    match e {
+        StoreError::ChecksumMismatch { .. } | StoreError::Corrupt { .. } => {
+            ReplicaFailure::Corrupt(e.to_string())
+        }
+        StoreError::OutOfRange { replica_len, .. } => ReplicaFailure::OutOfRange(replica_len),
+        other => ReplicaFailure::Other(other.to_string()),
+    }
+}
+
+fn response(status: Status, replica_len: u64, checksum: ChecksumSpec) -> Frame {
+    Frame::ReadResponse(ReadResponse {
+        status,
+        replica_len,
+        checksum,
+    })
+}
+
+/// The read service: answers one `ReadBlock` from the local store.
+pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBlock) {
+    let r = match shared.store.reader(req.block, req.genstamp).await {
+        Ok(r) => r,
+        Err(e) => {
+            let status = match e {
+                StoreError::NotFound { .. } => Status::NotFound,
+                StoreError::Corrupt { .. } => Status::Corrupt,
+                _ => Status::Rejected,
+            };
+            let _ = s
+                .writer
+                .send(&response(status, 0, ChecksumSpec::default()))
+                .await;
+            return;
+        }
+    };
+    let len = match clamp_len(req.offset, req.len, r.len()) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = s
+                .writer
+                .send(&response(Status::Rejected, r.len(), r.spec()))
+                .await;
+            return;
+        }
+    };
+    if s.writer
+        .send(&response(Status::Success, r.len(), r.spec()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let tier = shared.topology.tier(shared.me, s.peer);
+    let bpc = u64::from(r.spec().bytes_per_chunk());
+    let packet = (ReadParams::default().packet_bytes as u64 / bpc).max(1) * bpc;
+    let end = req.offset + len;
+    let mut pos = req.offset / bpc * bpc;
+    let mut seq = 0;
+    while pos < end {
+        let n = (end.div_ceil(bpc) * bpc).min(r.len()).min(pos + packet) - pos;
+        let data = match r.read(pos, n as usize).await {
+            Ok(d) => d,
+            Err(e) => {
+                let status = if matches!(e, StoreError::ChecksumMismatch { .. }) {
+                    Status::Corrupt
+                } else {
+                    Status::DiskError
+                };
+                let _ = s
+                    .writer
+                    .send(&Frame::Error(ErrorFrame {
+                        status,
+                        message: e.to_string(),
+                    }))
+                    .await;
+                return;
+            }
+        };
+        let p = Packet {
+            seq,
+            offset: pos,
+            flags: PacketFlags {
+                last: pos + n >= end,
+                ..Default::default()
+            },
+            data_len: n as u32,
+            crcs: r.checksums(pos, n).to_vec(),
+            payload: data,
+        };
+        if s.writer.feed(&Frame::Packet(p)).await.is_err() {
+            return;
+        }
+        shared.metrics.served_bytes.add(tier, n);
+        seq += 1;
+        pos += n;
+    }
+    let _ = s.writer.flush().await;
+    let _ = s.writer.finish().await;
+}
+
+/// Whether reads from `node` to `replica` cross the DCI.
+pub fn is_remote(node: &Node, replica: NodeId) -> bool {
+    node.topology().tier(node.id(), replica) == Tier::Dci
+}

@@ -1,0 +1,411 @@
+//! An in-process cluster on real sockets: 2 IDCs × 2 racks × 2 nodes, each node with its
+//! own address on 127.2.N.x and its own store. Sync 2+2 writes, locality of reads,
+//! pipeline recovery, corrupt and missing replicas, unreachable targets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::pattern;
+use rand::SeedableRng;
+use strait::block::{BlockId, GenStamp};
+use strait::node::{Node, NodeConfig, NodeEvent};
+use strait::pipeline::{PipelineConfig, WriteError, WriteParams, Writer};
+use strait::placement::{self, NodeStates};
+use strait::read::{ReadError, ReadParams, Reader};
+use strait::store::{ReplicaState, StoreError};
+use strait::topology::{NodeId, Origin, Tier, Topology};
+use strait::transport::{CertAuthority, TransportConfig};
+
+static NET: AtomicU8 = AtomicU8::new(1);
+
+const NAMES: [&str; 8] = ["a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4"];
+
+struct Cluster {
+    topo: Arc<Topology>,
+    ca: CertAuthority,
+    dirs: HashMap<String, tempfile::TempDir>,
+    nodes: HashMap<String, Node>,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let net = NET.fetch_add(1, Ordering::Relaxed);
+        let mut b = Topology::builder().idc("idc-a").idc("idc-b");
+        for (i, name) in NAMES.iter().enumerate() {
+            let idc = if i < 4 { "idc-a" } else { "idc-b" };
+            let rack = if i % 4 < 2 { "r1" } else { "r2" };
+            let addr: SocketAddr = format!("127.2.{net}.{}:7500", i + 1).parse().unwrap();
+            b = b.node(*name, idc, rack, addr, 1 << 40);
+        }
+        let topo = Arc::new(
+            b.link("idc-a", "idc-b", 125_000_000, Duration::from_millis(1))
+                .build()
+                .unwrap(),
+        );
+        let mut c = Cluster {
+            topo,
+            ca: CertAuthority::generate("cluster test CA").unwrap(),
+            dirs: HashMap::new(),
+            nodes: HashMap::new(),
+        };
+        for name in NAMES {
+            c.dirs
+                .insert(name.to_string(), tempfile::tempdir().unwrap());
+            c.start_node(name).await;
+        }
+        c
+    }
+
+    async fn start_node(&mut self, name: &str) {
+        let mut cfg = NodeConfig::new(
+            name,
+            self.topo.clone(),
+            self.ca.identity(name).unwrap(),
+            self.dirs[name].path(),
+        );
+        cfg.store.io_threads = 1;
+        cfg.store.io_depth = 8;
+        cfg.transport = TransportConfig {
+            connect_timeout: Duration::from_secs(2),
+            open_timeout: Duration::from_secs(2),
+            ..TransportConfig::default()
+        };
+        cfg.pipeline = PipelineConfig {
+            ack_timeout: Duration::from_secs(5),
+            setup_timeout: Duration::from_secs(3),
+            ..PipelineConfig::default()
+        };
+        cfg.shutdown_grace = Duration::from_secs(2);
+        let (node, _) = Node::start(cfg).await.unwrap();
+        self.nodes.insert(name.to_string(), node);
+    }
+
+    async fn stop(&mut self, name: &str) {
+        let node = self.nodes.remove(name).expect("running");
+        node.shutdown().await;
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        &self.nodes[name]
+    }
+
+    fn id(&self, name: &str) -> NodeId {
+        self.topo.node_by_name(name).unwrap()
+    }
+
+    fn ids(&self, names: &[&str]) -> Vec<NodeId> {
+        names.iter().map(|n| self.id(n)).collect()
+    }
+
+    fn name(&self, id: NodeId) -> &str {
+        &self.topo.node(id).name
+    }
+}
+
+/// Writes `data` in uneven pieces through a pipeline to `targets`, from `from`.
+async fn write(
+    node: &Node,
+    block: BlockId,
+    targets: &[NodeId],
+    data: &[u8],
+) -> Result<strait::pipeline::WriteOutcome, WriteError> {
+    let mut w = Writer::create(node, block, targets, WriteParams::new(GenStamp(1))).await?;
+    let mut off = 0;
+    let mut step = 1;
+    while off < data.len() {
+        let n = step.min(data.len() - off);
+        w.write(Bytes::copy_from_slice(&data[off..off + n])).await?;
+        off += n;
+        step = step * 7 % 100_003 + 1;
+    }
+    w.close().await
+}
+
+async fn stored(node: &Node, block: BlockId, gs: GenStamp) -> Result<Vec<u8>, StoreError> {
+    let r = node.store().reader(block, gs).await?;
+    let mut out = Vec::new();
+    while (out.len() as u64) < r.len() {
+        let n = (r.len() - out.len() as u64).min(1 << 20) as usize;
+        out.extend_from_slice(&r.read(out.len() as u64, n).await?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_plus_two_sync_writes_of_every_size() {
+    let c = Cluster::start().await;
+    let states = NodeStates::from_topology(&c.topo);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let spec = "2+2".parse().unwrap();
+    let sizes = [0usize, 1, 4095, 4096, 4097, 3 * 65536 + 5, (1 << 20) + 7];
+    for (i, &size) in sizes.iter().enumerate() {
+        let writer = NAMES[i % 8];
+        let origin = Origin::node(c.topo.location(c.id(writer)));
+        let p = placement::choose_targets(&c.topo, &origin, &spec, &[], &states, &mut rng).unwrap();
+        assert_eq!(p.targets()[0], c.id(writer), "writer's node first");
+        let block = BlockId(100 + i as u64);
+        let data = pattern(block.0, size);
+        let out = write(c.node(writer), block, p.targets(), &data)
+            .await
+            .unwrap();
+        assert_eq!(out.len, size as u64);
+        assert_eq!(out.genstamp, GenStamp(1));
+        assert_eq!(out.replicas, p.targets());
+        assert!(out.failed.is_empty());
+        for &r in p.targets() {
+            let node = c.node(c.name(r));
+            let info = node.store().get(block).unwrap();
+            assert_eq!(
+                (info.state, info.len),
+                (ReplicaState::Finalized, size as u64),
+                "{} size {size}",
+                c.name(r)
+            );
+            assert_eq!(
+                stored(node, block, GenStamp(1)).await.unwrap(),
+                data,
+                "{} size {size}",
+                c.name(r)
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_in_idc_a_never_cross_the_dci() {
+    let c = Cluster::start().await;
+    let targets = c.ids(&["a1", "a3", "b1", "b3"]);
+    let data = pattern(7, 700_000);
+    write(c.node("a1"), BlockId(7), &targets, &data)
+        .await
+        .unwrap();
+    for reader in ["a1", "a2", "a3", "a4"] {
+        let node = c.node(reader);
+        let r = Reader::open(
+            node,
+            BlockId(7),
+            GenStamp(1),
+            &targets,
+            ReadParams::default(),
+        );
+        assert_eq!(r.read_all().await.unwrap(), data, "reader {reader}");
+        assert_eq!(
+            &r.read(123_457, 1000).await.unwrap()[..],
+            &data[123_457..124_457]
+        );
+        assert_eq!(
+            node.metrics().read_bytes.get(Tier::Dci),
+            0,
+            "reader {reader} read over the DCI"
+        );
+        assert!(matches!(
+            r.read(699_000, 5000).await,
+            Err(ReadError::OutOfRange { .. })
+        ));
+    }
+    assert_eq!(
+        c.node("a1").metrics().read_bytes.get(Tier::Node),
+        700_000 + 1000,
+        "a1 reads its own store"
+    );
+    for n in ["b1", "b2", "b3", "b4"] {
+        assert_eq!(
+            c.node(n).metrics().served_bytes.get(Tier::Dci),
+            0,
+            "{n} served IDC A"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_node_stops_mid_write_and_the_write_completes() {
+    let mut c = Cluster::start().await;
+    let targets = c.ids(&["a1", "a2", "b1", "b2"]);
+    let mut events = c.node("a1").events();
+    let data = pattern(9, 3 << 20);
+    let block = BlockId(9);
+    let mut w = Writer::create(c.node("a1"), block, &targets, WriteParams::new(GenStamp(1)))
+        .await
+        .unwrap();
+    w.write(Bytes::copy_from_slice(&data[..1 << 20]))
+        .await
+        .unwrap();
+    w.hflush().await.unwrap();
+    assert_eq!(w.acked_len(), 1 << 20);
+    c.stop("a2").await;
+    let t0 = Instant::now();
+    w.write(Bytes::copy_from_slice(&data[1 << 20..]))
+        .await
+        .unwrap();
+    let out = w.close().await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "recovery took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(out.len, data.len() as u64);
+    assert_eq!(out.failed, c.ids(&["a2"]));
+    assert_eq!(out.replicas, c.ids(&["a1", "b1", "b2"]));
+    assert!(out.genstamp > GenStamp(1));
+    for n in ["a1", "b1", "b2"] {
+        assert_eq!(
+            stored(c.node(n), block, out.genstamp).await.unwrap(),
+            data,
+            "{n}"
+        );
+    }
+    match events.recv().await.unwrap() {
+        NodeEvent::UnderReplicated {
+            block: b,
+            failed,
+            replicas,
+            genstamp,
+        } => {
+            assert_eq!(b, block);
+            assert_eq!(failed, c.ids(&["a2"]));
+            assert_eq!(replicas, out.replicas);
+            assert!(genstamp > GenStamp(1));
+        }
+        other => panic!("unexpected event {other:?}"),
+    }
+    // a2 comes back with a stale rbw replica at the old genstamp: reads refuse it.
+    c.start_node("a2").await;
+    let stale = c.node("a2").store().get(block).unwrap();
+    assert_eq!(stale.genstamp, GenStamp(1));
+    let only_stale = Reader::open(
+        c.node("a3"),
+        block,
+        out.genstamp,
+        &c.ids(&["a2"]),
+        ReadParams::default(),
+    );
+    assert!(matches!(
+        only_stale.read_all().await,
+        Err(ReadError::NoReplica { .. })
+    ));
+    let all = Reader::open(
+        c.node("a2"),
+        block,
+        out.genstamp,
+        &c.ids(&["a2", "a1", "b1", "b2"]),
+        ReadParams::default(),
+    );
+    assert_eq!(all.read_all().await.unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_byte_in_the_local_replica_is_read_around_and_reported() {
+    let c = Cluster::start().await;
+    let targets = c.ids(&["a1", "a2", "b1", "b2"]);
+    let data = pattern(11, 200_000);
+    write(c.node("a1"), BlockId(11), &targets, &data)
+        .await
+        .unwrap();
+    let path = c.dirs["a1"].path().join("finalized/00/00/blk_11_1");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[150_000] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut events = c.node("a1").events();
+    let r = Reader::open(
+        c.node("a1"),
+        BlockId(11),
+        GenStamp(1),
+        &targets,
+        ReadParams::default(),
+    );
+    assert_eq!(r.order()[0], c.id("a1"), "local replica first");
+    assert_eq!(r.read_all().await.unwrap(), data);
+    assert_eq!(
+        events.recv().await.unwrap(),
+        NodeEvent::CorruptReplica {
+            block: BlockId(11),
+            genstamp: GenStamp(1),
+            node: c.id("a1")
+        }
+    );
+    assert_eq!(
+        c.node("a1").metrics().read_bytes.get(Tier::Dci),
+        0,
+        "served from a2, not the other IDC"
+    );
+    assert_eq!(
+        c.node("a1").store().get(BlockId(11)).unwrap().state,
+        ReplicaState::Corrupt
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_idc_a_replicas_down_reads_come_from_idc_b() {
+    let mut c = Cluster::start().await;
+    let targets = c.ids(&["a1", "a3", "b2", "b4"]);
+    let data = pattern(13, 300_000);
+    write(c.node("a1"), BlockId(13), &targets, &data)
+        .await
+        .unwrap();
+    c.stop("a1").await;
+    c.stop("a3").await;
+    let r = Reader::open(
+        c.node("a2"),
+        BlockId(13),
+        GenStamp(1),
+        &targets,
+        ReadParams::default(),
+    );
+    assert_eq!(r.read_all().await.unwrap(), data);
+    assert_eq!(
+        c.node("a2").metrics().read_bytes.get(Tier::Dci),
+        data.len() as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_targets_fail_over_or_error_in_bounded_time() {
+    let mut c = Cluster::start().await;
+    c.stop("b4").await;
+    // b4 is down: the pipeline drops it at setup and the write completes on three.
+    let data = pattern(15, 100_000);
+    let t0 = Instant::now();
+    let out = write(
+        c.node("a1"),
+        BlockId(15),
+        &c.ids(&["a1", "a2", "b3", "b4"]),
+        &data,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.failed, c.ids(&["b4"]));
+    assert_eq!(out.replicas, c.ids(&["a1", "a2", "b3"]));
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    // Both IDC-B targets down: a clear error naming the IDC, in bounded time.
+    c.stop("b3").await;
+    let t0 = Instant::now();
+    let e = write(
+        c.node("a1"),
+        BlockId(16),
+        &c.ids(&["a1", "a2", "b3", "b4"]),
+        &data,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, WriteError::IdcLost { idc, .. } if idc == "idc-b"),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    // Bad target lists are refused up front.
+    let e = Writer::create(
+        c.node("a1"),
+        BlockId(17),
+        &c.ids(&["a2", "a2"]),
+        WriteParams::new(GenStamp(1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, WriteError::InvalidTargets(_)), "{e}");
+}
