@@ -11,7 +11,8 @@
 //! writer's `close` returns only when every replica is finalized.
 //!
 //! The writer keeps a window of packets in flight, sized in bytes from the bandwidth-delay
-//! product of the slowest hop (at least 80 × 64 KiB, as HDFS). A relay bounds its own
+//! product of the slowest hop (at least [`PipelineConfig::min_window_bytes`]). A relay
+//! bounds its own
 //! queue to the same window. When a node fails — an ack names it, or its stream breaks —
 //! the writer drops it, bumps the generation stamp, rebuilds the pipeline with the
 //! survivors (each truncates its `rbw` replica to the resume offset and takes the new
@@ -40,11 +41,19 @@ use crate::wire::{
 pub const SETUP_SEQ: u64 = u64::MAX;
 
 /// Tuning of write pipelines.
+///
+/// The defaults differ from HDFS (64 KiB packets, 80 in flight) on purpose: measured on
+/// the 2-core development machine, a 2+2 pipeline on loopback moved 84 MB/s at 18 CPU-s
+/// per GB with 64 KiB packets and a 5 MiB window, and ~190 MB/s at 9.3 CPU-s per GB with
+/// 1 MiB packets and a 16 MiB window: per-packet work (acks, TLS records, store
+/// operations, wakeups) dominated, and the window was the limit because an ack waits for
+/// the slowest replica's disk write (~10-30 ms here), not for the network RTT.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
     /// Data bytes per packet (a multiple of the chunk size is used).
     pub packet_bytes: usize,
-    /// Smallest window of bytes in flight (HDFS: 80 packets of 64 KiB).
+    /// Smallest window of bytes in flight; the writer uses at least twice the
+    /// bandwidth-delay product of the slowest DCI hop.
     pub min_window_bytes: usize,
     /// A packet not acked within this time fails the pipeline.
     pub ack_timeout: Duration,
@@ -57,8 +66,8 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            packet_bytes: 64 << 10,
-            min_window_bytes: 80 * (64 << 10),
+            packet_bytes: 1 << 20,
+            min_window_bytes: 16 << 20,
             ack_timeout: Duration::from_secs(30),
             setup_timeout: Duration::from_secs(10),
             relay_handover_timeout: Duration::from_secs(10),

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use common::pattern;
 use rand::SeedableRng;
 use strait::block::{BlockId, GenStamp};
-use strait::node::{Node, NodeConfig, NodeEvent};
+use strait::node::{Node, NodeConfig, NodeError, NodeEvent};
 use strait::pipeline::{PipelineConfig, WriteError, WriteParams, Writer};
 use strait::placement::{self, NodeStates};
 use strait::read::{ReadError, ReadParams, Reader};
@@ -82,7 +82,21 @@ impl Cluster {
             ..PipelineConfig::default()
         };
         cfg.shutdown_grace = Duration::from_secs(2);
-        let (node, _) = Node::start(cfg).await.unwrap();
+        // A node restarted in the same process may find its UDP socket or store lock still
+        // held for a moment by the previous instance's tasks: poll for it, bounded.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let node = loop {
+            match Node::start(cfg.clone()).await {
+                Ok((node, _)) => break node,
+                Err(e @ (NodeError::Transport(_) | NodeError::Store(_)))
+                    if Instant::now() < deadline =>
+                {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("start {name}: {e}"),
+            }
+        };
         self.nodes.insert(name.to_string(), node);
     }
 

@@ -198,7 +198,19 @@ async fn reconnects_after_peer_restart() {
     exchange(&a1, b1).await.unwrap();
     b1t.shutdown().await;
     drop(b1t);
-    let (_b1t, b1_in) = start(&topo, &ca, "b1").await;
+    // quinn releases the UDP socket from its own driver task once the last handle is
+    // gone, so the address frees up shortly after shutdown: wait for it, bounded.
+    let b1_id = topo.node_by_name("b1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (_b1t, b1_in) = loop {
+        match Transport::bind(b1_id, topo.clone(), &ca.identity("b1").unwrap(), config()).await {
+            Ok(x) => break x,
+            Err(TransportError::Bind { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("rebind: {e}"),
+        }
+    };
     echo(b1_in);
     // The pooled connection is dead; at most one exchange may fail while the pool finds
     // out, then a fresh connection is made.

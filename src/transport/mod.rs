@@ -138,6 +138,10 @@ pub struct TransportConfig {
     pub min_stream_window: u64,
     /// Capacity of the queue of accepted streams waiting for the node.
     pub accept_queue: usize,
+    /// Largest UDP payload QUIC path-MTU discovery may probe up to. Probing is safe on
+    /// any path (it falls back to 1200); jumbo-frame DCI links (9000) cut QUIC's
+    /// per-packet CPU by ~6x compared with 1500-byte frames.
+    pub quic_max_mtu: u16,
 }
 
 impl Default for TransportConfig {
@@ -150,6 +154,7 @@ impl Default for TransportConfig {
             socket_buffer: 8 << 20,
             min_stream_window: 8 << 20,
             accept_queue: 1024,
+            quic_max_mtu: 8952,
         }
     }
 }
@@ -297,6 +302,9 @@ fn quic_transport(stream_window: u64, config: &TransportConfig) -> quinn::Transp
         t.max_idle_timeout(Some(idle));
     }
     t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(config.quic_max_mtu.max(1200));
+    t.mtu_discovery_config(Some(mtu));
     t
 }
 

@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use strait::placement::ReplicationSpec;
 use strait::store::BackendKind;
+use strait::transport::LinkKind;
 use strait::units;
+use strait_tools::bench::pipeline::{self, PipelineBenchParams};
 use strait_tools::bench::store::{self, StoreBenchParams};
 use strait_tools::bench::transport::{self, TransportBenchParams};
 
@@ -44,6 +47,41 @@ enum Scenario {
         /// varies by ±30% from run to run, so one round proves nothing.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+    },
+    /// Write pipeline: a client streams blocks through a replicated pipeline of nodes on
+    /// loopback, against a single-hop pipeline.
+    Pipeline {
+        /// Replication spec over two IDCs.
+        #[arg(long, default_value = "2+2")]
+        spec: ReplicationSpec,
+        /// Write mode (sync; async arrives with async replication).
+        #[arg(long, default_value = "sync")]
+        mode: String,
+        /// Blocks per measurement.
+        #[arg(long, default_value_t = 4)]
+        blocks: usize,
+        /// Bytes per block.
+        #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+        block_size: usize,
+        /// Bytes per client write call.
+        #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+        write_size: usize,
+        /// Data bytes per pipeline packet (default: the library's, 1 MiB).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        packet: usize,
+        /// Smallest window in flight (default: the library's).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        window: usize,
+        /// Where the writer runs: `client` (a separate node, 4 network hops for 2+2) or
+        /// `first` (on the first replica's node, as HDFS clients on datanodes).
+        #[arg(long, default_value = "client")]
+        writer: String,
+        /// Intra-IDC link kinds to measure (the first is the headline figure).
+        #[arg(long, value_delimiter = ',', default_value = "tcp-tls,quic")]
+        links: Vec<LinkKind>,
+        /// Directory for the node stores.
+        #[arg(long, default_value = "target/strait-bench-pipeline")]
+        dir: PathBuf,
     },
     /// Transport: framed stream vs raw quinn stream vs framed TLS-over-TCP, and the
     /// round-trip latency of a small request.
@@ -106,13 +144,68 @@ fn main() -> ExitCode {
                 })
                 .await
             }
+            Scenario::Pipeline {
+                spec,
+                mode,
+                blocks,
+                block_size,
+                write_size,
+                packet,
+                window,
+                writer,
+                links,
+                dir,
+            } => {
+                let writer_on_first = match writer.as_str() {
+                    "client" => false,
+                    "first" => true,
+                    other => return Err(format!("--writer {other}: expected client or first")),
+                };
+                if mode != "sync" {
+                    return Err(format!("--mode {mode}: only sync is implemented so far"));
+                }
+                let packet = if packet == 0 {
+                    strait::pipeline::PipelineConfig::default().packet_bytes
+                } else {
+                    packet
+                };
+                if packet > strait::wire::MAX_PAYLOAD {
+                    return Err(format!(
+                        "--packet must be 1..={} bytes",
+                        strait::wire::MAX_PAYLOAD
+                    ));
+                }
+                if spec.idc_count() > 2 || links.is_empty() || write_size == 0 {
+                    return Err(
+                        "--spec spans at most 2 IDCs; --links and --write-size must be non-empty"
+                            .into(),
+                    );
+                }
+                pipeline::run(&PipelineBenchParams {
+                    spec,
+                    blocks,
+                    block_size,
+                    write_size,
+                    packet,
+                    window,
+                    writer_on_first,
+                    links,
+                    dir,
+                })
+                .await
+            }
             Scenario::Transport {
                 bytes,
                 packet,
                 round_trips,
                 rounds,
             } => {
-                if packet == 0 || packet > strait::wire::MAX_PAYLOAD {
+                let packet = if packet == 0 {
+                    strait::pipeline::PipelineConfig::default().packet_bytes
+                } else {
+                    packet
+                };
+                if packet > strait::wire::MAX_PAYLOAD {
                     return Err(format!(
                         "--packet must be 1..={} bytes",
                         strait::wire::MAX_PAYLOAD

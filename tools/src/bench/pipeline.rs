@@ -1,0 +1,274 @@
+//! `strait-bench pipeline --spec 2+2 --mode sync`: a client node streams N blocks through a
+//! 4-node pipeline (2 replicas in each of two IDCs, one DCI crossing), all nodes in this
+//! process on loopback, with the default durability (O_DIRECT replica writes, fsync at
+//! finalize). The reference, measured in the same run: the same blocks through a
+//! single-hop pipeline (one replica). Run once per intra-IDC link kind.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+use strait::block::{BlockId, GenStamp};
+use strait::node::{Node, NodeConfig};
+use strait::pipeline::{AckHistogram, WriteParams, Writer};
+use strait::placement::ReplicationSpec;
+use strait::topology::{NodeId, Topology};
+use strait::transport::{CertAuthority, LinkKind, TransportConfig};
+
+use super::{Latency, Phase, Table, r3};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct PipelineBenchParams {
+    /// Replication spec; `2+2` (or any N+M over the two bench IDCs).
+    pub spec: ReplicationSpec,
+    /// Blocks written per measurement.
+    pub blocks: usize,
+    /// Bytes per block.
+    pub block_size: usize,
+    /// Bytes per `write` call of the client.
+    pub write_size: usize,
+    /// Data bytes per pipeline packet.
+    pub packet: usize,
+    /// Smallest window of bytes in flight (0: the library default).
+    pub window: usize,
+    /// Run the writer on the first replica's node (HDFS-style) instead of a separate
+    /// client node.
+    pub writer_on_first: bool,
+    /// Intra-IDC link kinds to measure.
+    pub links: Vec<LinkKind>,
+    /// Directory for the node stores.
+    pub dir: std::path::PathBuf,
+}
+
+struct Bench {
+    nodes: Vec<Node>,
+    client: Node,
+    idc_a: Vec<NodeId>,
+    idc_b: Vec<NodeId>,
+}
+
+async fn start(p: &PipelineBenchParams, link: LinkKind, net: u8) -> Result<Bench, String> {
+    let per_idc = p.spec.groups().iter().map(|g| g.count).max().unwrap_or(2);
+    let addr = |h: u8| -> SocketAddr { SocketAddr::from(([127, 4, net, h], 7600)) };
+    let mut b = Topology::builder().idc("idc-a").idc("idc-b").node(
+        "client",
+        "idc-a",
+        "r0",
+        addr(100),
+        1 << 40,
+    );
+    for i in 0..per_idc {
+        b = b.node(
+            format!("a{}", i + 1),
+            "idc-a",
+            format!("r{}", i % 2 + 1),
+            addr(1 + i as u8),
+            1 << 40,
+        );
+        b = b.node(
+            format!("b{}", i + 1),
+            "idc-b",
+            format!("r{}", i % 2 + 1),
+            addr(51 + i as u8),
+            1 << 40,
+        );
+    }
+    let topo = Arc::new(
+        b.link("idc-a", "idc-b", 1_250_000_000, Duration::from_micros(200))
+            .build()
+            .map_err(|e| e.to_string())?,
+    );
+    let ca = CertAuthority::generate("bench CA").map_err(|e| e.to_string())?;
+    let mut nodes = Vec::new();
+    let mut client = None;
+    for n in topo.nodes() {
+        let root = p.dir.join(format!("{link}-{}", n.name));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut cfg = NodeConfig::new(
+            n.name.clone(),
+            topo.clone(),
+            ca.identity(&n.name).map_err(|e| e.to_string())?,
+            root,
+        );
+        cfg.transport = TransportConfig {
+            intra_idc: link,
+            ..TransportConfig::default()
+        };
+        cfg.store.io_threads = 1;
+        cfg.pipeline.packet_bytes = p.packet;
+        if p.window > 0 {
+            cfg.pipeline.min_window_bytes = p.window;
+        }
+        let (node, _) = Node::start(cfg).await.map_err(|e| e.to_string())?;
+        if n.name == "client" {
+            client = Some(node);
+        } else {
+            nodes.push(node);
+        }
+    }
+    let id = |n: String| topo.node_by_name(&n).ok_or(format!("no node {n}"));
+    let groups: Vec<usize> = p.spec.groups().iter().map(|g| g.count).collect();
+    let idc_a = (0..groups[0])
+        .map(|i| id(format!("a{}", i + 1)))
+        .collect::<Result<_, _>>()?;
+    let idc_b = (0..groups.get(1).copied().unwrap_or(0))
+        .map(|i| id(format!("b{}", i + 1)))
+        .collect::<Result<_, _>>()?;
+    Ok(Bench {
+        nodes,
+        client: client.ok_or("no client node")?,
+        idc_a,
+        idc_b,
+    })
+}
+
+async fn run_blocks(
+    b: &Bench,
+    targets: &[NodeId],
+    p: &PipelineBenchParams,
+    first_block: u64,
+) -> Result<(Phase, AckHistogram), String> {
+    let writer = if p.writer_on_first {
+        b.nodes
+            .iter()
+            .find(|n| n.id() == targets[0])
+            .ok_or("first target not running")?
+    } else {
+        &b.client
+    };
+    let data = Bytes::from(
+        (0..p.write_size)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
+    let mut acks: Option<AckHistogram> = None;
+    let total = (p.blocks * p.block_size) as u64;
+    let (phase, res) = Phase::measure(total, async {
+        for i in 0..p.blocks {
+            let mut w = Writer::create(
+                writer,
+                BlockId(first_block + i as u64),
+                targets,
+                WriteParams::new(GenStamp(1)),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let mut left = p.block_size;
+            while left > 0 {
+                let n = left.min(data.len());
+                w.write(data.slice(..n)).await.map_err(|e| e.to_string())?;
+                left -= n;
+            }
+            let h = w.ack_latency().clone();
+            let out = w.close().await.map_err(|e| e.to_string())?;
+            if out.replicas.len() != targets.len() {
+                return Err(format!("block lost replicas: {:?}", out.failed));
+            }
+            match acks.as_mut() {
+                Some(a) => a.add(&h).map_err(|e| e.to_string())?,
+                None => acks = Some(h),
+            }
+        }
+        Ok::<_, String>(())
+    })
+    .await;
+    res?;
+    Ok((phase, acks.ok_or("no blocks")?))
+}
+
+fn lat(h: &AckHistogram) -> Latency {
+    let mut l = Latency::default();
+    for v in h.iter_recorded() {
+        for _ in 0..v.count_at_value() {
+            l.record(Duration::from_micros(v.value_iterated_to()));
+        }
+    }
+    l
+}
+
+/// Runs the scenario; prints the table and returns the JSON summary.
+pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
+    std::fs::create_dir_all(&p.dir).map_err(|e| format!("{}: {e}", p.dir.display()))?;
+    let mut rows = Vec::new();
+    for (k, &link) in p.links.iter().enumerate() {
+        let bench = start(p, link, (std::process::id() as u8).wrapping_add(k as u8)).await?;
+        let targets: Vec<NodeId> = bench.idc_a.iter().chain(&bench.idc_b).copied().collect();
+        let (single, single_acks) = run_blocks(&bench, &targets[..1], p, 1_000).await?;
+        let (full, full_acks) = run_blocks(&bench, &targets, p, 2_000).await?;
+        for n in bench.nodes.iter().chain(std::iter::once(&bench.client)) {
+            n.shutdown().await;
+        }
+        let _ = std::fs::remove_dir_all(&p.dir);
+        rows.push((link, single, lat(&single_acks), full, lat(&full_acks)));
+    }
+    println!(
+        "pipeline: spec {} sync, {} blocks x {} MiB per run, {} KiB packets, writer {} -> {} replicas, loopback, O_DIRECT + fsync at finalize",
+        p.spec,
+        p.blocks,
+        p.block_size >> 20,
+        p.packet >> 10,
+        if p.writer_on_first {
+            "on the first replica's node"
+        } else {
+            "on a separate client node"
+        },
+        p.spec.total()
+    );
+    let mut t = Table::new(&[
+        "intra-IDC link",
+        "pipeline",
+        "MB/s",
+        "ratio",
+        "cpu-s/GB",
+        "ack p50 us",
+        "p90",
+        "p99",
+        "p99.9",
+        "max",
+    ]);
+    for (link, single, sl, full, fl) in &rows {
+        for (name, ph, l) in [
+            ("single hop", single, sl),
+            (&*format!("{}", p.spec), full, fl),
+        ] {
+            let mut cells = vec![
+                link.to_string(),
+                name.to_string(),
+                format!("{:.0}", ph.mb_s()),
+                format!("{:.2}", ph.mb_s() / single.mb_s()),
+                format!("{:.2}", ph.cpu_s_per_gb()),
+            ];
+            cells.extend(l.summary().split_whitespace().map(str::to_string));
+            t.row(cells);
+        }
+    }
+    print!("{}", t.render());
+    let (link, single, _, full, fl) = rows.first().ok_or("no link measured")?;
+    let mut out = json!({
+        "scenario": "pipeline",
+        "spec": p.spec.to_string(),
+        "mode": "sync",
+        "intra_idc_link": link.to_string(),
+        "blocks": p.blocks,
+        "block_bytes": p.block_size,
+        "packet_bytes": p.packet,
+        "writer": if p.writer_on_first { "first-replica" } else { "client" },
+        "mb_s": r3(full.mb_s()),
+        "single_hop_mb_s": r3(single.mb_s()),
+        "ratio": r3(full.mb_s() / single.mb_s()),
+        "ack_p50_us": fl.at(0.5),
+        "ack_p90_us": fl.at(0.9),
+        "ack_p99_us": fl.at(0.99),
+        "ack_p999_us": fl.at(0.999),
+        "cpu_s_per_gb": r3(full.cpu_s_per_gb()),
+    });
+    for (link, single, _, full, _) in rows.iter().skip(1) {
+        let k = link.to_string().replace('-', "_");
+        out[format!("{k}_mb_s")] = json!(r3(full.mb_s()));
+        out[format!("{k}_single_hop_mb_s")] = json!(r3(single.mb_s()));
+    }
+    Ok(out)
+}
