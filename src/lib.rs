@@ -13,6 +13,7 @@
 //! - [`units`]: sizes, rates and durations as operators write them.
 //! - [`block`]: block ids, generation stamps, CRC32C chunk checksums.
 //! - [`wire`]: the framed, versioned protocol between nodes.
+//! - [`dci`]: the per-link bandwidth governor (core and shell) and zstd on DCI hops.
 //!
 //! And the shells:
 //!
@@ -26,6 +27,7 @@
 //! replicas live is the embedding server's business; strait decides, moves and stores.
 
 pub mod block;
+pub mod dci;
 pub mod node;
 pub mod pipeline;
 pub mod placement;

@@ -39,6 +39,27 @@ pub struct NodeConfig {
     pub pipeline: PipelineConfig,
     /// How long [`Node::shutdown`] waits for in-flight work before aborting it.
     pub shutdown_grace: Duration,
+    /// DCI protection settings.
+    pub dci: DciConfig,
+}
+
+/// This node's use of the DCI links.
+#[derive(Debug, Clone)]
+pub struct DciConfig {
+    /// Fraction (0..=1) of each DCI link's budget this node may use. Nodes of an IDC that
+    /// all send across should split the budget (e.g. 1/4 each for four senders).
+    pub share: f64,
+    /// Compress packets on DCI hops when the link is the bottleneck and data compresses.
+    pub compress: bool,
+}
+
+impl Default for DciConfig {
+    fn default() -> Self {
+        DciConfig {
+            share: 1.0,
+            compress: true,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -57,6 +78,7 @@ impl NodeConfig {
             transport: TransportConfig::default(),
             pipeline: PipelineConfig::default(),
             shutdown_grace: Duration::from_secs(5),
+            dci: DciConfig::default(),
         }
     }
 }
@@ -74,6 +96,9 @@ pub enum NodeError {
     /// The transport could not start.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    /// The DCI governor settings are invalid.
+    #[error("dci governor: {0}")]
+    Dci(#[from] crate::dci::GovernorError),
 }
 
 /// Things the embedding server must act on.
@@ -127,6 +152,13 @@ pub struct NodeMetrics {
     pub served_bytes: TierCounters,
     /// Packet payload bytes this node sent down write pipelines, by tier of the hop.
     pub pipeline_sent_bytes: TierCounters,
+    /// Packet payload bytes this node received from upstream in write pipelines, as they
+    /// came off the wire (compressed or not), by tier of the hop.
+    pub pipeline_received_bytes: TierCounters,
+    /// Bytes this node sent across the DCI as they went on the wire (after compression).
+    pub dci_wire_bytes: AtomicU64,
+    /// Bytes compression saved on DCI hops.
+    pub dci_saved_bytes: AtomicU64,
 }
 
 /// Relays of the blocks being written through this node, so that a recovery pipeline
@@ -142,6 +174,8 @@ pub(crate) struct Shared {
     pub(crate) events: broadcast::Sender<NodeEvent>,
     pub(crate) metrics: NodeMetrics,
     pub(crate) relays: RelayRegistry,
+    pub(crate) governors: crate::dci::DciGovernors,
+    pub(crate) compress: Option<crate::dci::compress::CompressPolicy>,
 }
 
 impl Shared {
@@ -152,6 +186,46 @@ impl Shared {
 
     pub(crate) fn name(&self, n: NodeId) -> &str {
         &self.topology.node(n).name
+    }
+
+    /// The governor of the DCI link to `peer`, when talking to it crosses the DCI.
+    pub(crate) fn governor_to(&self, peer: NodeId) -> Option<&crate::dci::DciGovernor> {
+        let (a, b) = (
+            self.topology.location(self.me).idc,
+            self.topology.location(peer).idc,
+        );
+        if a == b { None } else { self.governors.to(b) }
+    }
+
+    /// Prepares a packet for a DCI hop: compresses it when the receiver accepts that
+    /// (`compression`) and it pays, waits for the governor to admit its bytes, and counts
+    /// them. Intra-IDC packets pass untouched.
+    pub(crate) async fn govern_packet(
+        &self,
+        peer: NodeId,
+        class: crate::wire::TrafficClass,
+        compression: crate::wire::Compression,
+        p: crate::wire::Packet,
+    ) -> crate::wire::Packet {
+        let Some(gov) = self.governor_to(peer) else {
+            return p;
+        };
+        let raw = p.payload.len() as u64;
+        let p = match (&self.compress, compression) {
+            (Some(policy), crate::wire::Compression::Zstd) => policy.apply(p, gov.backlogged()),
+            _ => p,
+        };
+        let wire = p.payload.len() as u64;
+        // Charge what actually crosses: payload plus frame header and checksums.
+        gov.acquire(class, wire + 32 + 4 * p.crcs.len() as u64)
+            .await;
+        self.metrics
+            .dci_wire_bytes
+            .fetch_add(wire, Ordering::Relaxed);
+        self.metrics
+            .dci_saved_bytes
+            .fetch_add(raw - wire, Ordering::Relaxed);
+        p
     }
 }
 
@@ -187,7 +261,17 @@ impl Node {
         )
         .await?;
         let (events, _) = broadcast::channel(1024);
+        let governors = crate::dci::DciGovernors::for_node(
+            &config.topology,
+            config.topology.location(me).idc,
+            config.dci.share,
+        )?;
         let shared = Arc::new(Shared {
+            governors,
+            compress: config
+                .dci
+                .compress
+                .then(crate::dci::compress::CompressPolicy::default),
             me,
             topology: config.topology.clone(),
             store,
@@ -231,6 +315,11 @@ impl Node {
     /// Counters.
     pub fn metrics(&self) -> &NodeMetrics {
         &self.shared.metrics
+    }
+
+    /// This node's DCI governors, by remote IDC.
+    pub fn governors(&self) -> &crate::dci::DciGovernors {
+        &self.shared.governors
     }
 
     /// Subscribes to events (under-replicated blocks, corrupt replicas). Events sent while

@@ -343,6 +343,15 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether packets may be compressed on DCI hops of this pipeline.
+    fn compression(&self) -> Compression {
+        if self.shared.compress.is_some() {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
     fn packet_bytes(&self) -> usize {
         let bpc = self.params.checksum.bytes_per_chunk() as usize;
         (self.shared.pipeline.packet_bytes / bpc).max(1) * bpc
@@ -378,14 +387,20 @@ impl Writer {
             crcs: crcs.clone(),
             sent: Instant::now(),
         });
-        let frame = Frame::Packet(Packet {
+        let packet = Packet {
             seq,
             offset,
             flags,
             data_len: data.len() as u32,
             crcs,
             payload: data,
-        });
+        };
+        let first = self.targets[0];
+        let frame = Frame::Packet(
+            self.shared
+                .govern_packet(first, self.params.class, self.compression(), packet)
+                .await,
+        );
         let sent = match self.pipe.as_mut() {
             Some(p) => p.sink.feed(&frame).await.map_err(|e| e.to_string()),
             None => Err("no pipeline".into()),
@@ -506,7 +521,7 @@ impl Writer {
             mode: WriteMode::Sync,
             class: self.params.class,
             checksum: self.params.checksum,
-            compression: Compression::None,
+            compression: self.compression(),
         };
         let timeout = self.shared.pipeline.setup_timeout;
         let mut s = tokio::time::timeout(timeout, open_hop(&self.shared, first))
@@ -579,14 +594,20 @@ impl Writer {
             for p in pending {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                let frame = Frame::Packet(Packet {
+                let packet = Packet {
                     seq,
                     offset: p.offset,
                     flags: p.flags,
                     data_len: p.data.len() as u32,
                     crcs: p.crcs.clone(),
                     payload: p.data.clone(),
-                });
+                };
+                let first = self.targets[0];
+                let frame = Frame::Packet(
+                    self.shared
+                        .govern_packet(first, self.params.class, self.compression(), packet)
+                        .await,
+                );
                 self.unacked_bytes += p.data.len();
                 self.unacked.push_back(Unacked {
                     seq,
@@ -948,6 +969,11 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
         Some(s) => (Some(s.writer), Some(s.reader)),
         None => (None, None),
     };
+    let up_tier = if up.peer == shared.me {
+        Tier::Node
+    } else {
+        topo.tier(shared.me, up.peer)
+    };
     let Stream {
         reader: mut up_r,
         writer: up_w,
@@ -973,6 +999,10 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
             Ok(None) => break,
             Ok(Some(_)) | Err(_) => break,
         };
+        shared
+            .metrics
+            .pipeline_received_bytes
+            .add(up_tier, p.payload.len() as u64);
         let last = p.flags.last;
         let seq = p.seq;
         // The last packet needs no fdatasync of its own: finalize fsyncs the replica.
@@ -981,21 +1011,37 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
         } else {
             Durability::Buffered
         };
-        let write = if p.flags.compressed {
-            Err(Status::Rejected)
-        } else {
-            // Checksums are verified here, before anything is forwarded or written.
+        // A packet that crossed the DCI may be compressed: expand it (bounded) first.
+        let p = match crate::dci::compress::decompress(p) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%block, seq, error = %e, "undecodable compressed packet");
+                let _ = tx
+                    .send(Pending {
+                        seq,
+                        last,
+                        write: Err(Status::ChecksumError),
+                    })
+                    .await;
+                break;
+            }
+        };
+        // Checksums are verified here, before anything is forwarded or written.
+        let write =
             match writer.try_write_owned(p.offset, p.payload.clone(), p.crcs.clone(), durability) {
                 Ok(fut) => Ok(tokio::spawn(fut)),
                 Err(e) => {
                     tracing::warn!(%block, seq, error = %e, "packet refused");
                     Err(store_status(&e))
                 }
-            }
-        };
+            };
         let bad = write.is_err();
-        if !bad && let Some(w) = down_w.as_mut() {
+        if !bad && let (Some(w), Some(&next)) = (down_w.as_mut(), targets.first()) {
             let len = p.payload.len() as u64;
+            // Across the DCI: compressed when that pays, admitted by the governor.
+            let p = shared
+                .govern_packet(next, req.class, req.compression, p)
+                .await;
             if w.send(&Frame::Packet(p)).await.is_err() {
                 down_w = None; // the ack loop sees the broken stream and reports it
             } else if let Some(t) = down_tier {

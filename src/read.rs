@@ -232,7 +232,9 @@ impl Reader {
             tokio::time::timeout(t, self.read_peer(node, offset, len)).await
         }
         .map_err(|_| ReplicaFailure::Other(format!("no answer within {t:?}")))??;
-        self.shared.metrics.read_bytes.add(tier, bytes.len() as u64);
+        if node == self.shared.me {
+            self.shared.metrics.read_bytes.add(tier, bytes.len() as u64);
+        }
         Ok(bytes)
     }
 
@@ -272,7 +274,7 @@ impl Reader {
             offset,
             len,
             class: TrafficClass::Read,
-            compression: Compression::None,
+            compression: Compression::Zstd,
         };
         let other = |e: crate::transport::FramedError| ReplicaFailure::Other(e.to_string());
         s.writer.send(&Frame::ReadBlock(req)).await.map_err(other)?;
@@ -328,7 +330,10 @@ impl Reader {
                     )));
                 }
             };
-            if p.offset != pos || p.flags.compressed || p.payload.is_empty() {
+            let p = crate::dci::compress::decompress(p).map_err(|e| {
+                ReplicaFailure::Corrupt(format!("packet from {}: {e}", self.shared.name(node)))
+            })?;
+            if p.offset != pos || p.payload.is_empty() {
                 return Err(ReplicaFailure::Other(format!(
                     "packet at {} (expected {pos})",
                     p.offset
@@ -345,6 +350,11 @@ impl Reader {
                     self.shared.name(node)
                 ))
             })?;
+            // Counted as packets arrive, so the counter follows the link in real time.
+            self.shared.metrics.read_bytes.add(
+                self.shared.topology.tier(self.shared.me, node),
+                p.payload.len() as u64,
+            );
             let pend = pos + p.payload.len() as u64;
             let lo = offset.max(pos) - pos;
             let hi = end.min(pend) - pos;
@@ -460,6 +470,10 @@ pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBloc
             crcs: r.checksums(pos, n).to_vec(),
             payload: data,
         };
+        // A remote reader's packets cross the DCI: governed, compressed if it pays.
+        let p = shared
+            .govern_packet(s.peer, req.class, req.compression, p)
+            .await;
         if s.writer.feed(&Frame::Packet(p)).await.is_err() {
             return;
         }

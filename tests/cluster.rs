@@ -4,123 +4,18 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::pattern;
+use common::{Cluster, NAMES, pattern};
 use rand::SeedableRng;
 use strait::block::{BlockId, GenStamp};
-use strait::node::{Node, NodeConfig, NodeError, NodeEvent};
-use strait::pipeline::{PipelineConfig, WriteError, WriteParams, Writer};
+use strait::node::{Node, NodeEvent};
+use strait::pipeline::{WriteError, WriteParams, Writer};
 use strait::placement::{self, NodeStates};
 use strait::read::{ReadError, ReadParams, Reader};
 use strait::store::{ReplicaState, StoreError};
-use strait::topology::{NodeId, Origin, Tier, Topology};
-use strait::transport::{CertAuthority, TransportConfig};
-
-static NET: AtomicU8 = AtomicU8::new(1);
-
-const NAMES: [&str; 8] = ["a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4"];
-
-struct Cluster {
-    topo: Arc<Topology>,
-    ca: CertAuthority,
-    dirs: HashMap<String, tempfile::TempDir>,
-    nodes: HashMap<String, Node>,
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        let net = NET.fetch_add(1, Ordering::Relaxed);
-        let mut b = Topology::builder().idc("idc-a").idc("idc-b");
-        for (i, name) in NAMES.iter().enumerate() {
-            let idc = if i < 4 { "idc-a" } else { "idc-b" };
-            let rack = if i % 4 < 2 { "r1" } else { "r2" };
-            let addr: SocketAddr = format!("127.2.{net}.{}:7500", i + 1).parse().unwrap();
-            b = b.node(*name, idc, rack, addr, 1 << 40);
-        }
-        let topo = Arc::new(
-            b.link("idc-a", "idc-b", 125_000_000, Duration::from_millis(1))
-                .build()
-                .unwrap(),
-        );
-        let mut c = Cluster {
-            topo,
-            ca: CertAuthority::generate("cluster test CA").unwrap(),
-            dirs: HashMap::new(),
-            nodes: HashMap::new(),
-        };
-        for name in NAMES {
-            c.dirs
-                .insert(name.to_string(), tempfile::tempdir().unwrap());
-            c.start_node(name).await;
-        }
-        c
-    }
-
-    async fn start_node(&mut self, name: &str) {
-        let mut cfg = NodeConfig::new(
-            name,
-            self.topo.clone(),
-            self.ca.identity(name).unwrap(),
-            self.dirs[name].path(),
-        );
-        cfg.store.io_threads = 1;
-        cfg.store.io_depth = 8;
-        cfg.transport = TransportConfig {
-            connect_timeout: Duration::from_secs(2),
-            open_timeout: Duration::from_secs(2),
-            ..TransportConfig::default()
-        };
-        cfg.pipeline = PipelineConfig {
-            ack_timeout: Duration::from_secs(5),
-            setup_timeout: Duration::from_secs(3),
-            ..PipelineConfig::default()
-        };
-        cfg.shutdown_grace = Duration::from_secs(2);
-        // A node restarted in the same process may find its UDP socket or store lock still
-        // held for a moment by the previous instance's tasks: poll for it, bounded.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let node = loop {
-            match Node::start(cfg.clone()).await {
-                Ok((node, _)) => break node,
-                Err(e @ (NodeError::Transport(_) | NodeError::Store(_)))
-                    if Instant::now() < deadline =>
-                {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("start {name}: {e}"),
-            }
-        };
-        self.nodes.insert(name.to_string(), node);
-    }
-
-    async fn stop(&mut self, name: &str) {
-        let node = self.nodes.remove(name).expect("running");
-        node.shutdown().await;
-    }
-
-    fn node(&self, name: &str) -> &Node {
-        &self.nodes[name]
-    }
-
-    fn id(&self, name: &str) -> NodeId {
-        self.topo.node_by_name(name).unwrap()
-    }
-
-    fn ids(&self, names: &[&str]) -> Vec<NodeId> {
-        names.iter().map(|n| self.id(n)).collect()
-    }
-
-    fn name(&self, id: NodeId) -> &str {
-        &self.topo.node(id).name
-    }
-}
+use strait::topology::{NodeId, Origin, Tier};
 
 /// Writes `data` in uneven pieces through a pipeline to `targets`, from `from`.
 async fn write(

@@ -13,3 +13,124 @@ pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use strait::node::{Node, NodeConfig, NodeError};
+use strait::pipeline::PipelineConfig;
+use strait::topology::{NodeId, Topology};
+use strait::transport::{CertAuthority, TransportConfig};
+
+static NET: AtomicU8 = AtomicU8::new(1);
+
+pub(crate) const NAMES: [&str; 8] = ["a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4"];
+
+/// An in-process cluster on real sockets: 2 IDCs × 2 racks × 2 nodes on 127.2.N.x.
+pub(crate) struct Cluster {
+    pub(crate) topo: Arc<Topology>,
+    pub(crate) ca: CertAuthority,
+    pub(crate) dirs: HashMap<String, tempfile::TempDir>,
+    pub(crate) nodes: HashMap<String, Node>,
+    pub(crate) dci_share: f64,
+}
+
+impl Cluster {
+    /// Starts all eight nodes with a DCI budget of 125 MB/s.
+    pub(crate) async fn start() -> Cluster {
+        Self::start_with(125_000_000, 1.0).await
+    }
+
+    /// Starts all eight nodes; each node may use `share` of the `budget` (bytes/s).
+    pub(crate) async fn start_with(budget: u64, share: f64) -> Cluster {
+        let net = NET.fetch_add(1, Ordering::Relaxed);
+        let mut b = Topology::builder().idc("idc-a").idc("idc-b");
+        for (i, name) in NAMES.iter().enumerate() {
+            let idc = if i < 4 { "idc-a" } else { "idc-b" };
+            let rack = if i % 4 < 2 { "r1" } else { "r2" };
+            let addr: SocketAddr = format!("127.2.{net}.{}:7500", i + 1).parse().unwrap();
+            b = b.node(*name, idc, rack, addr, 1 << 40);
+        }
+        let topo = Arc::new(
+            b.link("idc-a", "idc-b", budget, Duration::from_millis(1))
+                .build()
+                .unwrap(),
+        );
+        let mut c = Cluster {
+            topo,
+            ca: CertAuthority::generate("cluster test CA").unwrap(),
+            dirs: HashMap::new(),
+            nodes: HashMap::new(),
+            dci_share: share,
+        };
+        for name in NAMES {
+            c.dirs
+                .insert(name.to_string(), tempfile::tempdir().unwrap());
+            c.start_node(name).await;
+        }
+        c
+    }
+
+    pub(crate) async fn start_node(&mut self, name: &str) {
+        let mut cfg = NodeConfig::new(
+            name,
+            self.topo.clone(),
+            self.ca.identity(name).unwrap(),
+            self.dirs[name].path(),
+        );
+        cfg.store.io_threads = 1;
+        cfg.store.io_depth = 8;
+        cfg.transport = TransportConfig {
+            connect_timeout: Duration::from_secs(2),
+            open_timeout: Duration::from_secs(2),
+            ..TransportConfig::default()
+        };
+        cfg.pipeline = PipelineConfig {
+            ack_timeout: Duration::from_secs(5),
+            setup_timeout: Duration::from_secs(3),
+            ..PipelineConfig::default()
+        };
+        cfg.shutdown_grace = Duration::from_secs(2);
+        cfg.dci.share = self.dci_share;
+        // A node restarted in the same process may find its UDP socket or store lock still
+        // held for a moment by the previous instance's tasks: poll for it, bounded.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let node = loop {
+            match Node::start(cfg.clone()).await {
+                Ok((node, _)) => break node,
+                Err(e @ (NodeError::Transport(_) | NodeError::Store(_)))
+                    if Instant::now() < deadline =>
+                {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("start {name}: {e}"),
+            }
+        };
+        self.nodes.insert(name.to_string(), node);
+    }
+
+    pub(crate) async fn stop(&mut self, name: &str) {
+        let node = self.nodes.remove(name).expect("running");
+        node.shutdown().await;
+    }
+
+    pub(crate) fn node(&self, name: &str) -> &Node {
+        &self.nodes[name]
+    }
+
+    pub(crate) fn id(&self, name: &str) -> NodeId {
+        self.topo.node_by_name(name).unwrap()
+    }
+
+    pub(crate) fn ids(&self, names: &[&str]) -> Vec<NodeId> {
+        names.iter().map(|n| self.id(n)).collect()
+    }
+
+    pub(crate) fn name(&self, id: NodeId) -> &str {
+        &self.topo.node(id).name
+    }
+}
