@@ -146,7 +146,8 @@ impl TierCounters {
 /// Counters of a node.
 #[derive(Debug, Default)]
 pub struct NodeMetrics {
-    /// Block bytes this node's clients read, by the tier of the replica they came from.
+    /// Block bytes this node's clients read, by the tier of the replica they came from
+    /// (as they crossed the network: compressed size for compressed packets).
     pub read_bytes: TierCounters,
     /// Block bytes this node served to readers, by the tier of the reader.
     pub served_bytes: TierCounters,

@@ -330,6 +330,13 @@ impl Reader {
                     )));
                 }
             };
+            // Counted as packets arrive, as they crossed (compressed or not), so the
+            // counter follows the link in real time.
+            let tier = self.shared.topology.tier(self.shared.me, node);
+            self.shared
+                .metrics
+                .read_bytes
+                .add(tier, p.payload.len() as u64);
             let p = crate::dci::compress::decompress(p).map_err(|e| {
                 ReplicaFailure::Corrupt(format!("packet from {}: {e}", self.shared.name(node)))
             })?;
@@ -350,11 +357,6 @@ impl Reader {
                     self.shared.name(node)
                 ))
             })?;
-            // Counted as packets arrive, so the counter follows the link in real time.
-            self.shared.metrics.read_bytes.add(
-                self.shared.topology.tier(self.shared.me, node),
-                p.payload.len() as u64,
-            );
             let pend = pos + p.payload.len() as u64;
             let lo = offset.max(pos) - pos;
             let hi = end.min(pend) - pos;

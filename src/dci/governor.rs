@@ -309,8 +309,8 @@ impl Governor {
             return None;
         }
         // 2. Borrowing of idle budget, highest priority first. A borrower leaves enough
-        //    link tokens for the next request of every other backlogged class that has a
-        //    guarantee, so borrowing never delays a guaranteed send.
+        //    link tokens for every class that may send within its guarantee now, so
+        //    borrowing delays a guaranteed send by at most the grant in progress.
         for c in 0..4 {
             let Some(&(id, bytes)) = self.queues[c].front() else {
                 continue;
@@ -322,11 +322,15 @@ impl Governor {
         None
     }
 
-    /// Link bytes to keep for the head requests of other backlogged guaranteed classes.
+    /// Link bytes to keep for the head requests of the other classes that may send
+    /// within their guarantee right now (they go first; a borrower must not take the
+    /// tokens they are about to use).
     fn reserve_for_others(&self, borrower: usize) -> u64 {
         (0..4)
-            .filter(|&k| k != borrower && self.config.classes[k].rate > 0)
-            .filter_map(|k| self.queues[k].front().map(|&(_, b)| b))
+            .filter(|&k| k != borrower)
+            .filter_map(|k| self.queues[k].front().map(|&(_, b)| (k, b)))
+            .filter(|&(k, b)| self.guaranteed[k].has(b) && self.ceil[k].has(b))
+            .map(|(_, b)| b)
             .sum()
     }
 

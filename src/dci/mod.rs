@@ -103,13 +103,15 @@ impl DciGovernor {
         self.lock().stats(class)
     }
 
-    /// Waits until `bytes` may be sent in `class`. Sends larger than the burst are
-    /// admitted in burst-sized parts, in order.
+    /// Waits until `bytes` may be sent in `class`. Sends are admitted in parts of at
+    /// most a quarter burst, in order: the bucket then has room to keep filling while the
+    /// driver's timer fires late (tokio timers round up to the millisecond), and no
+    /// budget is lost to a full bucket.
     pub async fn acquire(&self, class: TrafficClass, bytes: u64) {
-        let burst = self.lock().config().burst;
+        let part_max = (self.lock().config().burst / 4).max(1);
         let mut left = bytes;
         while left > 0 {
-            let part = left.min(burst);
+            let part = left.min(part_max);
             self.acquire_part(class, part).await;
             left -= part;
         }

@@ -9,6 +9,7 @@ use strait::placement::ReplicationSpec;
 use strait::store::BackendKind;
 use strait::transport::LinkKind;
 use strait::units;
+use strait_tools::bench::dci::{self, DciBenchParams};
 use strait_tools::bench::pipeline::{self, PipelineBenchParams};
 use strait_tools::bench::store::{self, StoreBenchParams};
 use strait_tools::bench::transport::{self, TransportBenchParams};
@@ -83,6 +84,25 @@ enum Scenario {
         #[arg(long, default_value = "target/strait-bench-pipeline")]
         dir: PathBuf,
     },
+    /// DCI protection: utilization and overshoot of a DCI budget under a remote-read
+    /// backlog, with and without paced sync writes, and the sync ack latency.
+    Dci {
+        /// DCI budget.
+        #[arg(long, default_value = "200mbit", value_parser = parse_rate)]
+        budget: u64,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5)]
+        phase_secs: u64,
+        /// Concurrent remote readers.
+        #[arg(long, default_value_t = 4)]
+        readers: usize,
+        /// Sync 1 MiB blocks per second.
+        #[arg(long, default_value_t = 4)]
+        sync_blocks_per_s: u64,
+        /// Directory for the node stores.
+        #[arg(long, default_value = "target/strait-bench-dci")]
+        dir: PathBuf,
+    },
     /// Transport: framed stream vs raw quinn stream vs framed TLS-over-TCP, and the
     /// round-trip latency of a small request.
     Transport {
@@ -99,6 +119,10 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    units::parse_rate(s).map_err(|e| e.to_string())
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -190,6 +214,22 @@ fn main() -> ExitCode {
                     window,
                     writer_on_first,
                     links,
+                    dir,
+                })
+                .await
+            }
+            Scenario::Dci {
+                budget,
+                phase_secs,
+                readers,
+                sync_blocks_per_s,
+                dir,
+            } => {
+                dci::run(&DciBenchParams {
+                    budget,
+                    phase_secs: phase_secs.max(2),
+                    readers: readers.max(1),
+                    sync_blocks_per_s,
                     dir,
                 })
                 .await
