@@ -47,36 +47,13 @@ struct Phase {
     sync_acks: Latency,
 }
 
+/// Half the blocks text-like (compressible), half random.
 fn text_or_random(seed: u64, len: usize) -> Bytes {
-    if seed.is_multiple_of(2) {
-        let words = [
-            "replica ",
-            "pipeline ",
-            "genstamp ",
-            "idc-a ",
-            "idc-b ",
-            "block ",
-            "\n",
-        ];
-        Bytes::from(
-            (0..)
-                .flat_map(|i: usize| words[(i * 5 + i / 7 + seed as usize) % words.len()].bytes())
-                .take(len)
-                .collect::<Vec<_>>(),
-        )
+    Bytes::from(if seed.is_multiple_of(2) {
+        super::text_bytes(seed, len)
     } else {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        Bytes::from(
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect::<Vec<_>>(),
-        )
-    }
+        super::random_bytes(seed, len)
+    })
 }
 
 fn arrived(b_nodes: &[Node]) -> u64 {

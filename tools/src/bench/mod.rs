@@ -161,3 +161,33 @@ impl Table {
 pub fn r3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
+
+/// Deterministic incompressible bytes (xorshift), different for each seed.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Deterministic text-like bytes that zstd shrinks ~5x.
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let words = [
+        "replica ",
+        "pipeline ",
+        "genstamp ",
+        "idc-a ",
+        "idc-b ",
+        "block ",
+        "\n",
+    ];
+    (0..)
+        .flat_map(|i: usize| words[(i * 5 + i / 7 + seed as usize) % words.len()].bytes())
+        .take(len)
+        .collect()
+}

@@ -52,18 +52,7 @@ pub struct Measured {
 }
 
 fn source(size: usize) -> Arc<Vec<u8>> {
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    Arc::new(
-        (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                // Mildly compressible, like real data; irrelevant to the disk.
-                (x % 64) as u8
-            })
-            .collect(),
-    )
+    Arc::new(super::random_bytes(0x2545_F491_4F6C_DD1D, size))
 }
 
 async fn bench_store(
