@@ -22,6 +22,7 @@
 //! - [`node`]: the storage server a process embeds.
 //! - [`pipeline`]: replicated writes through a pipeline, and their recovery.
 //! - [`read`]: locality-ordered, verified, hedged reads.
+//! - [`replication`]: async writes' durable log, remote copies and RPO.
 //!
 //! strait does not include a metadata service: which blocks exist and where their
 //! replicas live is the embedding server's business; strait decides, moves and stores.
@@ -32,6 +33,7 @@ pub mod node;
 pub mod pipeline;
 pub mod placement;
 pub mod read;
+pub mod replication;
 pub mod store;
 pub mod topology;
 pub mod transport;

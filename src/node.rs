@@ -41,6 +41,9 @@ pub struct NodeConfig {
     pub shutdown_grace: Duration,
     /// DCI protection settings.
     pub dci: DciConfig,
+    /// Async replication (the durable log and its workers); `None` disables async writes
+    /// from this node.
+    pub replication: Option<crate::replication::ReplicationConfig>,
 }
 
 /// This node's use of the DCI links.
@@ -79,6 +82,7 @@ impl NodeConfig {
             pipeline: PipelineConfig::default(),
             shutdown_grace: Duration::from_secs(5),
             dci: DciConfig::default(),
+            replication: None,
         }
     }
 }
@@ -99,6 +103,9 @@ pub enum NodeError {
     /// The DCI governor settings are invalid.
     #[error("dci governor: {0}")]
     Dci(#[from] crate::dci::GovernorError),
+    /// The replication log could not be opened.
+    #[error("replication log: {0}")]
+    Replication(#[from] crate::replication::ReplicationError),
 }
 
 /// Things the embedding server must act on.
@@ -177,6 +184,7 @@ pub(crate) struct Shared {
     pub(crate) relays: RelayRegistry,
     pub(crate) governors: crate::dci::DciGovernors,
     pub(crate) compress: Option<crate::dci::compress::CompressPolicy>,
+    pub(crate) replicator: Option<Arc<crate::replication::Replicator>>,
 }
 
 impl Shared {
@@ -235,6 +243,7 @@ impl Shared {
 pub struct Node {
     pub(crate) shared: Arc<Shared>,
     tasks: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    replication_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     grace: Duration,
 }
 
@@ -262,12 +271,17 @@ impl Node {
         )
         .await?;
         let (events, _) = broadcast::channel(1024);
+        let replicator = match &config.replication {
+            Some(rc) => Some(crate::replication::Replicator::open(rc.clone())?.0),
+            None => None,
+        };
         let governors = crate::dci::DciGovernors::for_node(
             &config.topology,
             config.topology.location(me).idc,
             config.dci.share,
         )?;
         let shared = Arc::new(Shared {
+            replicator: replicator.clone(),
             governors,
             compress: config
                 .dci
@@ -283,14 +297,21 @@ impl Node {
             relays: std::sync::Mutex::new(HashMap::new()),
         });
         let task = tokio::spawn(serve(shared.clone(), incoming));
-        Ok((
-            Node {
-                shared,
-                tasks: Arc::new(std::sync::Mutex::new(Some(task))),
-                grace: config.shutdown_grace,
-            },
-            report,
-        ))
+        let node = Node {
+            shared,
+            tasks: Arc::new(std::sync::Mutex::new(Some(task))),
+            replication_task: Arc::new(std::sync::Mutex::new(None)),
+            grace: config.shutdown_grace,
+        };
+        if let Some(rep) = replicator {
+            // The log's pending tasks (after a restart, those not yet done) start now.
+            let t = crate::replication::start(node.clone(), rep);
+            *node
+                .replication_task
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(t);
+        }
+        Ok((node, report))
     }
 
     /// This node's id.
@@ -333,6 +354,16 @@ impl Node {
     /// leave their replicas in `rbw`, recoverable), waits up to the grace period for the
     /// handlers to finish, then aborts the rest.
     pub async fn shutdown(&self) {
+        // Replication workers stop; their tasks stay in the log for the next start.
+        let replication = self
+            .replication_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = replication {
+            t.abort();
+            let _ = t.await;
+        }
         let task = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.shared.transport.shutdown().await;
         if let Some(t) = task {

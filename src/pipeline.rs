@@ -87,6 +87,10 @@ pub struct WriteParams {
     /// Nodes that may replace a failed target in the same IDC (reserved for recovery
     /// with replacement; today the pipeline continues with the survivors).
     pub spares: Vec<NodeId>,
+    /// `Sync`: every target before the ack. `Async`: the targets in the first target's
+    /// IDC before the ack; the rest is queued in the node's replication log (subject to
+    /// its RPO policy, which may turn the write into a sync one).
+    pub mode: WriteMode,
 }
 
 impl WriteParams {
@@ -97,6 +101,7 @@ impl WriteParams {
             checksum: ChecksumSpec::default(),
             class: TrafficClass::Sync,
             spares: Vec::new(),
+            mode: WriteMode::Sync,
         }
     }
 }
@@ -114,6 +119,10 @@ pub struct WriteOutcome {
     pub replicas: Vec<NodeId>,
     /// Nodes dropped from the pipeline.
     pub failed: Vec<NodeId>,
+    /// Async mode: remote targets queued for background replication.
+    pub queued_remote: Vec<NodeId>,
+    /// Async mode: the replication task's sequence number in the log.
+    pub replication_seq: Option<u64>,
 }
 
 /// Why a write failed.
@@ -144,6 +153,14 @@ pub enum WriteError {
     TooLarge {
         /// The block.
         block: BlockId,
+    },
+    /// Async mode on a node without a replication log, or the log failed.
+    #[error("{block}: replication log: {source}")]
+    Replication {
+        /// The block.
+        block: BlockId,
+        /// Why.
+        source: crate::replication::ReplicationError,
     },
 }
 
@@ -184,6 +201,8 @@ pub struct Writer {
     params: WriteParams,
     /// Current pipeline, in order.
     targets: Vec<NodeId>,
+    /// Async mode: targets left to background replication.
+    remote: Vec<NodeId>,
     /// IDCs the write started in (each must keep a replica).
     idcs: Vec<IdcId>,
     failed: Vec<NodeId>,
@@ -234,7 +253,7 @@ impl Writer {
         node: &Node,
         block: BlockId,
         targets: &[NodeId],
-        params: WriteParams,
+        mut params: WriteParams,
     ) -> Result<Writer, WriteError> {
         let shared = node.shared.clone();
         let topo = &shared.topology;
@@ -258,6 +277,29 @@ impl Writer {
                 )));
             }
         }
+        let mut targets = targets.to_vec();
+        let mut remote = Vec::new();
+        if params.mode == WriteMode::Async {
+            let rep = shared.replicator.clone().ok_or(WriteError::Replication {
+                block,
+                source: crate::replication::ReplicationError::NotConfigured,
+            })?;
+            match rep.admit().await {
+                crate::replication::Admission::Async => {
+                    let idc = topo.location(targets[0]).idc;
+                    let local = targets
+                        .iter()
+                        .take_while(|&&t| topo.location(t).idc == idc)
+                        .count();
+                    remote = targets.split_off(local);
+                }
+                crate::replication::Admission::Sync => {
+                    tracing::warn!(%block, "RPO bound exceeded: writing in sync mode");
+                    params.mode = WriteMode::Sync;
+                }
+            }
+        }
+        let targets = &targets[..];
         let mut idcs: Vec<IdcId> = targets.iter().map(|&t| topo.location(t).idc).collect();
         idcs.dedup();
         let window = window_for(&shared, shared.me, targets);
@@ -265,6 +307,7 @@ impl Writer {
             block,
             genstamp: params.genstamp,
             targets: targets.to_vec(),
+            remote,
             idcs,
             failed: Vec::new(),
             pipe: None,
@@ -518,7 +561,7 @@ impl Writer {
             genstamp: self.genstamp,
             offset,
             targets: self.targets[1..].iter().map(|&t| self.name(t)).collect(),
-            mode: WriteMode::Sync,
+            mode: self.params.mode,
             class: self.params.class,
             checksum: self.params.checksum,
             compression: self.compression(),
@@ -728,12 +771,37 @@ impl Writer {
         if let Some(mut p) = self.pipe.take() {
             let _ = p.sink.finish().await;
         }
+        // Async: the local replicas are final; the remote copy is owed, durably.
+        let mut replication_seq = None;
+        if let (false, Some(rep)) = (self.remote.is_empty(), self.shared.replicator.clone()) {
+            let topo = &self.shared.topology;
+            let task = crate::replication::Task {
+                seq: 0,
+                block: self.block,
+                genstamp: self.genstamp,
+                len,
+                sources: self.targets.iter().map(|&t| self.name(t)).collect(),
+                target_idc: topo.idc(topo.location(self.remote[0]).idc).name.clone(),
+                targets: self.remote.iter().map(|&t| self.name(t)).collect(),
+                created_ms: 0,
+            };
+            let t = rep
+                .append(task)
+                .await
+                .map_err(|source| WriteError::Replication {
+                    block: self.block,
+                    source,
+                })?;
+            replication_seq = Some(t.seq);
+        }
         Ok(WriteOutcome {
             block: self.block,
             genstamp: self.genstamp,
             len,
             replicas: self.targets.clone(),
             failed: self.failed.clone(),
+            queued_remote: self.remote.clone(),
+            replication_seq,
         })
     }
 }

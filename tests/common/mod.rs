@@ -36,6 +36,10 @@ pub(crate) struct Cluster {
     pub(crate) dirs: HashMap<String, tempfile::TempDir>,
     pub(crate) nodes: HashMap<String, Node>,
     pub(crate) dci_share: f64,
+    /// When set, every node keeps a replication log (in its own temp dir) with this
+    /// configuration (its `log_dir` is replaced per node).
+    pub(crate) replication: Option<strait::replication::ReplicationConfig>,
+    pub(crate) logs: HashMap<String, tempfile::TempDir>,
 }
 
 impl Cluster {
@@ -46,6 +50,15 @@ impl Cluster {
 
     /// Starts all eight nodes; each node may use `share` of the `budget` (bytes/s).
     pub(crate) async fn start_with(budget: u64, share: f64) -> Cluster {
+        Self::start_full(budget, share, None).await
+    }
+
+    /// Starts all eight nodes with async replication configured like `replication`.
+    pub(crate) async fn start_full(
+        budget: u64,
+        share: f64,
+        replication: Option<strait::replication::ReplicationConfig>,
+    ) -> Cluster {
         let net = NET.fetch_add(1, Ordering::Relaxed);
         let mut b = Topology::builder().idc("idc-a").idc("idc-b");
         for (i, name) in NAMES.iter().enumerate() {
@@ -65,6 +78,8 @@ impl Cluster {
             dirs: HashMap::new(),
             nodes: HashMap::new(),
             dci_share: share,
+            replication,
+            logs: HashMap::new(),
         };
         for name in NAMES {
             c.dirs
@@ -95,6 +110,15 @@ impl Cluster {
         };
         cfg.shutdown_grace = Duration::from_secs(2);
         cfg.dci.share = self.dci_share;
+        if let Some(r) = &self.replication {
+            let dir = self
+                .logs
+                .entry(name.to_string())
+                .or_insert_with(|| tempfile::tempdir().unwrap());
+            let mut r = r.clone();
+            r.log_dir = dir.path().to_path_buf();
+            cfg.replication = Some(r);
+        }
         // A node restarted in the same process may find its UDP socket or store lock still
         // held for a moment by the previous instance's tasks: poll for it, bounded.
         let deadline = Instant::now() + Duration::from_secs(5);
