@@ -16,6 +16,7 @@ use strait::pipeline::{AckHistogram, WriteParams, Writer};
 use strait::placement::ReplicationSpec;
 use strait::topology::{NodeId, Topology};
 use strait::transport::{CertAuthority, LinkKind, TransportConfig};
+use strait::wire::WriteMode;
 
 use super::{Latency, Phase, Table, r3};
 
@@ -37,6 +38,10 @@ pub struct PipelineBenchParams {
     /// Run the writer on the first replica's node (HDFS-style) instead of a separate
     /// client node.
     pub writer_on_first: bool,
+    /// Sync or async writes.
+    pub mode: WriteMode,
+    /// DCI budget between the two IDCs, bytes/s.
+    pub dci_budget: u64,
     /// Intra-IDC link kinds to measure.
     pub links: Vec<LinkKind>,
     /// Directory for the node stores.
@@ -77,7 +82,7 @@ async fn start(p: &PipelineBenchParams, link: LinkKind, net: u8) -> Result<Bench
         );
     }
     let topo = Arc::new(
-        b.link("idc-a", "idc-b", 1_250_000_000, Duration::from_micros(200))
+        b.link("idc-a", "idc-b", p.dci_budget, Duration::from_micros(200))
             .build()
             .map_err(|e| e.to_string())?,
     );
@@ -99,6 +104,13 @@ async fn start(p: &PipelineBenchParams, link: LinkKind, net: u8) -> Result<Bench
         };
         cfg.store.io_threads = 1;
         cfg.pipeline.packet_bytes = p.packet;
+        if p.mode == WriteMode::Async {
+            let mut r = strait::replication::ReplicationConfig::new(
+                p.dir.join(format!("{link}-{}-log", n.name)),
+            );
+            r.workers = 2;
+            cfg.replication = Some(r);
+        }
         if p.window > 0 {
             cfg.pipeline.min_window_bytes = p.window;
         }
@@ -139,11 +151,8 @@ async fn run_blocks(
     } else {
         &b.client
     };
-    let data = Bytes::from(
-        (0..p.write_size)
-            .map(|i| (i * 31 % 251) as u8)
-            .collect::<Vec<_>>(),
-    );
+    // Incompressible, so that compression on DCI hops does not flatter the figures.
+    let data = Bytes::from(super::random_bytes(7, p.write_size));
     let mut acks: Option<AckHistogram> = None;
     let total = (p.blocks * p.block_size) as u64;
     let (phase, res) = Phase::measure(total, async {
@@ -271,4 +280,138 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         out[format!("{k}_single_hop_mb_s")] = json!(r3(single.mb_s()));
     }
     Ok(out)
+}
+
+/// `--mode async`: blocks acknowledged by the local IDC, copied to the remote IDC by the
+/// writer node's replication workers. Reports the local-ack throughput and latency, the
+/// drain rate against the DCI budget, the peak and final lag, and the bytes that crossed
+/// the DCI per byte written.
+pub async fn run_async(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
+    std::fs::create_dir_all(&p.dir).map_err(|e| format!("{}: {e}", p.dir.display()))?;
+    let link = p.links.first().copied().ok_or("no link kind")?;
+    let bench = start(p, link, std::process::id() as u8).await?;
+    let targets: Vec<NodeId> = bench.idc_a.iter().chain(&bench.idc_b).copied().collect();
+    let head = bench
+        .nodes
+        .iter()
+        .find(|n| n.id() == targets[0])
+        .ok_or("first target not running")?
+        .clone();
+    let data = Bytes::from(super::random_bytes(7, p.write_size));
+    let total = (p.blocks * p.block_size) as u64;
+    let t0 = std::time::Instant::now();
+    // Sample the lag while writing and draining.
+    let sampler = {
+        let head = head.clone();
+        tokio::spawn(async move {
+            let mut peak = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tick.tick().await;
+                let r = head.rpo().map_err(|e| e.to_string())?;
+                peak = peak.max(r.pending_bytes);
+                if r.drained_bytes >= total || t0.elapsed() > Duration::from_secs(600) {
+                    return Ok::<_, String>((peak, t0.elapsed()));
+                }
+            }
+        })
+    };
+    let mut acks: Option<AckHistogram> = None;
+    let (write, res) = Phase::measure(total, async {
+        for i in 0..p.blocks {
+            let mut params = WriteParams::new(GenStamp(1));
+            params.mode = WriteMode::Async;
+            let mut w = Writer::create(&head, BlockId(5_000 + i as u64), &targets, params)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut left = p.block_size;
+            while left > 0 {
+                let n = left.min(data.len());
+                w.write(data.slice(..n)).await.map_err(|e| e.to_string())?;
+                left -= n;
+            }
+            let h = w.ack_latency().clone();
+            w.close().await.map_err(|e| e.to_string())?;
+            match acks.as_mut() {
+                Some(a) => a.add(&h).map_err(|e| e.to_string())?,
+                None => acks = Some(h),
+            }
+        }
+        Ok::<_, String>(())
+    })
+    .await;
+    res?;
+    let (peak, drain_time) = sampler.await.map_err(|e| e.to_string())??;
+    let rpo = head.rpo().map_err(|e| e.to_string())?;
+    let crossed: u64 = bench
+        .nodes
+        .iter()
+        .chain(std::iter::once(&bench.client))
+        .map(|n| {
+            n.metrics()
+                .dci_wire_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    for n in bench.nodes.iter().chain(std::iter::once(&bench.client)) {
+        n.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&p.dir);
+    let acks = lat(&acks.ok_or("no blocks")?);
+    let drain_mb_s = total as f64 / 1e6 / drain_time.as_secs_f64().max(1e-9);
+    println!(
+        "pipeline: spec {} async, {} blocks x {} MiB, {} KiB packets, writer on the first replica's node, intra-IDC {link}, DCI budget {}",
+        p.spec,
+        p.blocks,
+        p.block_size >> 20,
+        p.packet >> 10,
+        strait::units::fmt_rate(p.dci_budget)
+    );
+    let mut t = Table::new(&[
+        "what",
+        "MB/s",
+        "of DCI budget",
+        "local ack p50 us",
+        "p90",
+        "p99",
+        "p99.9",
+        "max",
+    ]);
+    let mut cells = vec![
+        "local-ack writes".to_string(),
+        format!("{:.0}", write.mb_s()),
+        "-".into(),
+    ];
+    cells.extend(acks.summary().split_whitespace().map(str::to_string));
+    t.row(cells);
+    let mut cells = vec![
+        "drain to remote IDC".to_string(),
+        format!("{drain_mb_s:.0}"),
+        format!("{:.0}%", 100.0 * drain_mb_s * 1e6 / p.dci_budget as f64),
+    ];
+    cells.extend(std::iter::repeat_n("-".to_string(), 5));
+    t.row(cells);
+    print!("{}", t.render());
+    println!(
+        "lag: peak {} MiB, final {} bytes; DCI bytes per block byte {:.4}",
+        peak >> 20,
+        rpo.pending_bytes,
+        crossed as f64 / total as f64
+    );
+    Ok(json!({
+        "scenario": "pipeline",
+        "spec": p.spec.to_string(),
+        "mode": "async",
+        "intra_idc_link": link.to_string(),
+        "blocks": p.blocks,
+        "block_bytes": p.block_size,
+        "mb_s": r3(write.mb_s()),
+        "local_ack_p50_us": acks.at(0.5),
+        "local_ack_p99_us": acks.at(0.99),
+        "drain_mb_s": r3(drain_mb_s),
+        "dci_budget_mb_s": r3(p.dci_budget as f64 / 1e6),
+        "dci_bytes_per_block_byte": r3(crossed as f64 / total as f64),
+        "peak_lag_bytes": peak,
+        "final_lag_bytes": rpo.pending_bytes,
+    }))
 }

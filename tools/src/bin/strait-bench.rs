@@ -74,9 +74,13 @@ enum Scenario {
         #[arg(long, default_value = "0", value_parser = parse_size)]
         window: usize,
         /// Where the writer runs: `client` (a separate node, 4 network hops for 2+2) or
-        /// `first` (on the first replica's node, as HDFS clients on datanodes).
+        /// `first` (on the first replica's node, as HDFS clients on datanodes). Async mode
+        /// always writes from the first replica's node, which holds the log.
         #[arg(long, default_value = "client")]
         writer: String,
+        /// DCI budget between the two IDCs.
+        #[arg(long, default_value = "10gbit", value_parser = parse_rate)]
+        dci_budget: u64,
         /// Intra-IDC link kinds to measure (the first is the headline figure).
         #[arg(long, value_delimiter = ',', default_value = "tcp-tls,quic")]
         links: Vec<LinkKind>,
@@ -177,6 +181,7 @@ fn main() -> ExitCode {
                 packet,
                 window,
                 writer,
+                dci_budget,
                 links,
                 dir,
             } => {
@@ -185,9 +190,11 @@ fn main() -> ExitCode {
                     "first" => true,
                     other => return Err(format!("--writer {other}: expected client or first")),
                 };
-                if mode != "sync" {
-                    return Err(format!("--mode {mode}: only sync is implemented so far"));
-                }
+                let mode = match mode.as_str() {
+                    "sync" => strait::wire::WriteMode::Sync,
+                    "async" => strait::wire::WriteMode::Async,
+                    other => return Err(format!("--mode {other}: expected sync or async")),
+                };
                 let packet = if packet == 0 {
                     strait::pipeline::PipelineConfig::default().packet_bytes
                 } else {
@@ -205,18 +212,24 @@ fn main() -> ExitCode {
                             .into(),
                     );
                 }
-                pipeline::run(&PipelineBenchParams {
+                let params = PipelineBenchParams {
                     spec,
                     blocks,
                     block_size,
                     write_size,
                     packet,
                     window,
-                    writer_on_first,
+                    writer_on_first: writer_on_first || mode == strait::wire::WriteMode::Async,
+                    mode,
+                    dci_budget,
                     links,
                     dir,
-                })
-                .await
+                };
+                if mode == strait::wire::WriteMode::Async {
+                    pipeline::run_async(&params).await
+                } else {
+                    pipeline::run(&params).await
+                }
             }
             Scenario::Dci {
                 budget,
