@@ -391,7 +391,17 @@ async fn serve(shared: Arc<Shared>, mut incoming: Incoming) {
     while handlers.join_next().await.is_some() {}
 }
 
-async fn handle(shared: Arc<Shared>, mut s: Stream) {
+/// [`handle`] behind a boxed, `Send` future: the in-process first hop spawns it from
+/// inside the pipeline, which `handle` itself reaches, and the box breaks that cycle
+/// for the compiler.
+pub(crate) fn handle_boxed(
+    shared: Arc<Shared>,
+    s: Stream,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(handle(shared, s))
+}
+
+pub(crate) async fn handle(shared: Arc<Shared>, mut s: Stream) {
     let first = match s.reader.recv().await {
         Ok(Some(f)) => f,
         Ok(None) => return,
@@ -403,6 +413,7 @@ async fn handle(shared: Arc<Shared>, mut s: Stream) {
     match first {
         Frame::WriteBlock(req) => crate::pipeline::serve_write(shared, s, req).await,
         Frame::ReadBlock(req) => crate::read::serve_read(shared, s, req).await,
+        Frame::Replicate(req) => crate::pipeline::serve_replicate(shared, s, req).await,
         other => {
             let msg = format!(
                 "unexpected first frame {:?}",

@@ -16,7 +16,9 @@
 //! queue to the same window. When a node fails — an ack names it, or its stream breaks —
 //! the writer drops it, bumps the generation stamp, rebuilds the pipeline with the
 //! survivors (each truncates its `rbw` replica to the resume offset and takes the new
-//! stamp), resends the unacknowledged packets and emits
+//! stamp) — joined, when [`WriteParams::spares`] offers one in the failed node's IDC, by
+//! a replacement that a survivor first copies the acknowledged prefix to — resends the
+//! unacknowledged packets and emits
 //! [`NodeEvent::UnderReplicated`](crate::node::NodeEvent). It gives up only when every
 //! replica of an IDC the write started with has failed.
 
@@ -84,8 +86,9 @@ pub struct WriteParams {
     pub checksum: ChecksumSpec,
     /// Traffic class of governed hops.
     pub class: TrafficClass,
-    /// Nodes that may replace a failed target in the same IDC (reserved for recovery
-    /// with replacement; today the pipeline continues with the survivors).
+    /// Nodes that may replace a failed target in the same IDC: on recovery, a survivor
+    /// copies the acknowledged prefix to the first usable spare, which then joins the
+    /// pipeline in the failed node's place. Without one, the survivors go on alone.
     pub spares: Vec<NodeId>,
     /// `Sync`: every target before the ack. `Async`: the targets in the first target's
     /// IDC before the ack; the rest is queued in the node's replication log (subject to
@@ -253,9 +256,17 @@ impl Writer {
         node: &Node,
         block: BlockId,
         targets: &[NodeId],
+        params: WriteParams,
+    ) -> Result<Writer, WriteError> {
+        Self::create_in(node.shared.clone(), block, targets, params).await
+    }
+
+    pub(crate) async fn create_in(
+        shared: Arc<Shared>,
+        block: BlockId,
+        targets: &[NodeId],
         mut params: WriteParams,
     ) -> Result<Writer, WriteError> {
-        let shared = node.shared.clone();
         let topo = &shared.topology;
         if targets.is_empty() || targets.len() > wire::MAX_TARGETS + 1 {
             return Err(WriteError::InvalidTargets(format!(
@@ -533,7 +544,7 @@ impl Writer {
     }
 
     /// Marks `targets[index]` failed; errors when an IDC has no replica left.
-    fn drop_target(&mut self, index: usize, why: &str) -> Result<(), WriteError> {
+    fn drop_target(&mut self, index: usize, why: &str) -> Result<NodeId, WriteError> {
         let index = index.min(self.targets.len().saturating_sub(1));
         let failed = self.targets.remove(index);
         tracing::warn!(block = %self.block, node = %self.name(failed), reason = why, "dropping node from pipeline");
@@ -549,7 +560,7 @@ impl Writer {
                 });
             }
         }
-        Ok(())
+        Ok(failed)
     }
 
     /// Opens the first hop and sends the `WriteBlock`; returns the index of the node that
@@ -608,23 +619,29 @@ impl Writer {
         })
     }
 
-    /// Drops `targets[index]` (or the node a broken stream points to), bumps the
-    /// generation stamp, rebuilds the pipeline with the survivors and resends what was not
-    /// acknowledged.
+    /// Drops `targets[index]` (or the node a broken stream points to), brings in a spare
+    /// from the same IDC when one is available (a survivor copies it the acknowledged
+    /// prefix first), bumps the generation stamp, rebuilds the pipeline and resends what
+    /// was not acknowledged.
     async fn recover(&mut self, index: usize, why: &str) -> Result<(), WriteError> {
         self.pipe = None;
-        self.drop_target(index, why)?;
+        let failed = self.drop_target(index, why)?;
+        let mut to_replace = vec![(index, failed)];
         loop {
-            self.genstamp = GenStamp(self.genstamp.0 + 1);
             let resume = self
                 .unacked
                 .front()
                 .map_or(self.acked_len.min(self.buf_offset), |p| {
                     p.offset.min(self.acked_len)
                 });
+            for (at, failed) in std::mem::take(&mut to_replace) {
+                self.try_replace(at, failed, resume).await;
+            }
+            self.genstamp = GenStamp(self.genstamp.0 + 1);
             match self.try_establish(resume).await {
                 Err((i, why)) => {
-                    self.drop_target(i, &why)?;
+                    let f = self.drop_target(i, &why)?;
+                    to_replace.push((i, f));
                     continue;
                 }
                 Ok(p) => self.pipe = Some(p),
@@ -683,6 +700,46 @@ impl Writer {
             tracing::info!(block = %self.block, genstamp = %self.genstamp, survivors = self.targets.len(), resume, "pipeline recovered");
             return Ok(());
         }
+    }
+
+    /// Puts a spare from `failed`'s IDC at position `at`, after a survivor has copied it
+    /// the first `resume` bytes. Without a usable spare the pipeline goes on without one.
+    async fn try_replace(&mut self, at: usize, failed: NodeId, resume: u64) {
+        let topo = self.shared.topology.clone();
+        let idc = topo.location(failed).idc;
+        let Some(pos) = self.params.spares.iter().position(|&s| {
+            topo.location(s).idc == idc && !self.targets.contains(&s) && !self.failed.contains(&s)
+        }) else {
+            return;
+        };
+        let spare = self.params.spares.remove(pos);
+        if resume > 0 {
+            let source = self
+                .targets
+                .iter()
+                .copied()
+                .find(|&t| topo.location(t).idc == idc)
+                .or_else(|| self.targets.first().copied());
+            let Some(source) = source else { return };
+            let req = crate::wire::Replicate {
+                block: self.block,
+                genstamp: self.genstamp,
+                len: resume,
+                targets: vec![self.name(spare)],
+                class: TrafficClass::Repair,
+            };
+            let timeout = self.shared.pipeline.ack_timeout;
+            let copied = tokio::time::timeout(timeout, transfer(&self.shared, source, req)).await;
+            if let Err(why) =
+                copied.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+            {
+                tracing::warn!(block = %self.block, spare = %self.name(spare), reason = why, "replacement failed");
+                self.failed.push(spare);
+                return;
+            }
+        }
+        tracing::info!(block = %self.block, spare = %self.name(spare), replaces = %self.name(failed), resume, "replacement joins the pipeline");
+        self.targets.insert(at.min(self.targets.len()), spare);
     }
 
     async fn drain_acks(&mut self) -> Result<(), WriteError> {
@@ -813,13 +870,8 @@ async fn open_hop(shared: &Arc<Shared>, peer: NodeId) -> Result<Stream, Transpor
         return shared.transport.open(peer).await;
     }
     let (ours, theirs) = crate::transport::local_pair(shared.me, 1 << 20);
-    let relay_shared = shared.clone();
-    let mut theirs = theirs;
-    tokio::spawn(async move {
-        if let Ok(Some(Frame::WriteBlock(req))) = theirs.reader.recv().await {
-            serve_write(relay_shared, theirs, req).await;
-        }
-    });
+    // Served like any stream a peer opens, without the network.
+    tokio::spawn(crate::node::handle_boxed(shared.clone(), theirs));
     Ok(ours)
 }
 
@@ -835,6 +887,116 @@ async fn setup_exchange(s: &mut Stream, req: WriteBlock) -> Result<Vec<Status>, 
         Ok(other) => Err((0, format!("unexpected setup answer {other:?}"))),
         Err(e) => Err((0, e.to_string())),
     }
+}
+
+/// Asks `source` to copy its replica (the first `req.len` bytes) to `req.targets`.
+async fn transfer(
+    shared: &Arc<Shared>,
+    source: NodeId,
+    req: crate::wire::Replicate,
+) -> Result<(), String> {
+    let mut s = open_hop(shared, source).await.map_err(|e| e.to_string())?;
+    s.writer
+        .send(&Frame::Replicate(req))
+        .await
+        .map_err(|e| e.to_string())?;
+    match s.reader.recv().await.map_err(|e| e.to_string())? {
+        Some(Frame::Ack(a))
+            if a.seq == SETUP_SEQ && a.statuses.iter().all(|s| *s == Status::Success) =>
+        {
+            Ok(())
+        }
+        Some(Frame::Error(e)) => Err(format!("{:?}: {}", e.status, e.message)),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Serves a `Replicate`: streams the first `len` bytes of the local replica to the
+/// targets. A whole finalized replica is finalized there too; a prefix (a pipeline
+/// replacement) is left in `rbw` at the source's genstamp, ready to be resumed.
+pub(crate) async fn serve_replicate(
+    shared: Arc<Shared>,
+    mut up: Stream,
+    req: crate::wire::Replicate,
+) {
+    let result = replicate(&shared, &req).await;
+    let answer = match result {
+        Ok(()) => Frame::Ack(Ack {
+            seq: SETUP_SEQ,
+            statuses: vec![Status::Success],
+        }),
+        Err((status, message)) => {
+            tracing::warn!(block = %req.block, reason = message, "replicate request failed");
+            Frame::Error(ErrorFrame { status, message })
+        }
+    };
+    let _ = up.writer.send(&answer).await;
+}
+
+async fn replicate(
+    shared: &Arc<Shared>,
+    req: &crate::wire::Replicate,
+) -> Result<(), (Status, String)> {
+    let info = shared
+        .store
+        .get(req.block)
+        .ok_or((Status::NotFound, format!("{}: no replica here", req.block)))?;
+    if info.state == ReplicaState::Corrupt
+        || info.len < req.len
+        || info.genstamp < req.genstamp && info.state == ReplicaState::Finalized
+    {
+        return Err((
+            Status::Rejected,
+            format!(
+                "{}: replica {:?} at {} has {} bytes",
+                req.block, info.state, info.genstamp, info.len
+            ),
+        ));
+    }
+    let targets: Vec<NodeId> = req
+        .targets
+        .iter()
+        .map(|n| {
+            shared
+                .topology
+                .node_by_name(n)
+                .ok_or((Status::Rejected, format!("unknown target {n:?}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let reader = shared
+        .store
+        .reader(req.block, info.genstamp)
+        .await
+        .map_err(|e| (store_status(&e), e.to_string()))?;
+    let mut params = WriteParams::new(info.genstamp);
+    params.class = req.class;
+    params.checksum = reader.spec();
+    let mut w = Writer::create_in(shared.clone(), req.block, &targets, params)
+        .await
+        .map_err(|e| (Status::Unreachable, e.to_string()))?;
+    let mut off = 0;
+    while off < req.len {
+        let n = (req.len - off).min(4 << 20) as usize;
+        let data = reader
+            .read(off, n)
+            .await
+            .map_err(|e| (store_status(&e), e.to_string()))?;
+        w.write(data)
+            .await
+            .map_err(|e| (Status::Unreachable, e.to_string()))?;
+        off += n as u64;
+    }
+    if info.state == ReplicaState::Finalized && req.len == info.len {
+        w.close()
+            .await
+            .map_err(|e| (Status::Unreachable, e.to_string()))?;
+    } else {
+        // Leave the copy in rbw: the pipeline resumes it under a new genstamp.
+        w.hflush()
+            .await
+            .map_err(|e| (Status::Unreachable, e.to_string()))?;
+    }
+    Ok(())
 }
 
 fn store_status(e: &StoreError) -> Status {

@@ -318,3 +318,44 @@ async fn unreachable_targets_fail_over_or_error_in_bounded_time() {
     .unwrap_err();
     assert!(matches!(e, WriteError::InvalidTargets(_)), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_replaces_the_failed_node_after_copying_the_acked_prefix() {
+    let mut c = Cluster::start().await;
+    let targets = c.ids(&["a1", "a2", "b1", "b2"]);
+    let block = BlockId(21);
+    let data = pattern(21, 2_500_000);
+    let mut params = WriteParams::new(GenStamp(1));
+    params.spares = c.ids(&["a4", "b3"]);
+    let mut w = Writer::create(c.node("a1"), block, &targets, params)
+        .await
+        .unwrap();
+    w.write(Bytes::copy_from_slice(&data[..1_000_000]))
+        .await
+        .unwrap();
+    w.hflush().await.unwrap();
+    c.stop("a2").await;
+    w.write(Bytes::copy_from_slice(&data[1_000_000..]))
+        .await
+        .unwrap();
+    let out = w.close().await.unwrap();
+    assert_eq!(out.failed, c.ids(&["a2"]));
+    assert_eq!(
+        out.replicas,
+        c.ids(&["a1", "a4", "b1", "b2"]),
+        "a4 took a2's place in idc-a"
+    );
+    for n in ["a1", "a4", "b1", "b2"] {
+        let info = c.node(n).store().get(block).unwrap();
+        assert_eq!(
+            (info.state, info.genstamp),
+            (ReplicaState::Finalized, out.genstamp),
+            "{n}"
+        );
+        assert_eq!(
+            stored(c.node(n), block, out.genstamp).await.unwrap(),
+            data,
+            "{n}"
+        );
+    }
+}
