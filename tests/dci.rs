@@ -115,7 +115,7 @@ async fn cross_idc_bytes_stay_within_the_budget() {
     // governors admitted (two senders, a burst each), and for what arrived in B up to the
     // packets in flight at the window's edges (three 256 KiB read packets and one 1 MiB
     // pipeline packet; the receivers count a packet once it is whole).
-    let burst = (budget / 100).max(64 << 10);
+    let burst = (budget / 200).max(64 << 10);
     let in_flight = 3 * (256 << 10) + (1 << 20);
     let mut worst = 0.0f64;
     for i in 0..samples.len() {

@@ -94,8 +94,8 @@ pub enum GovernorError {
 impl GovernorConfig {
     /// A link of `rate` bytes/s with the default split: guarantees of 40% for `sync`, 20%
     /// each for `read` and `async`, 10% for `repair`; every class may borrow up to the
-    /// whole link; a burst of 10 ms of traffic (at least 64 KiB), so that no 1-second
-    /// window exceeds the budget by more than ~1%. Larger sends are admitted in parts.
+    /// whole link; a burst of 5 ms of traffic (at least 64 KiB), so that no 1-second
+    /// window exceeds the budget by more than ~0.5%. Larger sends are admitted in parts.
     pub fn for_link(rate: u64) -> Self {
         let pct = |p: u64| rate / 100 * p;
         let class = |p: u64| ClassConfig {
@@ -104,7 +104,7 @@ impl GovernorConfig {
         };
         GovernorConfig {
             rate,
-            burst: (rate / 100).max(64 << 10),
+            burst: (rate / 200).max(64 << 10),
             classes: [class(40), class(20), class(20), class(10)],
         }
     }
