@@ -19,16 +19,19 @@
 //!
 //! - [`store`]: block replicas on local disk (io_uring or psync), crash recovery.
 //! - [`transport`]: QUIC and TLS-over-TCP links with mutual TLS, framed streams.
-//! - [`node`]: the storage server a process embeds.
+//! - [`node`]: the storage server a process embeds; [`config`] reads its TOML file.
 //! - [`pipeline`]: replicated writes through a pipeline, and their recovery.
 //! - [`read`]: locality-ordered, verified, hedged reads.
+//! - [`metrics`]: Prometheus text exposition and a `/metrics` endpoint.
 //! - [`replication`]: async writes' durable log, remote copies and RPO.
 //!
 //! strait does not include a metadata service: which blocks exist and where their
 //! replicas live is the embedding server's business; strait decides, moves and stores.
 
 pub mod block;
+pub mod config;
 pub mod dci;
+pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod placement;

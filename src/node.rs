@@ -167,6 +167,39 @@ pub struct NodeMetrics {
     pub dci_wire_bytes: AtomicU64,
     /// Bytes compression saved on DCI hops.
     pub dci_saved_bytes: AtomicU64,
+    /// Latency of packet acks seen by writers on this node, µs.
+    pub pipeline_ack_us: LatencyHistogram,
+    /// Latency of reads by readers on this node, µs.
+    pub read_us: LatencyHistogram,
+}
+
+/// A shared latency histogram in microseconds (1 µs to 10 min).
+#[derive(Debug)]
+pub struct LatencyHistogram(std::sync::Mutex<hdrhistogram::Histogram<u64>>);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(std::sync::Mutex::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("valid histogram bounds"),
+        ))
+    }
+}
+
+impl LatencyHistogram {
+    /// Records one latency.
+    pub fn record(&self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 600_000_000);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(us);
+    }
+
+    /// A copy of the histogram.
+    pub fn snapshot(&self) -> hdrhistogram::Histogram<u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Relays of the blocks being written through this node, so that a recovery pipeline

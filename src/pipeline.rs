@@ -511,6 +511,7 @@ impl Writer {
                         let _ = self
                             .ack_us
                             .record(p.sent.elapsed().as_micros().max(1) as u64);
+                        self.shared.metrics.pipeline_ack_us.record(p.sent.elapsed());
                         Ok(())
                     }
                     None => self.recover(a.statuses.len(), "ack misses statuses").await,

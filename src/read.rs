@@ -144,12 +144,21 @@ impl Reader {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, ReadError> {
-        self.read_range(offset, len).await.map(|(b, _)| b)
+        self.timed(offset, len).await
     }
 
     /// Reads the whole block.
     pub async fn read_all(&self) -> Result<Bytes, ReadError> {
-        self.read_range(0, MAX_BLOCK_SIZE).await.map(|(b, _)| b)
+        self.timed(0, MAX_BLOCK_SIZE).await
+    }
+
+    async fn timed(&self, offset: u64, len: u64) -> Result<Bytes, ReadError> {
+        let t0 = std::time::Instant::now();
+        let r = self.read_range(offset, len).await.map(|(b, _)| b);
+        if r.is_ok() {
+            self.shared.metrics.read_us.record(t0.elapsed());
+        }
+        r
     }
 
     /// Reads `[offset, offset + len)`, clamped to the block's end when `len` reaches past

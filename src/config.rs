@@ -1,0 +1,360 @@
+//! The node configuration file the replicator daemon reads, and its validation into a
+//! [`NodeConfig`]. A bad file is refused with a message that names the field (and, for
+//! syntax and type errors, the line).
+//!
+//! ```toml
+//! name = "a1"                          # this node in the topology
+//! topology = "topology.toml"           # relative paths are relative to this file
+//! store_dir = "data/a1"
+//! store_backend = "auto"               # auto | uring | psync
+//! intra_idc_link = "tcp-tls"           # tcp-tls | quic
+//! default_write_mode = "sync"          # sync | async (for clients of this node)
+//!
+//! [tls]
+//! ca = "certs/ca.pem"
+//! cert = "certs/a1.pem"
+//! key = "certs/a1.key"
+//!
+//! [dci]
+//! share = 0.5                          # of each DCI link's budget
+//! compress = true
+//!
+//! [replication]                        # optional: enables async writes from this node
+//! log_dir = "data/a1-log"
+//! max_lag_bytes = "1GiB"
+//! max_lag_age = "5min"
+//! policy = "sync"                      # block | sync | warn
+//!
+//! [metrics]
+//! addr = "127.0.0.1:9100"              # optional: Prometheus text on /metrics
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::node::NodeConfig;
+use crate::replication::{ReplicationConfig, RpoPolicy};
+use crate::store::BackendKind;
+use crate::topology::Topology;
+use crate::transport::{LinkKind, TlsIdentity};
+use crate::units;
+use crate::wire::WriteMode;
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown field, or a field of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (with the line).
+        message: String,
+    },
+    /// A field holds a value that cannot be used.
+    #[error("{path}: field `{field}`: {message}")]
+    Field {
+        /// The file.
+        path: PathBuf,
+        /// The field, dotted (`dci.share`).
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDci {
+    #[serde(default = "one")]
+    share: f64,
+    #[serde(default = "yes")]
+    compress: bool,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplication {
+    log_dir: PathBuf,
+    max_lag_bytes: Option<String>,
+    max_lag_age: Option<String>,
+    #[serde(default = "warn_policy")]
+    policy: RpoPolicy,
+    workers: Option<usize>,
+}
+
+fn warn_policy() -> RpoPolicy {
+    RpoPolicy::Warn
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    addr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: String,
+    topology: PathBuf,
+    store_dir: PathBuf,
+    #[serde(default)]
+    store_backend: BackendKind,
+    #[serde(default = "tcp")]
+    intra_idc_link: LinkKind,
+    #[serde(default = "sync_mode")]
+    default_write_mode: String,
+    tls: RawTls,
+    dci: Option<RawDci>,
+    replication: Option<RawReplication>,
+    metrics: Option<RawMetrics>,
+}
+
+fn tcp() -> LinkKind {
+    LinkKind::TcpTls
+}
+fn sync_mode() -> String {
+    "sync".into()
+}
+
+/// A validated daemon configuration.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    /// What the node runs with.
+    pub node: NodeConfig,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Write mode for clients that do not choose.
+    pub default_write_mode: WriteMode,
+}
+
+impl DaemonConfig {
+    /// Reads and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates configuration text; relative paths resolve against the
+    /// directory of `path`.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file = path.to_path_buf();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            ConfigError::Parse {
+                path: file.clone(),
+                message: match line {
+                    Some(l) => format!("line {l}: {}", e.message()),
+                    None => e.message().to_string(),
+                },
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let field = |field: &'static str, message: String| ConfigError::Field {
+            path: file.clone(),
+            field,
+            message,
+        };
+        let topology = Topology::from_file(rel(&raw.topology))
+            .map_err(|e| field("topology", e.to_string()))?;
+        if topology.node_by_name(&raw.name).is_none() {
+            return Err(field(
+                "name",
+                format!("{:?} is not a node of the topology", raw.name),
+            ));
+        }
+        let identity =
+            TlsIdentity::from_pem_files(&rel(&raw.tls.ca), &rel(&raw.tls.cert), &rel(&raw.tls.key))
+                .map_err(|e| field("tls", e.to_string()))?;
+        let default_write_mode = match raw.default_write_mode.as_str() {
+            "sync" => WriteMode::Sync,
+            "async" => WriteMode::Async,
+            other => {
+                return Err(field(
+                    "default_write_mode",
+                    format!("{other:?}: expected sync or async"),
+                ));
+            }
+        };
+        let mut node = NodeConfig::new(raw.name, Arc::new(topology), identity, rel(&raw.store_dir));
+        node.store.backend = raw.store_backend;
+        node.transport.intra_idc = raw.intra_idc_link;
+        if let Some(d) = raw.dci {
+            if !(d.share > 0.0 && d.share <= 1.0) {
+                return Err(field("dci.share", format!("{} is not in (0, 1]", d.share)));
+            }
+            node.dci.share = d.share;
+            node.dci.compress = d.compress;
+        }
+        if let Some(r) = raw.replication {
+            let mut rc = ReplicationConfig::new(rel(&r.log_dir));
+            rc.policy = r.policy;
+            if let Some(b) = r.max_lag_bytes {
+                rc.max_lag_bytes = Some(
+                    units::parse_bytes(&b)
+                        .map_err(|e| field("replication.max_lag_bytes", e.to_string()))?,
+                );
+            }
+            if let Some(a) = r.max_lag_age {
+                rc.max_lag_age = Some(
+                    units::parse_duration(&a)
+                        .map_err(|e| field("replication.max_lag_age", e.to_string()))?,
+                );
+            }
+            if let Some(w) = r.workers {
+                if w == 0 {
+                    return Err(field("replication.workers", "must be at least 1".into()));
+                }
+                rc.workers = w;
+            }
+            node.replication = Some(rc);
+        } else if default_write_mode == WriteMode::Async {
+            return Err(field(
+                "default_write_mode",
+                "async needs a [replication] section".into(),
+            ));
+        }
+        let metrics_addr = match raw.metrics {
+            Some(m) => Some(
+                m.addr
+                    .parse()
+                    .map_err(|_| field("metrics.addr", format!("{:?} is not ip:port", m.addr)))?,
+            ),
+            None => None,
+        };
+        Ok(DaemonConfig {
+            node,
+            metrics_addr,
+            default_write_mode,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("topology.toml"),
+            "[[idc]]\nname = \"a\"\n[[node]]\nname = \"n1\"\nlocation = \"/a/r\"\naddr = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        crate::transport::CertAuthority::generate("t")
+            .unwrap()
+            .write_files(&dir.path().join("certs"), ["n1"])
+            .unwrap();
+        Fixture { dir }
+    }
+
+    const GOOD: &str = r#"
+name = "n1"
+topology = "topology.toml"
+store_dir = "data"
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/n1.pem"
+key = "certs/n1.key"
+[dci]
+share = 0.5
+[replication]
+log_dir = "log"
+max_lag_bytes = "1GiB"
+policy = "block"
+[metrics]
+addr = "127.0.0.1:9100"
+"#;
+
+    fn parse(f: &Fixture, text: &str) -> Result<DaemonConfig, ConfigError> {
+        DaemonConfig::from_toml_str(text, &f.dir.path().join("node.toml"))
+    }
+
+    #[test]
+    fn good_config() {
+        let f = fixture();
+        let c = parse(&f, GOOD).unwrap();
+        assert_eq!(c.node.name, "n1");
+        assert_eq!(c.node.dci.share, 0.5);
+        assert_eq!(c.node.store.root, f.dir.path().join("data"));
+        let r = c.node.replication.unwrap();
+        assert_eq!(
+            (r.max_lag_bytes, r.policy),
+            (Some(1 << 30), RpoPolicy::Block)
+        );
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let f = fixture();
+        let cases = [
+            (GOOD.replace("name = \"n1\"", "name = \"zz\""), "`name`"),
+            (GOOD.replace("share = 0.5", "share = 1.5"), "`dci.share`"),
+            (
+                GOOD.replace("\"1GiB\"", "\"lots\""),
+                "`replication.max_lag_bytes`",
+            ),
+            (
+                GOOD.replace("127.0.0.1:9100", "localhost"),
+                "`metrics.addr`",
+            ),
+            (GOOD.replace("certs/n1.key", "certs/nope.key"), "`tls`"),
+            (GOOD.replace("topology.toml", "missing.toml"), "`topology`"),
+            (
+                GOOD.replace("policy = \"block\"", "policy = \"panic\""),
+                "line 14",
+            ),
+            (GOOD.replace("[dci]", "[dci]\nshares = 1"), "unknown field"),
+            (GOOD.replace("store_dir = \"data\"\n", ""), "store_dir"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&f, &text).unwrap_err().to_string();
+            assert!(e.contains(want), "expected {want:?} in: {e}");
+        }
+    }
+}

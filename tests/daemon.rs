@@ -1,0 +1,221 @@
+//! The replicator daemon as real processes: four daemons from TOML files, a client node
+//! in this process writes and reads through them, `/metrics` answers, SIGTERM exits 0
+//! with nothing lost; a bad configuration is refused naming the field.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::pattern;
+use strait::block::{BlockId, GenStamp};
+use strait::node::{Node, NodeConfig};
+use strait::pipeline::{WriteParams, Writer};
+use strait::read::{ReadParams, Reader};
+use strait::store::{BlockStore, ReplicaState, StoreConfig};
+use strait::topology::Topology;
+use strait::transport::{CertAuthority, TlsIdentity};
+
+fn replicator() -> PathBuf {
+    // target/<profile>/deps/daemon-… → target/<profile>/examples/replicator
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("replicator")
+}
+
+const NODES: [(&str, &str, &str, u8); 5] = [
+    ("a1", "idc-a", "r1", 1),
+    ("a2", "idc-a", "r2", 2),
+    ("b1", "idc-b", "r1", 11),
+    ("b2", "idc-b", "r2", 12),
+    ("client", "idc-a", "r3", 50),
+];
+
+fn write_cluster(dir: &Path, net: u8) {
+    let mut topo = String::from("[[idc]]\nname = \"idc-a\"\n[[idc]]\nname = \"idc-b\"\n");
+    for (n, idc, rack, h) in NODES {
+        topo += &format!(
+            "[[node]]\nname = \"{n}\"\nlocation = \"/{idc}/{rack}\"\naddr = \"127.7.{net}.{h}:7900\"\n"
+        );
+    }
+    topo += "[[dci]]\nbetween = [\"idc-a\", \"idc-b\"]\nbudget = \"1gbit\"\nrtt = \"1ms\"\n";
+    std::fs::write(dir.join("topology.toml"), topo).unwrap();
+    CertAuthority::generate("daemon test CA")
+        .unwrap()
+        .write_files(&dir.join("certs"), NODES.iter().map(|n| n.0))
+        .unwrap();
+    for (n, _, _, h) in NODES {
+        let cfg = format!(
+            "name = \"{n}\"\ntopology = \"topology.toml\"\nstore_dir = \"data/{n}\"\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{n}.pem\"\nkey = \"certs/{n}.key\"\n\
+             [metrics]\naddr = \"127.7.{net}.{h}:9900\"\n"
+        );
+        std::fs::write(dir.join(format!("{n}.toml")), cfg).unwrap();
+    }
+}
+
+struct Daemon {
+    child: Child,
+}
+
+fn spawn(dir: &Path, name: &str) -> Daemon {
+    let mut child = Command::new(replicator())
+        .args([
+            "--config",
+            &dir.join(format!("{name}.toml")).display().to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the replicator example is built by cargo test");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("ready {name}"),
+        "daemon {name} did not come up"
+    );
+    Daemon { child }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = (std::process::id() % 250) as u8 + 1;
+    write_cluster(dir.path(), net);
+    let mut daemons: Vec<Daemon> = ["a1", "a2", "b1", "b2"]
+        .iter()
+        .map(|n| spawn(dir.path(), n))
+        .collect();
+
+    // A client node in this process (it stores nothing of this block).
+    let topo = Arc::new(Topology::from_file(dir.path().join("topology.toml")).unwrap());
+    let certs = dir.path().join("certs");
+    let id = TlsIdentity::from_pem_files(
+        &certs.join("ca.pem"),
+        &certs.join("client.pem"),
+        &certs.join("client.key"),
+    )
+    .unwrap();
+    let (client, _) = Node::start(NodeConfig::new(
+        "client",
+        topo.clone(),
+        id,
+        dir.path().join("data/client"),
+    ))
+    .await
+    .unwrap();
+    let targets: Vec<_> = ["a1", "a2", "b1", "b2"]
+        .iter()
+        .map(|n| topo.node_by_name(n).unwrap())
+        .collect();
+    let data = pattern(5, 1_300_000);
+    let mut w = Writer::create(&client, BlockId(5), &targets, WriteParams::new(GenStamp(1)))
+        .await
+        .unwrap();
+    w.write(Bytes::from(data.clone())).await.unwrap();
+    let out = w.close().await.unwrap();
+    assert_eq!(out.replicas, targets);
+    let r = Reader::open(
+        &client,
+        BlockId(5),
+        GenStamp(1),
+        &targets,
+        ReadParams::default(),
+    );
+    assert_eq!(r.read_all().await.unwrap(), data);
+
+    let metrics = http_get(format!("127.7.{net}.1:9900").parse().unwrap(), "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("strait_served_bytes_total{node=\"a1\",tier=\"idc\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("strait_replicas{node=\"a1\",state=\"finalized\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("strait_dci_granted_bytes_total{node=\"a2\"")
+            || metrics.contains("strait_dci_granted_bytes_total{node=\"a1\""),
+        "{metrics}"
+    );
+    assert!(
+        http_get(format!("127.7.{net}.1:9900").parse().unwrap(), "/nope")
+            .starts_with("HTTP/1.1 404")
+    );
+    client.shutdown().await;
+
+    // SIGTERM: every daemon exits 0.
+    for d in &mut daemons {
+        let pid = d.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    for d in &mut daemons {
+        let status = d.child.wait().unwrap();
+        assert!(status.success(), "daemon exited with {status}");
+    }
+    // Nothing lost: each daemon's store holds the block finalized and verified.
+    for n in ["a1", "a2", "b1", "b2"] {
+        let (store, _) = BlockStore::open(StoreConfig::new(dir.path().join(format!("data/{n}"))))
+            .await
+            .unwrap();
+        let info = store.get(BlockId(5)).unwrap();
+        assert_eq!(info.state, ReplicaState::Finalized, "{n}");
+        let r = store.reader(BlockId(5), GenStamp(1)).await.unwrap();
+        assert_eq!(&r.read(0, data.len()).await.unwrap()[..], &data[..], "{n}");
+    }
+}
+
+#[test]
+fn a_bad_configuration_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cluster(dir.path(), 249);
+    let cfg = std::fs::read_to_string(dir.path().join("a1.toml"))
+        .unwrap()
+        .replace("name = \"a1\"", "name = \"a9\"");
+    std::fs::write(dir.path().join("bad.toml"), cfg).unwrap();
+    let out = Command::new(replicator())
+        .args([
+            "--config",
+            &dir.path().join("bad.toml").display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("field `name`") && err.contains("a9"), "{err}");
+    let out = Command::new(replicator())
+        .args(["--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent.toml"));
+}
