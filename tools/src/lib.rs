@@ -2,6 +2,8 @@
 //!
 //! - [`plan`]: dry-run placement over a topology file and summarise where replicas land.
 //! - [`bench`]: the `strait-bench` scenarios.
+//! - [`dciemu`]: the DCI emulator (UDP relay with delay, rate cap, loss).
 
 pub mod bench;
+pub mod dciemu;
 pub mod plan;

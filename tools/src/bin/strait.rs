@@ -47,6 +47,28 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         examples: usize,
     },
+    /// Emulate a WAN DCI link: relay UDP from --listen to --target with a one-way delay, a
+    /// rate cap with a bounded queue, and random loss, in both directions.
+    DciEmu {
+        /// Address to receive on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Address to forward to.
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        /// Rate cap per direction (0: none).
+        #[arg(long, default_value = "1gbit")]
+        rate: String,
+        /// One-way delay.
+        #[arg(long, default_value = "5ms")]
+        delay: String,
+        /// Queue limit per direction.
+        #[arg(long, default_value = "4MiB")]
+        queue: String,
+        /// Loss probability, 0..=1.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+    },
     /// Generate a cluster CA and one certificate per node of a topology (PEM files).
     Certs {
         /// Topology file (TOML).
@@ -70,6 +92,43 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::DciEmu {
+            listen,
+            target,
+            rate,
+            delay,
+            queue,
+            loss,
+        } => {
+            use strait::units;
+            let rate = if rate == "0" {
+                0
+            } else {
+                units::parse_rate(&rate).map_err(|e| format!("--rate: {e}"))?
+            };
+            let params = strait_tools::dciemu::LinkParams {
+                rate,
+                delay: units::parse_duration(&delay).map_err(|e| format!("--delay: {e}"))?,
+                queue_bytes: units::parse_bytes(&queue).map_err(|e| format!("--queue: {e}"))?,
+                loss: if (0.0..=1.0).contains(&loss) {
+                    loss
+                } else {
+                    return Err("--loss must be within 0..=1".into());
+                },
+            };
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            println!(
+                "dci-emu: {listen} -> {target}, {} per direction, +{delay}, queue {queue}, loss {loss}",
+                units::fmt_rate(rate)
+            );
+            rt.block_on(strait_tools::dciemu::run(
+                listen,
+                target,
+                params,
+                Default::default(),
+            ))
+            .map_err(|e| format!("dci-emu: {e}"))
+        }
         Command::Certs { topology, out } => {
             let topo = Topology::from_file(&topology)
                 .map_err(|e| format!("{}: {e}", topology.display()))?;
