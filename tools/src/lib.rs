@@ -3,7 +3,9 @@
 //! - [`plan`]: dry-run placement over a topology file and summarise where replicas land.
 //! - [`bench`]: the `strait-bench` scenarios.
 //! - [`dciemu`]: the DCI emulator (UDP relay with delay, rate cap, loss).
+//! - [`fsck`]: verify every replica of a stopped store.
 
 pub mod bench;
 pub mod dciemu;
+pub mod fsck;
 pub mod plan;

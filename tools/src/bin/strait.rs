@@ -69,6 +69,16 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         loss: f64,
     },
+    /// Verify every replica of a (stopped) store and report the corrupt ones; exits 1 if
+    /// any is corrupt.
+    Fsck {
+        /// The store's directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// IO backend: auto, uring, psync.
+        #[arg(long, default_value = "auto")]
+        backend: strait::store::BackendKind,
+    },
     /// Generate a cluster CA and one certificate per node of a topology (PEM files).
     Certs {
         /// Topology file (TOML).
@@ -128,6 +138,18 @@ fn run(cli: Cli) -> Result<(), String> {
                 Default::default(),
             ))
             .map_err(|e| format!("dci-emu: {e}"))
+        }
+        Command::Fsck { store, backend } => {
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let report = rt
+                .block_on(strait_tools::fsck::run(&store, backend))
+                .map_err(|e| format!("fsck {}: {e}", store.display()))?;
+            print!("{report}");
+            if report.corrupt.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{} corrupt replica(s)", report.corrupt.len()))
+            }
         }
         Command::Certs { topology, out } => {
             let topo = Topology::from_file(&topology)
