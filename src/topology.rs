@@ -212,6 +212,9 @@ pub struct NodeInfo {
     pub addr: SocketAddr,
     /// Disk capacity in bytes for block replicas.
     pub capacity: u64,
+    /// Where peers in *other* IDCs reach the node's QUIC endpoint, when that differs from
+    /// `addr` (a WAN emulator or a DCI gateway in front of it).
+    pub dci_addr: Option<SocketAddr>,
     /// Where it sits.
     pub location: Location,
 }
@@ -584,6 +587,7 @@ struct NodeEntry {
     rack: String,
     addr: SocketAddr,
     capacity: u64,
+    dci_addr: Option<SocketAddr>,
     line: Option<usize>,
 }
 
@@ -631,8 +635,17 @@ impl TopologyBuilder {
             rack: rack.into(),
             addr,
             capacity,
+            dci_addr: None,
             line: None,
         });
+        self
+    }
+
+    /// Sets the address peers in other IDCs use for the node added last.
+    pub fn dci_addr(mut self, addr: SocketAddr) -> Self {
+        if let Some(n) = self.nodes.last_mut() {
+            n.dci_addr = Some(addr);
+        }
         self
     }
 
@@ -740,13 +753,15 @@ impl TopologyBuilder {
                     context: format!("node {:?}", e.name),
                     idc: e.idc.clone(),
                 })?;
-            if let Some(other) = addr_owner.get(&e.addr) {
-                return Err(TopologyError::DuplicateAddress {
-                    line,
-                    node: e.name.clone(),
-                    addr: e.addr,
-                    other: nodes[other.index()].name.clone(),
-                });
+            for a in std::iter::once(e.addr).chain(e.dci_addr) {
+                if let Some(other) = addr_owner.get(&a) {
+                    return Err(TopologyError::DuplicateAddress {
+                        line,
+                        node: e.name.clone(),
+                        addr: a,
+                        other: nodes[other.index()].name.clone(),
+                    });
+                }
             }
             let rack = match rack_by_name.get(&(idc, e.rack.clone())) {
                 Some(&r) => r,
@@ -772,6 +787,9 @@ impl TopologyBuilder {
             };
             node_by_name.insert(e.name.clone(), id);
             addr_owner.insert(e.addr, id);
+            if let Some(a) = e.dci_addr {
+                addr_owner.insert(a, id);
+            }
             node_lines.push(e.line);
             racks[rack.index()].nodes.push(id);
             idcs[idc.index()].nodes.push(id);
@@ -779,6 +797,7 @@ impl TopologyBuilder {
                 name: e.name.clone(),
                 addr: e.addr,
                 capacity: e.capacity,
+                dci_addr: e.dci_addr,
                 location: Location {
                     idc,
                     rack,
@@ -883,6 +902,7 @@ struct RawIdc {
 struct RawNode {
     name: toml::Spanned<String>,
     addr: String,
+    dci_addr: Option<String>,
     capacity: Option<toml::Spanned<toml::Value>>,
     location: Option<String>,
     idc: Option<String>,
@@ -981,12 +1001,21 @@ impl RawFile {
                     }
                 }
             };
+            let dci_addr = match n.dci_addr {
+                Some(a) => Some(a.parse().map_err(|_| TopologyError::BadAddress {
+                    line,
+                    node: name.clone(),
+                    addr: a.clone(),
+                })?),
+                None => None,
+            };
             b.nodes.push(NodeEntry {
                 name,
                 idc,
                 rack,
                 addr,
                 capacity,
+                dci_addr,
                 line: line.0,
             });
         }
@@ -1329,6 +1358,22 @@ rtt = "2ms"
             "{TWO_IDC}\n[[dci]]\nbetween = [\"idc-b\", \"idc-a\"]\nbudget = 5\nrtt = \"1ms\"\n"
         );
         assert!(matches!(err(&text), TopologyError::DuplicateLink { .. }));
+    }
+
+    #[test]
+    fn dci_addresses() {
+        let t = Topology::from_toml_str(&TWO_IDC.replace(
+            "addr = \"127.0.0.21:7000\"",
+            "addr = \"127.0.0.21:7000\"\ndci_addr = \"127.0.0.99:7000\"",
+        ))
+        .unwrap();
+        let b1 = t.node_by_name("b1").unwrap();
+        assert_eq!(t.node(b1).dci_addr, Some("127.0.0.99:7000".parse().unwrap()));
+        let e = err(&TWO_IDC.replace(
+            "addr = \"127.0.0.21:7000\"",
+            "addr = \"127.0.0.21:7000\"\ndci_addr = \"127.0.0.11:7000\"",
+        ));
+        assert!(matches!(e, TopologyError::DuplicateAddress { ref other, .. } if other == "a1"), "{e}");
     }
 
     #[test]

@@ -454,6 +454,12 @@ impl Transport {
 
     async fn connect_quic(&self, peer: NodeId) -> Result<quinn::Connection, TransportError> {
         let node = self.inner.topology.node(peer);
+        // Across the DCI, a node may be reached through another address (an emulator or
+        // gateway in front of it); TLS still checks the node's own name.
+        let addr = match node.dci_addr {
+            Some(a) if self.inner.topology.tier(self.inner.me, peer) == Tier::Dci => a,
+            _ => node.addr,
+        };
         let crypto =
             quinn::crypto::rustls::QuicClientConfig::try_from(self.inner.tls_client.clone())
                 .map_err(|e| TransportError::Tls(format!("QUIC client config: {e}")))?;
@@ -469,13 +475,13 @@ impl Transport {
         )));
         let connect_err = |reason: String| TransportError::Connect {
             peer: node.name.clone(),
-            addr: node.addr,
+            addr,
             reason,
         };
         let connecting = self
             .inner
             .endpoint
-            .connect_with(cfg, node.addr, &node.name)
+            .connect_with(cfg, addr, &node.name)
             .map_err(|e| connect_err(e.to_string()))?;
         let after = self.inner.config.connect_timeout;
         let conn = tokio::time::timeout(after, connecting)
@@ -487,7 +493,7 @@ impl Transport {
             })?
             .map_err(|e| connect_err(e.to_string()))?;
         self.inner.counters.connections[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(peer = %node.name, addr = %node.addr, "QUIC connection established");
+        tracing::debug!(peer = %node.name, %addr, "QUIC connection established");
         Ok(conn)
     }
 

@@ -304,4 +304,78 @@ mod tests {
         );
         emu.abort();
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quic_between_idcs_goes_through_the_emulator() {
+        use strait::topology::Topology;
+        use strait::transport::{CertAuthority, Transport, TransportConfig};
+        use strait::wire::{Ack, Frame, Status};
+        let net = (std::process::id() % 250) as u8 + 1;
+        let a = |h: u8| -> SocketAddr { SocketAddr::from(([127, 8, net, h], 7950)) };
+        let topo = Arc::new(
+            Topology::builder()
+                .idc("idc-a")
+                .idc("idc-b")
+                .node("a1", "idc-a", "r1", a(1), 1 << 40)
+                .node("b1", "idc-b", "r1", a(2), 1 << 40)
+                .dci_addr(a(3))
+                .link("idc-a", "idc-b", 125_000_000, Duration::from_millis(30))
+                .build()
+                .unwrap(),
+        );
+        let params = LinkParams {
+            rate: 0,
+            delay: Duration::from_millis(15),
+            queue_bytes: 1 << 20,
+            loss: 0.0,
+        };
+        let stats = Arc::new(EmuStats::default());
+        let emu = tokio::spawn(run(a(3), a(2), params, stats.clone()));
+        let ca = CertAuthority::generate("emu test").unwrap();
+        let id = |n: &str| topo.node_by_name(n).unwrap();
+        let (ta, _) = Transport::bind(
+            id("a1"),
+            topo.clone(),
+            &ca.identity("a1").unwrap(),
+            TransportConfig::default(),
+        )
+        .await
+        .unwrap();
+        let (_tb, mut incoming) = Transport::bind(
+            id("b1"),
+            topo.clone(),
+            &ca.identity("b1").unwrap(),
+            TransportConfig::default(),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(async move {
+            while let Some(mut s) = incoming.accept().await {
+                tokio::spawn(async move {
+                    while let Ok(Some(f)) = s.reader.recv().await {
+                        if s.writer.send(&f).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut s = ta.open(id("b1")).await.unwrap();
+        let ping = Frame::Ack(Ack {
+            seq: 1,
+            statuses: vec![Status::Success],
+        });
+        s.writer.send(&ping).await.unwrap();
+        assert_eq!(s.reader.recv().await.unwrap(), Some(ping.clone()));
+        let t = Instant::now();
+        s.writer.send(&ping).await.unwrap();
+        assert_eq!(s.reader.recv().await.unwrap(), Some(ping));
+        let rtt = t.elapsed();
+        assert!(
+            rtt >= Duration::from_millis(30),
+            "round trip {rtt:?} did not cross the emulator"
+        );
+        assert!(stats.forwarded.load(std::sync::atomic::Ordering::Relaxed) > 4);
+        emu.abort();
+    }
 }
