@@ -1368,12 +1368,18 @@ rtt = "2ms"
         ))
         .unwrap();
         let b1 = t.node_by_name("b1").unwrap();
-        assert_eq!(t.node(b1).dci_addr, Some("127.0.0.99:7000".parse().unwrap()));
+        assert_eq!(
+            t.node(b1).dci_addr,
+            Some("127.0.0.99:7000".parse().unwrap())
+        );
         let e = err(&TWO_IDC.replace(
             "addr = \"127.0.0.21:7000\"",
             "addr = \"127.0.0.21:7000\"\ndci_addr = \"127.0.0.11:7000\"",
         ));
-        assert!(matches!(e, TopologyError::DuplicateAddress { ref other, .. } if other == "a1"), "{e}");
+        assert!(
+            matches!(e, TopologyError::DuplicateAddress { ref other, .. } if other == "a1"),
+            "{e}"
+        );
     }
 
     #[test]
