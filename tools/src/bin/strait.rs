@@ -69,6 +69,11 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         loss: f64,
     },
+    /// Start or stop a local multi-IDC cluster of replicator daemons behind DCI emulators.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Verify every replica of a (stopped) store and report the corrupt ones; exits 1 if
     /// any is corrupt.
     Fsck {
@@ -87,6 +92,38 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Generate certificates and configurations, start the emulators and daemons, wait
+    /// until all are healthy.
+    Up {
+        /// Work directory (created).
+        #[arg(long, default_value = "target/strait-cluster")]
+        dir: PathBuf,
+        /// Number of IDCs.
+        #[arg(long, default_value_t = 2)]
+        idcs: usize,
+        /// Racks per IDC.
+        #[arg(long, default_value_t = 2)]
+        racks: usize,
+        /// Nodes per rack.
+        #[arg(long, default_value_t = 2)]
+        nodes_per_rack: usize,
+        /// DCI budget (and emulated rate) per direction.
+        #[arg(long, default_value = "1gbit")]
+        dci_rate: String,
+        /// One-way DCI delay.
+        #[arg(long, default_value = "5ms")]
+        dci_delay: String,
+    },
+    /// Stop exactly the processes `up` started.
+    Down {
+        /// Work directory.
+        #[arg(long, default_value = "target/strait-cluster")]
+        dir: PathBuf,
     },
 }
 
@@ -139,6 +176,33 @@ fn run(cli: Cli) -> Result<(), String> {
             ))
             .map_err(|e| format!("dci-emu: {e}"))
         }
+        Command::Cluster { action } => match action {
+            ClusterAction::Up {
+                dir,
+                idcs,
+                racks,
+                nodes_per_rack,
+                dci_rate,
+                dci_delay,
+            } => {
+                let spec = strait_tools::cluster::ClusterSpec {
+                    idcs,
+                    racks,
+                    nodes_per_rack,
+                    dci_rate: strait::units::parse_rate(&dci_rate)
+                        .map_err(|e| format!("--dci-rate: {e}"))?,
+                    dci_delay: strait::units::parse_duration(&dci_delay)
+                        .map_err(|e| format!("--dci-delay: {e}"))?,
+                };
+                let summary = strait_tools::cluster::up(&dir, &spec)?;
+                print!("{summary}");
+                Ok(())
+            }
+            ClusterAction::Down { dir } => {
+                println!("{}", strait_tools::cluster::down(&dir)?);
+                Ok(())
+            }
+        },
         Command::Fsck { store, backend } => {
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             let report = rt

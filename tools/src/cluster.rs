@@ -1,0 +1,303 @@
+//! `strait cluster up|down`: a local multi-IDC cluster of replicator daemons (child
+//! processes) on 127.9.x.y, with every cross-IDC QUIC connection routed through a DCI
+//! emulator per node. Everything lives in one work directory: topology, certificates,
+//! node configurations, stores, logs and the list of processes started, so that `down`
+//! stops exactly those.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strait::transport::CertAuthority;
+
+/// Shape of the local cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Number of IDCs (1..=9).
+    pub idcs: usize,
+    /// Racks per IDC.
+    pub racks: usize,
+    /// Nodes per rack.
+    pub nodes_per_rack: usize,
+    /// DCI budget per direction, bytes/s (also the emulator's rate cap).
+    pub dci_rate: u64,
+    /// One-way DCI delay.
+    pub dci_delay: Duration,
+}
+
+const STATE: &str = "cluster.pids";
+
+fn idc_name(i: usize) -> String {
+    format!("idc-{}", (b'a' + i as u8) as char)
+}
+
+/// A node of the generated cluster.
+#[derive(Debug, Clone)]
+pub struct NodePlan {
+    /// Name.
+    pub name: String,
+    /// IDC index.
+    pub idc: usize,
+    /// Its strait address.
+    pub addr: SocketAddr,
+    /// Where other IDCs reach it (the emulator in front of it).
+    pub dci_addr: SocketAddr,
+    /// Its metrics address.
+    pub metrics: SocketAddr,
+    /// Whether it is a client identity (no daemon).
+    pub client: bool,
+}
+
+/// The nodes of a cluster of this shape, plus one client identity per IDC.
+pub fn plan(spec: &ClusterSpec) -> Vec<NodePlan> {
+    let mut out = Vec::new();
+    for i in 0..spec.idcs {
+        let letter = (b'a' + i as u8) as char;
+        for n in 0..spec.racks * spec.nodes_per_rack {
+            let h = n as u8 + 1;
+            out.push(NodePlan {
+                name: format!("{letter}{}", n + 1),
+                idc: i,
+                addr: SocketAddr::from(([127, 9, i as u8, h], 7100)),
+                dci_addr: SocketAddr::from(([127, 9, 100 + i as u8, h], 7100)),
+                metrics: SocketAddr::from(([127, 9, i as u8, h], 9100)),
+                client: false,
+            });
+        }
+        out.push(NodePlan {
+            name: format!("client-{letter}"),
+            idc: i,
+            addr: SocketAddr::from(([127, 9, i as u8, 200], 7100)),
+            dci_addr: SocketAddr::from(([127, 9, 100 + i as u8, 200], 7100)),
+            metrics: SocketAddr::from(([127, 9, i as u8, 200], 9100)),
+            client: true,
+        });
+    }
+    out
+}
+
+fn topology_toml(spec: &ClusterSpec, nodes: &[NodePlan]) -> String {
+    let mut t = String::new();
+    for i in 0..spec.idcs {
+        let _ = writeln!(t, "[[idc]]\nname = \"{}\"\n", idc_name(i));
+    }
+    for n in nodes {
+        let rack = if n.client {
+            "clients".to_string()
+        } else {
+            let idx: usize = n.name[1..].parse().unwrap_or(1) - 1;
+            format!("rack-{}", idx / spec.nodes_per_rack + 1)
+        };
+        let _ = writeln!(
+            t,
+            "[[node]]\nname = \"{}\"\nlocation = \"/{}/{rack}\"\naddr = \"{}\"\ndci_addr = \"{}\"\ncapacity = \"1TiB\"\n",
+            n.name,
+            idc_name(n.idc),
+            n.addr,
+            n.dci_addr
+        );
+    }
+    for i in 0..spec.idcs {
+        for j in i + 1..spec.idcs {
+            let _ = writeln!(
+                t,
+                "[[dci]]\nbetween = [\"{}\", \"{}\"]\nbudget = {}\nrtt = \"{}us\"\n",
+                idc_name(i),
+                idc_name(j),
+                spec.dci_rate,
+                (spec.dci_delay * 2).as_micros()
+            );
+        }
+    }
+    t
+}
+
+fn node_toml(n: &NodePlan, senders_per_idc: usize) -> String {
+    format!(
+        "name = \"{name}\"\ntopology = \"topology.toml\"\nstore_dir = \"data/{name}\"\n\
+         [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
+         [dci]\nshare = {share}\n\
+         [replication]\nlog_dir = \"data/{name}-log\"\npolicy = \"warn\"\n\
+         [metrics]\naddr = \"{metrics}\"\n",
+        name = n.name,
+        share = 1.0 / senders_per_idc.max(1) as f64,
+        metrics = n.metrics
+    )
+}
+
+fn sibling(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().ok_or("no executable directory")?;
+    for p in [dir.join(name), dir.join("examples").join(name)] {
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(format!(
+        "{name} not found next to {}: build it with `cargo build --release --example replicator`",
+        exe.display()
+    ))
+}
+
+fn healthy(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /health HTTP/1.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+/// Generates everything in `dir`, starts the emulators and daemons, waits until every
+/// daemon answers `/health`. Returns a summary for the operator.
+pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
+    if !(1..=9).contains(&spec.idcs)
+        || spec.racks == 0
+        || spec.nodes_per_rack == 0
+        || spec.racks * spec.nodes_per_rack > 99
+    {
+        return Err("need 1..=9 idcs and 1..=99 nodes per idc".into());
+    }
+    if dir.join(STATE).exists() {
+        return Err(format!(
+            "a cluster is already up in {} (run `strait cluster down` first)",
+            dir.display()
+        ));
+    }
+    let nodes = plan(spec);
+    std::fs::create_dir_all(dir.join("logs")).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("topology.toml"), topology_toml(spec, &nodes))
+        .map_err(|e| e.to_string())?;
+    CertAuthority::generate("strait local cluster CA")
+        .and_then(|ca| ca.write_files(&dir.join("certs"), nodes.iter().map(|n| n.name.as_str())))
+        .map_err(|e| e.to_string())?;
+    let senders = spec.racks * spec.nodes_per_rack;
+    for n in &nodes {
+        std::fs::write(dir.join(format!("{}.toml", n.name)), node_toml(n, senders))
+            .map_err(|e| e.to_string())?;
+    }
+    let strait = std::env::current_exe().map_err(|e| e.to_string())?;
+    let replicator = sibling("replicator")?;
+    let mut pids = Vec::new();
+    let spawn = |cmd: &mut Command, log: &str| -> Result<u32, String> {
+        let out = std::fs::File::create(dir.join("logs").join(log)).map_err(|e| e.to_string())?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("{log}: {e}"))?;
+        Ok(child.id())
+    };
+    let result = (|| -> Result<(), String> {
+        for n in &nodes {
+            let pid = spawn(
+                Command::new(&strait).args([
+                    "dci-emu",
+                    "--listen",
+                    &n.dci_addr.to_string(),
+                    "--target",
+                    &n.addr.to_string(),
+                    "--rate",
+                    &spec.dci_rate.to_string(),
+                    "--delay",
+                    &format!("{}us", spec.dci_delay.as_micros()),
+                ]),
+                &format!("dci-emu-{}.log", n.name),
+            )?;
+            pids.push(pid);
+        }
+        for n in nodes.iter().filter(|n| !n.client) {
+            let pid = spawn(
+                Command::new(&replicator)
+                    .current_dir(dir)
+                    .args(["--config", &format!("{}.toml", n.name)]),
+                &format!("{}.log", n.name),
+            )?;
+            pids.push(pid);
+        }
+        Ok(())
+    })();
+    let state: String = pids.iter().map(|p| format!("{p}\n")).collect();
+    std::fs::write(dir.join(STATE), state).map_err(|e| e.to_string())?;
+    result?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in nodes.iter().filter(|n| !n.client) {
+        while !healthy(n.metrics) {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} is not healthy after 30 s; see {}",
+                    n.name,
+                    dir.join("logs").join(format!("{}.log", n.name)).display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut s = format!(
+        "cluster up in {}: {} idcs x {} racks x {} nodes, DCI {} per direction, +{:?} one way (dci-emu in front of every node)\n",
+        dir.display(),
+        spec.idcs,
+        spec.racks,
+        spec.nodes_per_rack,
+        strait::units::fmt_rate(spec.dci_rate),
+        spec.dci_delay
+    );
+    for n in nodes.iter().filter(|n| !n.client) {
+        let _ = writeln!(
+            s,
+            "  {:<4} {}  {}  metrics http://{}/metrics",
+            n.name,
+            idc_name(n.idc),
+            n.addr,
+            n.metrics
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{} processes; stop them with `strait cluster down --dir {}`",
+        pids.len(),
+        dir.display()
+    );
+    Ok(s)
+}
+
+/// Stops exactly the processes `up` started in `dir` (SIGTERM, then waits, bounded).
+pub fn down(dir: &Path) -> Result<String, String> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("no cluster in {}: {e}", dir.display()))?;
+    let pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    for p in &pids {
+        let _ = Command::new("kill")
+            .args(["-TERM", &p.to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists() && !is_zombie(*p);
+    while pids.iter().any(alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<u32> = pids.iter().copied().filter(alive).collect();
+    std::fs::remove_file(&path).map_err(|e| e.to_string())?;
+    if left.is_empty() {
+        Ok(format!("stopped {} processes", pids.len()))
+    } else {
+        Err(format!("processes still running after SIGTERM: {left:?}"))
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}

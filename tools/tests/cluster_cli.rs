@@ -1,0 +1,121 @@
+//! `strait cluster up`, a sync 2+2 write and read through the daemons (cross-IDC via the
+//! DCI emulators), `strait cluster down`. Needs the root crate's `replicator` example,
+//! which `cargo test --workspace` builds.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use strait::block::{BlockId, GenStamp};
+use strait::node::{Node, NodeConfig};
+use strait::pipeline::{WriteParams, Writer};
+use strait::read::{ReadParams, Reader};
+use strait::topology::{Tier, Topology};
+use strait::transport::TlsIdentity;
+
+fn strait(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_up_write_read_down() {
+    let replicator = Path::new(env!("CARGO_BIN_EXE_strait"))
+        .parent()
+        .unwrap()
+        .join("examples/replicator");
+    if !replicator.exists() {
+        eprintln!(
+            "skipped: {} not built (run the workspace tests)",
+            replicator.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let out = strait(&[
+        "cluster",
+        "up",
+        "--dir",
+        &d,
+        "--idcs",
+        "2",
+        "--racks",
+        "1",
+        "--nodes-per-rack",
+        "2",
+        "--dci-rate",
+        "200mbit",
+        "--dci-delay",
+        "2ms",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("cluster up") && text.contains("a1") && text.contains("b2"),
+        "{text}"
+    );
+    // A second `up` in the same directory is refused.
+    assert!(!strait(&["cluster", "up", "--dir", &d]).status.success());
+
+    let root = dir.path().to_path_buf();
+    let result = async move {
+        let topo = Arc::new(Topology::from_file(root.join("topology.toml")).unwrap());
+        let c = root.join("certs");
+        let id = TlsIdentity::from_pem_files(
+            &c.join("ca.pem"),
+            &c.join("client-a.pem"),
+            &c.join("client-a.key"),
+        )
+        .unwrap();
+        let (client, _) = Node::start(NodeConfig::new(
+            "client-a",
+            topo.clone(),
+            id,
+            root.join("data/client-a"),
+        ))
+        .await
+        .unwrap();
+        let targets: Vec<_> = ["a1", "a2", "b1", "b2"]
+            .iter()
+            .map(|n| topo.node_by_name(n).unwrap())
+            .collect();
+        let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let mut w = Writer::create(&client, BlockId(1), &targets, WriteParams::new(GenStamp(1)))
+            .await
+            .unwrap();
+        w.write(Bytes::from(data.clone())).await.unwrap();
+        assert_eq!(w.close().await.unwrap().replicas, targets);
+        let r = Reader::open(
+            &client,
+            BlockId(1),
+            GenStamp(1),
+            &targets,
+            ReadParams::default(),
+        );
+        assert_eq!(r.read_all().await.unwrap(), data);
+        assert_eq!(
+            client.metrics().read_bytes.get(Tier::Dci),
+            0,
+            "read stayed in idc-a"
+        );
+        client.shutdown().await;
+    };
+    // Always stop the cluster, even when the checks fail.
+    let checks = tokio::spawn(result).await;
+    let down = strait(&["cluster", "down", "--dir", &d]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    checks.unwrap();
+    assert!(!dir.path().join("cluster.pids").exists());
+}
