@@ -109,7 +109,60 @@ async fn cluster_up_write_read_down() {
         client.shutdown().await;
     };
     // Always stop the cluster, even when the checks fail.
-    let checks = tokio::spawn(result).await;
+    let mut checks = tokio::spawn(result).await;
+    if checks.is_ok() {
+        // put / get through the command line, reading from the other IDC.
+        let file = dir.path().join("input.bin");
+        let data: Vec<u8> = (0..3_100_000u32).map(|i| (i * 13 % 241) as u8).collect();
+        std::fs::write(&file, &data).unwrap();
+        let f = file.display().to_string();
+        let put = strait(&[
+            "put",
+            &f,
+            "--dir",
+            &d,
+            "--spec",
+            "2+2",
+            "--block-size",
+            "1MiB",
+        ]);
+        let put_out = String::from_utf8_lossy(&put.stdout).to_string();
+        let out = dir.path().join("output.bin");
+        let o = out.display().to_string();
+        let manifest = dir.path().join("input.strait").display().to_string();
+        let get = strait(&[
+            "get", &manifest, "--dir", &d, "--from", "idc-b", "--out", &o,
+        ]);
+        let get_out = String::from_utf8_lossy(&get.stdout).to_string();
+        let async_put = strait(&["put", &f, "--dir", &d, "--mode", "async"]);
+        checks = tokio::spawn(async move {
+            assert!(
+                put.status.success(),
+                "{put_out}\n{}",
+                String::from_utf8_lossy(&put.stderr)
+            );
+            assert_eq!(
+                put_out
+                    .lines()
+                    .filter(|l| l.split_whitespace().count() == 4)
+                    .count(),
+                3,
+                "{put_out}"
+            );
+            assert!(
+                get.status.success(),
+                "{get_out}\n{}",
+                String::from_utf8_lossy(&get.stderr)
+            );
+            assert_eq!(std::fs::read(&out).unwrap(), data);
+            assert!(
+                get_out.contains("dci 0"),
+                "reads from idc-b stay in idc-b: {get_out}"
+            );
+            assert!(!async_put.status.success());
+        })
+        .await;
+    }
     let down = strait(&["cluster", "down", "--dir", &d]);
     assert!(
         down.status.success(),

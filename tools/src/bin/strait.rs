@@ -69,6 +69,43 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         loss: f64,
     },
+    /// Write a file into the local cluster (blocks placed by spec); prints the manifest.
+    Put {
+        /// The file.
+        file: PathBuf,
+        /// Cluster work directory.
+        #[arg(long, default_value = "target/strait-cluster")]
+        dir: PathBuf,
+        /// Replication spec.
+        #[arg(long, default_value = "2+2")]
+        spec: ReplicationSpec,
+        /// Write mode; only sync from this command so far.
+        #[arg(long, default_value = "sync")]
+        mode: String,
+        /// The client's IDC.
+        #[arg(long, default_value = "idc-a")]
+        from: String,
+        /// Bytes per block.
+        #[arg(long, default_value = "64MiB")]
+        block_size: String,
+        /// Where to write the manifest (default: FILE.strait).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Read the blocks of a manifest back from the local cluster.
+    Get {
+        /// The manifest written by `put`.
+        manifest: PathBuf,
+        /// Cluster work directory.
+        #[arg(long, default_value = "target/strait-cluster")]
+        dir: PathBuf,
+        /// The client's IDC.
+        #[arg(long, default_value = "idc-a")]
+        from: String,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Start or stop a local multi-IDC cluster of replicator daemons behind DCI emulators.
     Cluster {
         #[command(subcommand)]
@@ -175,6 +212,46 @@ fn run(cli: Cli) -> Result<(), String> {
                 Default::default(),
             ))
             .map_err(|e| format!("dci-emu: {e}"))
+        }
+        Command::Put {
+            file,
+            dir,
+            spec,
+            mode,
+            from,
+            block_size,
+            manifest,
+        } => {
+            if mode != "sync" {
+                return Err(format!(
+                    "--mode {mode}: a CLI client cannot hold the replication log its async writes need; use sync (async writes from daemons' nodes work)"
+                ));
+            }
+            let block_size = strait::units::parse_bytes(&block_size)
+                .map_err(|e| format!("--block-size: {e}"))?;
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let (text, summary) = rt.block_on(strait_tools::client::put(
+                &dir, &file, &spec, &from, block_size,
+            ))?;
+            let path = manifest.unwrap_or_else(|| file.with_extension("strait"));
+            std::fs::write(&path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
+            print!("{text}");
+            println!("{summary}; manifest {}", path.display());
+            Ok(())
+        }
+        Command::Get {
+            manifest,
+            dir,
+            from,
+            out,
+        } => {
+            let text = std::fs::read_to_string(&manifest)
+                .map_err(|e| format!("{}: {e}", manifest.display()))?;
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let (bytes, summary) = rt.block_on(strait_tools::client::get(&dir, &text, &from))?;
+            std::fs::write(&out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;
+            println!("{summary}; wrote {}", out.display());
+            Ok(())
         }
         Command::Cluster { action } => match action {
             ClusterAction::Up {

@@ -1,0 +1,226 @@
+//! `strait put` and `strait get`: a client of a running local cluster. The client runs an
+//! in-process node with the cluster's client identity of its IDC (`client-a`, …), places
+//! blocks with `placement`, writes them through the pipeline, and keeps a manifest (one
+//! line per block: id, genstamp, length, replicas) that `get` reads back.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{RngExt, SeedableRng};
+use strait::block::{BlockId, GenStamp};
+use strait::node::{Node, NodeConfig};
+use strait::pipeline::{WriteParams, Writer};
+use strait::placement::{self, NodeStates, ReplicationSpec};
+use strait::read::{ReadParams, Reader};
+use strait::topology::{Origin, Tier, Topology};
+use strait::transport::TlsIdentity;
+
+/// One block of a stored file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEntry {
+    /// The block.
+    pub block: BlockId,
+    /// Its genstamp.
+    pub genstamp: GenStamp,
+    /// Its length.
+    pub len: u64,
+    /// Nodes holding it.
+    pub replicas: Vec<String>,
+}
+
+fn parse_manifest(text: &str) -> Result<Vec<ManifestEntry>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let bad = || {
+                format!(
+                    "manifest line {}: expected `block genstamp len node,node,…`",
+                    i + 1
+                )
+            };
+            if f.len() != 4 {
+                return Err(bad());
+            }
+            Ok(ManifestEntry {
+                block: BlockId(f[0].parse().map_err(|_| bad())?),
+                genstamp: GenStamp(f[1].parse().map_err(|_| bad())?),
+                len: f[2].parse().map_err(|_| bad())?,
+                replicas: f[3].split(',').map(str::to_string).collect(),
+            })
+        })
+        .collect()
+}
+
+async fn client(dir: &Path, idc: &str) -> Result<(Node, Arc<Topology>), String> {
+    let topo = Arc::new(Topology::from_file(dir.join("topology.toml")).map_err(|e| e.to_string())?);
+    let id = topo
+        .idc_by_name(idc)
+        .ok_or(format!("no idc {idc:?} in the cluster"))?;
+    let letter = idc
+        .strip_prefix("idc-")
+        .ok_or(format!("{idc:?} is not a local-cluster idc"))?;
+    let name = format!("client-{letter}");
+    if topo.node_by_name(&name).map(|n| topo.location(n).idc) != Some(id) {
+        return Err(format!("the cluster has no client identity {name}"));
+    }
+    let c = dir.join("certs");
+    let ident = TlsIdentity::from_pem_files(
+        &c.join("ca.pem"),
+        &c.join(format!("{name}.pem")),
+        &c.join(format!("{name}.key")),
+    )
+    .map_err(|e| e.to_string())?;
+    let (node, _) = Node::start(NodeConfig::new(
+        name,
+        topo.clone(),
+        ident,
+        dir.join("data").join(format!("client-{letter}")),
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((node, topo))
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Writes `file` as blocks of `block_size` with `spec` (sync mode) from a client in
+/// `idc`; returns the manifest text and a summary.
+pub async fn put(
+    dir: &Path,
+    file: &Path,
+    spec: &ReplicationSpec,
+    idc: &str,
+    block_size: u64,
+) -> Result<(String, String), String> {
+    let data = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (node, topo) = client(dir, idc).await?;
+    let origin = Origin::in_idc(topo.location(node.id()).idc);
+    let states = NodeStates::from_topology(&topo);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let pb = bar(data.len() as u64, "put");
+    let t0 = std::time::Instant::now();
+    let mut manifest = String::new();
+    let mut excluded = vec![];
+    // Client identities never hold replicas.
+    for n in topo.nodes() {
+        if n.name.starts_with("client-") {
+            excluded.extend(topo.node_by_name(&n.name));
+        }
+    }
+    for chunk in data.chunks(block_size.max(1) as usize) {
+        let p = placement::choose_targets(&topo, &origin, spec, &excluded, &states, &mut rng)
+            .map_err(|e| e.to_string())?;
+        let block = BlockId(rng.random());
+        let mut w = Writer::create(&node, block, p.targets(), WriteParams::new(GenStamp(1)))
+            .await
+            .map_err(|e| e.to_string())?;
+        w.write(Bytes::copy_from_slice(chunk))
+            .await
+            .map_err(|e| e.to_string())?;
+        let out = w.close().await.map_err(|e| e.to_string())?;
+        let names: Vec<&str> = out
+            .replicas
+            .iter()
+            .map(|&r| topo.node(r).name.as_str())
+            .collect();
+        manifest += &format!(
+            "{} {} {} {}\n",
+            block.0,
+            out.genstamp.0,
+            out.len,
+            names.join(",")
+        );
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    node.shutdown().await;
+    let secs = t0.elapsed().as_secs_f64();
+    let summary = format!(
+        "put {}: {} bytes in {} blocks, {:.1} MB/s, spec {spec} (sync)",
+        file.display(),
+        data.len(),
+        manifest.lines().count(),
+        data.len() as f64 / 1e6 / secs.max(1e-9)
+    );
+    Ok((manifest, summary))
+}
+
+/// Reads the blocks of `manifest` from a client in `idc`; returns the bytes and a
+/// summary with the bytes read per distance tier.
+pub async fn get(dir: &Path, manifest: &str, idc: &str) -> Result<(Vec<u8>, String), String> {
+    let entries = parse_manifest(manifest)?;
+    let (node, topo) = client(dir, idc).await?;
+    let total: u64 = entries.iter().map(|e| e.len).sum();
+    let pb = bar(total, "get");
+    let t0 = std::time::Instant::now();
+    let mut out = Vec::with_capacity(total as usize);
+    for e in &entries {
+        let replicas: Vec<_> = e
+            .replicas
+            .iter()
+            .filter_map(|n| topo.node_by_name(n))
+            .collect();
+        let r = Reader::open(&node, e.block, e.genstamp, &replicas, ReadParams::default());
+        let bytes = r.read_all().await.map_err(|err| err.to_string())?;
+        if bytes.len() as u64 != e.len {
+            return Err(format!(
+                "{}: read {} bytes, manifest says {}",
+                e.block,
+                bytes.len(),
+                e.len
+            ));
+        }
+        out.extend_from_slice(&bytes);
+        pb.inc(e.len);
+    }
+    pb.finish_and_clear();
+    let m = node.metrics();
+    let tiers: Vec<String> = Tier::ALL
+        .iter()
+        .map(|&t| format!("{t} {}", m.read_bytes.get(t)))
+        .collect();
+    node.shutdown().await;
+    let secs = t0.elapsed().as_secs_f64();
+    let summary = format!(
+        "get: {} bytes from {} blocks, {:.1} MB/s; bytes by tier: {}",
+        out.len(),
+        entries.len(),
+        out.len() as f64 / 1e6 / secs.max(1e-9),
+        tiers.join(", ")
+    );
+    Ok((out, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_parse_and_refuse_junk() {
+        let m = parse_manifest("1 1 100 a1,a2,b1,b2\n\n2 3 7 a1\n").unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            m[1],
+            ManifestEntry {
+                block: BlockId(2),
+                genstamp: GenStamp(3),
+                len: 7,
+                replicas: vec!["a1".into()]
+            }
+        );
+        assert!(parse_manifest("1 1 x a1").unwrap_err().contains("line 1"));
+        assert!(parse_manifest("1 1").is_err());
+    }
+}
