@@ -153,39 +153,53 @@ async fn run_blocks(
     };
     // Incompressible, so that compression on DCI hops does not flatter the figures.
     let data = Bytes::from(super::random_bytes(7, p.write_size));
-    let mut acks: Option<AckHistogram> = None;
+    let ids: Vec<BlockId> = (0..p.blocks as u64)
+        .map(|i| BlockId(first_block + i))
+        .collect();
     let total = (p.blocks * p.block_size) as u64;
-    let (phase, res) = Phase::measure(total, async {
-        for i in 0..p.blocks {
-            let mut w = Writer::create(
-                writer,
-                BlockId(first_block + i as u64),
-                targets,
-                WriteParams::new(GenStamp(1)),
-            )
+    let (phase, res) = Phase::measure(
+        total,
+        write_blocks(writer, &ids, targets, WriteMode::Sync, &data, p.block_size),
+    )
+    .await;
+    Ok((phase, res?))
+}
+
+/// Writes each block of `ids` (`block_size` bytes of `data`, repeated) through
+/// `targets`; returns the merged packet-ack latencies. A sync block must keep every
+/// replica.
+async fn write_blocks(
+    writer: &Node,
+    ids: &[BlockId],
+    targets: &[NodeId],
+    mode: WriteMode,
+    data: &Bytes,
+    block_size: usize,
+) -> Result<AckHistogram, String> {
+    let mut acks: Option<AckHistogram> = None;
+    for &block in ids {
+        let mut params = WriteParams::new(GenStamp(1));
+        params.mode = mode;
+        let mut w = Writer::create(writer, block, targets, params)
             .await
             .map_err(|e| e.to_string())?;
-            let mut left = p.block_size;
-            while left > 0 {
-                let n = left.min(data.len());
-                w.write(data.slice(..n)).await.map_err(|e| e.to_string())?;
-                left -= n;
-            }
-            let h = w.ack_latency().clone();
-            let out = w.close().await.map_err(|e| e.to_string())?;
-            if out.replicas.len() != targets.len() {
-                return Err(format!("block lost replicas: {:?}", out.failed));
-            }
-            match acks.as_mut() {
-                Some(a) => a.add(&h).map_err(|e| e.to_string())?,
-                None => acks = Some(h),
-            }
+        let mut left = block_size;
+        while left > 0 {
+            let n = left.min(data.len());
+            w.write(data.slice(..n)).await.map_err(|e| e.to_string())?;
+            left -= n;
         }
-        Ok::<_, String>(())
-    })
-    .await;
-    res?;
-    Ok((phase, acks.ok_or("no blocks")?))
+        let h = w.ack_latency().clone();
+        let out = w.close().await.map_err(|e| e.to_string())?;
+        if mode == WriteMode::Sync && out.replicas.len() != targets.len() {
+            return Err(format!("block lost replicas: {:?}", out.failed));
+        }
+        match acks.as_mut() {
+            Some(a) => a.add(&h).map_err(|e| e.to_string())?,
+            None => acks = Some(h),
+        }
+    }
+    acks.ok_or_else(|| "no blocks".to_string())
 }
 
 fn lat(h: &AckHistogram) -> Latency {
@@ -316,31 +330,13 @@ pub async fn run_async(p: &PipelineBenchParams) -> Result<serde_json::Value, Str
             }
         })
     };
-    let mut acks: Option<AckHistogram> = None;
-    let (write, res) = Phase::measure(total, async {
-        for i in 0..p.blocks {
-            let mut params = WriteParams::new(GenStamp(1));
-            params.mode = WriteMode::Async;
-            let mut w = Writer::create(&head, BlockId(5_000 + i as u64), &targets, params)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut left = p.block_size;
-            while left > 0 {
-                let n = left.min(data.len());
-                w.write(data.slice(..n)).await.map_err(|e| e.to_string())?;
-                left -= n;
-            }
-            let h = w.ack_latency().clone();
-            w.close().await.map_err(|e| e.to_string())?;
-            match acks.as_mut() {
-                Some(a) => a.add(&h).map_err(|e| e.to_string())?,
-                None => acks = Some(h),
-            }
-        }
-        Ok::<_, String>(())
-    })
+    let ids: Vec<BlockId> = (0..p.blocks as u64).map(|i| BlockId(5_000 + i)).collect();
+    let (write, acks) = Phase::measure(
+        total,
+        write_blocks(&head, &ids, &targets, WriteMode::Async, &data, p.block_size),
+    )
     .await;
-    res?;
+    let acks = acks?;
     let (peak, drain_time) = sampler.await.map_err(|e| e.to_string())??;
     let rpo = head.rpo().map_err(|e| e.to_string())?;
     let crossed: u64 = bench
@@ -357,7 +353,7 @@ pub async fn run_async(p: &PipelineBenchParams) -> Result<serde_json::Value, Str
         n.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&p.dir);
-    let acks = lat(&acks.ok_or("no blocks")?);
+    let acks = lat(&acks);
     let drain_mb_s = total as f64 / 1e6 / drain_time.as_secs_f64().max(1e-9);
     println!(
         "pipeline: spec {} async, {} blocks x {} MiB, {} KiB packets, writer on the first replica's node, intra-IDC {link}, DCI budget {}",
