@@ -122,10 +122,9 @@ pub struct WriteOutcome {
     pub replicas: Vec<NodeId>,
     /// Nodes dropped from the pipeline.
     pub failed: Vec<NodeId>,
-    /// Async mode: remote targets queued for background replication.
+    /// Async mode: remote targets queued (durably, in the pipeline head's replication
+    /// log) for background replication.
     pub queued_remote: Vec<NodeId>,
-    /// Async mode: the replication task's sequence number in the log.
-    pub replication_seq: Option<u64>,
 }
 
 /// Why a write failed.
@@ -291,11 +290,19 @@ impl Writer {
         let mut targets = targets.to_vec();
         let mut remote = Vec::new();
         if params.mode == WriteMode::Async {
-            let rep = shared.replicator.clone().ok_or(WriteError::Replication {
-                block,
-                source: crate::replication::ReplicationError::NotConfigured,
-            })?;
-            match rep.admit().await {
+            // The head (first target) keeps the task; when that is this node it must have
+            // a log. The RPO guard is consulted where a log is at hand.
+            if targets[0] == shared.me && shared.replicator.is_none() {
+                return Err(WriteError::Replication {
+                    block,
+                    source: crate::replication::ReplicationError::NotConfigured,
+                });
+            }
+            let admission = match shared.replicator.clone() {
+                Some(rep) => rep.admit().await,
+                None => crate::replication::Admission::Async,
+            };
+            match admission {
                 crate::replication::Admission::Async => {
                     let idc = topo.location(targets[0]).idc;
                     let local = targets
@@ -577,6 +584,8 @@ impl Writer {
             class: self.params.class,
             checksum: self.params.checksum,
             compression: self.compression(),
+            // Async: the head queues the remote copy once the block is final locally.
+            remote_targets: self.remote.iter().map(|&t| self.name(t)).collect(),
         };
         let timeout = self.shared.pipeline.setup_timeout;
         let mut s = tokio::time::timeout(timeout, open_hop(&self.shared, first))
@@ -829,29 +838,6 @@ impl Writer {
         if let Some(mut p) = self.pipe.take() {
             let _ = p.sink.finish().await;
         }
-        // Async: the local replicas are final; the remote copy is owed, durably.
-        let mut replication_seq = None;
-        if let (false, Some(rep)) = (self.remote.is_empty(), self.shared.replicator.clone()) {
-            let topo = &self.shared.topology;
-            let task = crate::replication::Task {
-                seq: 0,
-                block: self.block,
-                genstamp: self.genstamp,
-                len,
-                sources: self.targets.iter().map(|&t| self.name(t)).collect(),
-                target_idc: topo.idc(topo.location(self.remote[0]).idc).name.clone(),
-                targets: self.remote.iter().map(|&t| self.name(t)).collect(),
-                created_ms: 0,
-            };
-            let t = rep
-                .append(task)
-                .await
-                .map_err(|source| WriteError::Replication {
-                    block: self.block,
-                    source,
-                })?;
-            replication_seq = Some(t.seq);
-        }
         Ok(WriteOutcome {
             block: self.block,
             genstamp: self.genstamp,
@@ -859,7 +845,6 @@ impl Writer {
             replicas: self.targets.clone(),
             failed: self.failed.clone(),
             queued_remote: self.remote.clone(),
-            replication_seq,
         })
     }
 }
@@ -1099,6 +1084,15 @@ async fn open_replica(
     Ok(Arc::new(w))
 }
 
+/// What an async pipeline's head queues for the remote IDC.
+struct RemoteCopy {
+    rep: Arc<crate::replication::Replicator>,
+    /// This node and the rest of the local pipeline.
+    sources: Vec<String>,
+    /// Remote targets, in pipeline order.
+    remote: Vec<String>,
+}
+
 struct Pending {
     seq: u64,
     last: bool,
@@ -1151,6 +1145,32 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
             }
         }
     }
+    // Async mode: this node heads the pipeline and owes the remote copy; it needs a log.
+    let queue = if req.remote_targets.is_empty() {
+        None
+    } else {
+        match shared.replicator.clone() {
+            Some(rep) => {
+                let mut sources = vec![shared.name(shared.me).to_string()];
+                sources.extend(req.targets.iter().cloned());
+                Some(RemoteCopy {
+                    rep,
+                    sources,
+                    remote: req.remote_targets.clone(),
+                })
+            }
+            None => {
+                let _ = up
+                    .writer
+                    .send(&Frame::Error(ErrorFrame {
+                        status: Status::Rejected,
+                        message: "async write: this node has no replication log".into(),
+                    }))
+                    .await;
+                return;
+            }
+        }
+    };
     let writer = match open_replica(shared, &req).await {
         Ok(w) => w,
         Err((status, why)) => {
@@ -1166,6 +1186,7 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
     if let Some(&next) = targets.first() {
         let down_req = WriteBlock {
             targets: req.targets[1..].to_vec(),
+            remote_targets: Vec::new(),
             ..req.clone()
         };
         let timeout = shared.pipeline.setup_timeout;
@@ -1210,9 +1231,9 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
         writer: up_w,
         ..
     } = up;
-    let queue = (window_for(shared, shared.me, &targets) / shared.pipeline.packet_bytes.max(1))
+    let depth = (window_for(shared, shared.me, &targets) / shared.pipeline.packet_bytes.max(1))
         .clamp(16, 4096);
-    let (tx, rx) = mpsc::channel::<Pending>(queue);
+    let (tx, rx) = mpsc::channel::<Pending>(depth);
     let acker = tokio::spawn(ack_loop(
         shared.clone(),
         writer.clone(),
@@ -1220,6 +1241,7 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
         up_w,
         down_r,
         targets.len(),
+        queue,
     ));
 
     // Receive, verify, forward, write.
@@ -1297,6 +1319,7 @@ async fn ack_loop(
     mut up_w: FrameWriter<Sink>,
     mut down_r: Option<crate::transport::FrameReader<crate::transport::Source>>,
     downstream: usize,
+    queue: Option<RemoteCopy>,
 ) {
     let block = writer.block();
     let mut down_broken = false;
@@ -1340,6 +1363,34 @@ async fn ack_loop(
                     down_broken = true;
                     statuses.push(Status::Unreachable);
                 }
+            }
+        }
+        // Async head: the block is final in this IDC; queue the remote copy durably
+        // before acknowledging the last packet.
+        if let (true, Some(q)) = (
+            p.last && statuses.iter().all(|s| *s == Status::Success),
+            &queue,
+        ) {
+            let topo = &shared.topology;
+            let target_idc = q
+                .remote
+                .first()
+                .and_then(|n| topo.node_by_name(n))
+                .map(|n| topo.idc(topo.location(n).idc).name.clone())
+                .unwrap_or_default();
+            let task = crate::replication::Task {
+                seq: 0,
+                block,
+                genstamp: writer.genstamp(),
+                len: writer.len(),
+                sources: q.sources.clone(),
+                target_idc,
+                targets: q.remote.clone(),
+                created_ms: 0,
+            };
+            if let Err(e) = q.rep.append(task).await {
+                tracing::error!(%block, error = %e, "cannot queue the remote copy");
+                statuses[0] = Status::DiskError;
             }
         }
         let failed = statuses.iter().any(|s| *s != Status::Success);

@@ -186,6 +186,9 @@ pub struct WriteBlock {
     pub checksum: ChecksumSpec,
     /// Whether packets on this hop may be compressed.
     pub compression: Compression,
+    /// Async mode, to the pipeline head only: the remote-IDC targets the head queues in
+    /// its replication log once the block is final in the local IDC.
+    pub remote_targets: Vec<String>,
 }
 
 /// Packet flags.
@@ -374,6 +377,7 @@ impl Frame {
                 dst.put_u8(w.class as u8);
                 put_spec(dst, w.checksum);
                 dst.put_u8(w.compression as u8);
+                put_names(dst, &w.remote_targets);
             }
             Frame::Packet(p) => {
                 dst.put_u8(T_PACKET);
@@ -564,6 +568,7 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
             class: TrafficClass::from_u8(r.u8("class")?)?,
             checksum: r.spec()?,
             compression: Compression::from_u8(r.u8("compression")?)?,
+            remote_targets: r.names()?,
         }),
         T_PACKET => {
             let seq = r.u64("seq")?;
@@ -732,6 +737,7 @@ mod tests {
                 class: TrafficClass::Sync,
                 checksum: ChecksumSpec::default(),
                 compression: Compression::Zstd,
+                remote_targets: vec!["b3".into()],
             }),
             packet(0),
             packet(10_000),
@@ -887,28 +893,32 @@ mod tests {
                 any::<bool>(),
                 arb_class(),
                 arb_spec(),
-                any::<bool>()
+                any::<bool>(),
+                proptest::collection::vec(arb_name(), 0..=MAX_TARGETS)
             )
-                .prop_map(|(b, g, o, targets, sync, class, checksum, z)| {
-                    Frame::WriteBlock(WriteBlock {
-                        block: BlockId(b),
-                        genstamp: GenStamp(g),
-                        offset: o,
-                        targets,
-                        mode: if sync {
-                            WriteMode::Sync
-                        } else {
-                            WriteMode::Async
-                        },
-                        class,
-                        checksum,
-                        compression: if z {
-                            Compression::Zstd
-                        } else {
-                            Compression::None
-                        },
-                    })
-                }),
+                .prop_map(
+                    |(b, g, o, targets, sync, class, checksum, z, remote_targets)| {
+                        Frame::WriteBlock(WriteBlock {
+                            block: BlockId(b),
+                            genstamp: GenStamp(g),
+                            offset: o,
+                            targets,
+                            mode: if sync {
+                                WriteMode::Sync
+                            } else {
+                                WriteMode::Async
+                            },
+                            class,
+                            checksum,
+                            compression: if z {
+                                Compression::Zstd
+                            } else {
+                                Compression::None
+                            },
+                            remote_targets,
+                        })
+                    }
+                ),
             (
                 any::<u64>(),
                 off.clone(),

@@ -101,6 +101,7 @@ pub async fn put(
     dir: &Path,
     file: &Path,
     spec: &ReplicationSpec,
+    mode: strait::wire::WriteMode,
     idc: &str,
     block_size: u64,
 ) -> Result<(String, String), String> {
@@ -123,16 +124,20 @@ pub async fn put(
         let p = placement::choose_targets(&topo, &origin, spec, &excluded, &states, &mut rng)
             .map_err(|e| e.to_string())?;
         let block = BlockId(rng.random());
-        let mut w = Writer::create(&node, block, p.targets(), WriteParams::new(GenStamp(1)))
+        let mut params = WriteParams::new(GenStamp(1));
+        params.mode = mode;
+        let mut w = Writer::create(&node, block, p.targets(), params)
             .await
             .map_err(|e| e.to_string())?;
         w.write(Bytes::copy_from_slice(chunk))
             .await
             .map_err(|e| e.to_string())?;
         let out = w.close().await.map_err(|e| e.to_string())?;
+        // The manifest lists every replica the block will have (async: once copied).
         let names: Vec<&str> = out
             .replicas
             .iter()
+            .chain(&out.queued_remote)
             .map(|&r| topo.node(r).name.as_str())
             .collect();
         manifest += &format!(
@@ -148,7 +153,7 @@ pub async fn put(
     node.shutdown().await;
     let secs = t0.elapsed().as_secs_f64();
     let summary = format!(
-        "put {}: {} bytes in {} blocks, {:.1} MB/s, spec {spec} (sync)",
+        "put {}: {} bytes in {} blocks, {:.1} MB/s, spec {spec} ({mode:?})",
         file.display(),
         data.len(),
         manifest.lines().count(),

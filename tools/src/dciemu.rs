@@ -275,8 +275,8 @@ mod tests {
                 client.send_to(&data, listen).await.unwrap();
                 sent += 1000;
                 let due = Duration::from_secs_f64(sent as f64 / 8_000_000.0);
-                if due > t0.elapsed() {
-                    tokio::time::sleep(due - t0.elapsed()).await;
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    tokio::time::sleep(wait).await;
                 }
             }
         });

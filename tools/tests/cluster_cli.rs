@@ -159,7 +159,11 @@ async fn cluster_up_write_read_down() {
                 get_out.contains("dci 0"),
                 "reads from idc-b stay in idc-b: {get_out}"
             );
-            assert!(!async_put.status.success());
+            assert!(
+                async_put.status.success(),
+                "{}",
+                String::from_utf8_lossy(&async_put.stderr)
+            );
         })
         .await;
     }

@@ -79,7 +79,8 @@ enum Command {
         /// Replication spec.
         #[arg(long, default_value = "2+2")]
         spec: ReplicationSpec,
-        /// Write mode; only sync from this command so far.
+        /// Write mode: sync (both IDCs before the ack) or async (the local IDC; the
+        /// pipeline head queues the remote copy).
         #[arg(long, default_value = "sync")]
         mode: String,
         /// The client's IDC.
@@ -222,16 +223,16 @@ fn run(cli: Cli) -> Result<(), String> {
             block_size,
             manifest,
         } => {
-            if mode != "sync" {
-                return Err(format!(
-                    "--mode {mode}: a CLI client cannot hold the replication log its async writes need; use sync (async writes from daemons' nodes work)"
-                ));
-            }
+            let mode = match mode.as_str() {
+                "sync" => strait::wire::WriteMode::Sync,
+                "async" => strait::wire::WriteMode::Async,
+                other => return Err(format!("--mode {other}: expected sync or async")),
+            };
             let block_size = strait::units::parse_bytes(&block_size)
                 .map_err(|e| format!("--block-size: {e}"))?;
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             let (text, summary) = rt.block_on(strait_tools::client::put(
-                &dir, &file, &spec, &from, block_size,
+                &dir, &file, &spec, mode, &from, block_size,
             ))?;
             let path = manifest.unwrap_or_else(|| file.with_extension("strait"));
             std::fs::write(&path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
