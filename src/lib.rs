@@ -19,7 +19,8 @@
 //!
 //! - [`store`]: block replicas on local disk (io_uring or psync), crash recovery.
 //! - [`transport`]: QUIC and TLS-over-TCP links with mutual TLS, framed streams.
-//! - [`node`]: the storage server a process embeds; [`config`] reads its TOML file.
+//! - [`node`]: the storage server a process embeds; [`config`] reads its TOML file and
+//!   [`daemon`] runs it until SIGTERM.
 //! - [`pipeline`]: replicated writes through a pipeline, and their recovery.
 //! - [`read`]: locality-ordered, verified, hedged reads.
 //! - [`metrics`]: Prometheus text exposition and a `/metrics` endpoint.
@@ -30,6 +31,7 @@
 
 pub mod block;
 pub mod config;
+pub mod daemon;
 pub mod dci;
 pub mod metrics;
 pub mod node;

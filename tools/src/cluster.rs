@@ -1,12 +1,12 @@
 //! `strait cluster up|down`: a local multi-IDC cluster of replicator daemons (child
-//! processes) on 127.9.x.y, with every cross-IDC QUIC connection routed through a DCI
+//! processes running `strait node`) on 127.9.x.y, with every cross-IDC QUIC connection routed through a DCI
 //! emulator per node. Everything lives in one work directory: topology, certificates,
 //! node configurations, stores, logs and the list of processes started, so that `down`
 //! stops exactly those.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -127,20 +127,6 @@ fn node_toml(n: &NodePlan, senders_per_idc: usize) -> String {
     )
 }
 
-fn sibling(name: &str) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = exe.parent().ok_or("no executable directory")?;
-    for p in [dir.join(name), dir.join("examples").join(name)] {
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    Err(format!(
-        "{name} not found next to {}: build it with `cargo build --release --example replicator`",
-        exe.display()
-    ))
-}
-
 fn healthy(addr: SocketAddr) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
@@ -183,8 +169,8 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
         std::fs::write(dir.join(format!("{}.toml", n.name)), node_toml(n, senders))
             .map_err(|e| e.to_string())?;
     }
+    // The daemons are this binary's `node` command: nothing else needs building.
     let strait = std::env::current_exe().map_err(|e| e.to_string())?;
-    let replicator = sibling("replicator")?;
     let mut pids = Vec::new();
     let spawn = |cmd: &mut Command, log: &str| -> Result<u32, String> {
         let out = std::fs::File::create(dir.join("logs").join(log)).map_err(|e| e.to_string())?;
@@ -217,9 +203,11 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
         }
         for n in nodes.iter().filter(|n| !n.client) {
             let pid = spawn(
-                Command::new(&replicator)
-                    .current_dir(dir)
-                    .args(["--config", &format!("{}.toml", n.name)]),
+                Command::new(&strait).current_dir(dir).args([
+                    "node",
+                    "--config",
+                    &format!("{}.toml", n.name),
+                ]),
                 &format!("{}.log", n.name),
             )?;
             pids.push(pid);

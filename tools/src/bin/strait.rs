@@ -107,6 +107,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run a storage node (the replicator daemon) from a TOML configuration file, until
+    /// SIGTERM or SIGINT. Same as `cargo run --example replicator -- --config FILE`.
+    Node {
+        /// The node's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Start or stop a local multi-IDC cluster of replicator daemons behind DCI emulators.
     Cluster {
         #[command(subcommand)]
@@ -253,6 +260,18 @@ fn run(cli: Cli) -> Result<(), String> {
             std::fs::write(&out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;
             println!("{summary}; wrote {}", out.display());
             Ok(())
+        }
+        Command::Node { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            rt.block_on(strait::daemon::run(&config))
+                .map_err(|e| e.to_string())
         }
         Command::Cluster { action } => match action {
             ClusterAction::Up {
