@@ -104,7 +104,7 @@ pub async fn put(
     mode: strait::wire::WriteMode,
     idc: &str,
     block_size: u64,
-) -> Result<(String, String), String> {
+) -> Result<PutResult, String> {
     let data = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let (node, topo) = client(dir, idc).await?;
     let origin = Origin::in_idc(topo.location(node.id()).idc);
@@ -150,21 +150,55 @@ pub async fn put(
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
+    let acks = node.metrics().pipeline_ack_us.snapshot();
     node.shutdown().await;
     let secs = t0.elapsed().as_secs_f64();
+    let mb_s = data.len() as f64 / 1e6 / secs.max(1e-9);
     let summary = format!(
-        "put {}: {} bytes in {} blocks, {:.1} MB/s, spec {spec} ({mode:?})",
+        "put {}: {} bytes in {} blocks, {mb_s:.1} MB/s, spec {spec} ({mode:?})",
         file.display(),
         data.len(),
         manifest.lines().count(),
-        data.len() as f64 / 1e6 / secs.max(1e-9)
     );
-    Ok((manifest, summary))
+    Ok(PutResult {
+        manifest,
+        summary,
+        acks,
+        mb_s,
+    })
+}
+
+/// What `put` did.
+#[derive(Debug)]
+pub struct PutResult {
+    /// One line per block.
+    pub manifest: String,
+    /// For people.
+    pub summary: String,
+    /// Packet ack latencies (µs).
+    pub acks: hdrhistogram::Histogram<u64>,
+    /// Throughput.
+    pub mb_s: f64,
+}
+
+/// What `get` did.
+#[derive(Debug)]
+pub struct GetResult {
+    /// The bytes.
+    pub data: Vec<u8>,
+    /// For people.
+    pub summary: String,
+    /// Bytes that came over the DCI.
+    pub dci_bytes: u64,
+    /// Throughput.
+    pub mb_s: f64,
+    /// Read latencies (µs).
+    pub reads: hdrhistogram::Histogram<u64>,
 }
 
 /// Reads the blocks of `manifest` from a client in `idc`; returns the bytes and a
 /// summary with the bytes read per distance tier.
-pub async fn get(dir: &Path, manifest: &str, idc: &str) -> Result<(Vec<u8>, String), String> {
+pub async fn get(dir: &Path, manifest: &str, idc: &str) -> Result<GetResult, String> {
     let entries = parse_manifest(manifest)?;
     let (node, topo) = client(dir, idc).await?;
     let total: u64 = entries.iter().map(|e| e.len).sum();
@@ -196,16 +230,24 @@ pub async fn get(dir: &Path, manifest: &str, idc: &str) -> Result<(Vec<u8>, Stri
         .iter()
         .map(|&t| format!("{t} {}", m.read_bytes.get(t)))
         .collect();
+    let dci_bytes = m.read_bytes.get(Tier::Dci);
+    let reads = m.read_us.snapshot();
     node.shutdown().await;
     let secs = t0.elapsed().as_secs_f64();
+    let mb_s = out.len() as f64 / 1e6 / secs.max(1e-9);
     let summary = format!(
-        "get: {} bytes from {} blocks, {:.1} MB/s; bytes by tier: {}",
+        "get: {} bytes from {} blocks, {mb_s:.1} MB/s; bytes by tier: {}",
         out.len(),
         entries.len(),
-        out.len() as f64 / 1e6 / secs.max(1e-9),
         tiers.join(", ")
     );
-    Ok((out, summary))
+    Ok(GetResult {
+        data: out,
+        summary,
+        dci_bytes,
+        mb_s,
+        reads,
+    })
 }
 
 #[cfg(test)]

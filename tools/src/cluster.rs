@@ -199,7 +199,7 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
                 ]),
                 &format!("dci-emu-{}.log", n.name),
             )?;
-            pids.push(pid);
+            pids.push((pid, format!("emu-{}", n.name)));
         }
         for n in nodes.iter().filter(|n| !n.client) {
             let pid = spawn(
@@ -210,16 +210,31 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
                 ]),
                 &format!("{}.log", n.name),
             )?;
-            pids.push(pid);
+            pids.push((pid, n.name.clone()));
         }
         Ok(())
     })();
-    let state: String = pids.iter().map(|p| format!("{p}\n")).collect();
+    let state: String = pids.iter().map(|(p, n)| format!("{p} {n}\n")).collect();
     std::fs::write(dir.join(STATE), state).map_err(|e| e.to_string())?;
     result?;
     let deadline = Instant::now() + Duration::from_secs(30);
     for n in nodes.iter().filter(|n| !n.client) {
-        while !healthy(n.metrics) {
+        let pid = pids
+            .iter()
+            .find(|(_, name)| name == &n.name)
+            .map(|(p, _)| *p)
+            .unwrap_or(0);
+        // Healthy means *our* process answers: one that died (address taken by a stray
+        // process, bad config) is an error, not a success reported by someone else.
+        while !healthy(n.metrics) || !alive(pid) {
+            if !alive(pid) {
+                return Err(format!(
+                    "{} exited at start (address in use?); see {}; run `strait cluster down --dir {}`",
+                    n.name,
+                    dir.join("logs").join(format!("{}.log", n.name)).display(),
+                    dir.display()
+                ));
+            }
             if Instant::now() > deadline {
                 return Err(format!(
                     "{} is not healthy after 30 s; see {}",
@@ -261,10 +276,32 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
 /// Stops exactly the processes `up` started in `dir` (SIGTERM, then waits, bounded).
 pub fn down(dir: &Path) -> Result<String, String> {
     let path = dir.join(STATE);
-    let text = std::fs::read_to_string(&path)
+    let pids: Vec<u32> = processes(dir)?.into_iter().map(|(p, _)| p).collect();
+    let left = terminate(&pids);
+    std::fs::remove_file(&path).map_err(|e| e.to_string())?;
+    if left.is_empty() {
+        Ok(format!("stopped {} processes", pids.len()))
+    } else {
+        Err(format!("processes still running after SIGTERM: {left:?}"))
+    }
+}
+
+/// The processes `up` (and [`restart_node`]) started: pid and name.
+pub fn processes(dir: &Path) -> Result<Vec<(u32, String)>, String> {
+    let text = std::fs::read_to_string(dir.join(STATE))
         .map_err(|e| format!("no cluster in {}: {e}", dir.display()))?;
-    let pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
-    for p in &pids {
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next().unwrap_or("").to_string()))
+        })
+        .collect())
+}
+
+/// SIGTERMs `pids` and waits (15 s at most); returns those still running.
+pub fn terminate(pids: &[u32]) -> Vec<u32> {
+    for p in pids {
         let _ = Command::new("kill")
             .args(["-TERM", &p.to_string()])
             .status();
@@ -274,13 +311,83 @@ pub fn down(dir: &Path) -> Result<String, String> {
     while pids.iter().any(alive) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left: Vec<u32> = pids.iter().copied().filter(alive).collect();
-    std::fs::remove_file(&path).map_err(|e| e.to_string())?;
+    pids.iter().copied().filter(alive).collect()
+}
+
+/// Stops the daemons of the named nodes (they stay in the pid list: `down` skips dead
+/// pids).
+pub fn stop_nodes(dir: &Path, names: &[&str]) -> Result<(), String> {
+    let pids: Vec<u32> = processes(dir)?
+        .into_iter()
+        .filter(|(_, n)| names.contains(&n.as_str()))
+        .map(|(p, _)| p)
+        .collect();
+    let left = terminate(&pids);
     if left.is_empty() {
-        Ok(format!("stopped {} processes", pids.len()))
+        Ok(())
     } else {
-        Err(format!("processes still running after SIGTERM: {left:?}"))
+        Err(format!("still running: {left:?}"))
     }
+}
+
+/// Starts the daemon of node `name` again and waits for its `/health`.
+pub fn restart_node(dir: &Path, name: &str, metrics: SocketAddr) -> Result<(), String> {
+    let strait = std::env::current_exe().map_err(|e| e.to_string())?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join(format!("{name}.log")))
+        .map_err(|e| e.to_string())?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    let child = Command::new(&strait)
+        .current_dir(dir)
+        .args(["node", "--config", &format!("{name}.toml")])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join(STATE))
+        .map_err(|e| e.to_string())?;
+    std::io::Write::write_all(&mut f, format!("{} {name}\n", child.id()).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !healthy(metrics) {
+        if Instant::now() > deadline {
+            return Err(format!("{name} not healthy after restart"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Sums a metric over the daemons' `/metrics` (lines starting with `name{`).
+pub fn scrape_sum(addrs: &[SocketAddr], name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut total = 0.0;
+    for a in addrs {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(a, Duration::from_millis(300)) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").is_err() {
+            continue;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        for l in out.lines().filter(|l| l.starts_with(&format!("{name}{{"))) {
+            if let Some(v) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                total += v;
+            }
+        }
+    }
+    total
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
 }
 
 fn is_zombie(pid: u32) -> bool {

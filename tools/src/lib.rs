@@ -6,10 +6,12 @@
 //! - [`client`]: `put` and `get` against a running local cluster.
 //! - [`dciemu`]: the DCI emulator (UDP relay with delay, rate cap, loss).
 //! - [`fsck`]: verify every replica of a stopped store.
+//! - [`demo`]: the main job: a local cluster through sync, async, an IDC outage and back.
 
 pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod dciemu;
+pub mod demo;
 pub mod fsck;
 pub mod plan;

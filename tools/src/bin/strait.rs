@@ -107,6 +107,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The main job: start a local 2-IDC x 4-node cluster behind emulated DCI links, write
+    /// sync and async data, read from each IDC, stop and restore a whole IDC, print a
+    /// table, clean up.
+    Demo {
+        /// Work directory (emptied first).
+        #[arg(long, default_value = "target/strait-demo")]
+        dir: PathBuf,
+        /// Bytes per data set.
+        #[arg(long, default_value = "64MiB")]
+        set: String,
+        /// Bytes per block.
+        #[arg(long, default_value = "8MiB")]
+        block_size: String,
+    },
     /// Run a storage node (the replicator daemon) from a TOML configuration file, until
     /// SIGTERM or SIGINT. Same as `cargo run --example replicator -- --config FILE`.
     Node {
@@ -238,13 +252,13 @@ fn run(cli: Cli) -> Result<(), String> {
             let block_size = strait::units::parse_bytes(&block_size)
                 .map_err(|e| format!("--block-size: {e}"))?;
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            let (text, summary) = rt.block_on(strait_tools::client::put(
+            let r = rt.block_on(strait_tools::client::put(
                 &dir, &file, &spec, mode, &from, block_size,
             ))?;
             let path = manifest.unwrap_or_else(|| file.with_extension("strait"));
-            std::fs::write(&path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
-            print!("{text}");
-            println!("{summary}; manifest {}", path.display());
+            std::fs::write(&path, &r.manifest).map_err(|e| format!("{}: {e}", path.display()))?;
+            print!("{}", r.manifest);
+            println!("{}; manifest {}", r.summary, path.display());
             Ok(())
         }
         Command::Get {
@@ -256,9 +270,22 @@ fn run(cli: Cli) -> Result<(), String> {
             let text = std::fs::read_to_string(&manifest)
                 .map_err(|e| format!("{}: {e}", manifest.display()))?;
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            let (bytes, summary) = rt.block_on(strait_tools::client::get(&dir, &text, &from))?;
-            std::fs::write(&out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;
-            println!("{summary}; wrote {}", out.display());
+            let r = rt.block_on(strait_tools::client::get(&dir, &text, &from))?;
+            std::fs::write(&out, &r.data).map_err(|e| format!("{}: {e}", out.display()))?;
+            println!("{}; wrote {}", r.summary, out.display());
+            Ok(())
+        }
+        Command::Demo {
+            dir,
+            set,
+            block_size,
+        } => {
+            let set = strait::units::parse_bytes(&set).map_err(|e| format!("--set: {e}"))? as usize;
+            let block = strait::units::parse_bytes(&block_size)
+                .map_err(|e| format!("--block-size: {e}"))?;
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let report = rt.block_on(strait_tools::demo::run(&dir, set, block))?;
+            print!("{report}");
             Ok(())
         }
         Command::Node { config } => {

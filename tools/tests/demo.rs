@@ -1,0 +1,45 @@
+//! The README's first command, small: `strait demo` runs to completion, prints its table
+//! and leaves no process behind.
+
+#[test]
+fn demo_runs_to_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args([
+            "demo",
+            "--dir",
+            &dir.path().join("demo").display().to_string(),
+            "--set",
+            "8MiB",
+            "--block-size",
+            "2MiB",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "write sync 2+2",
+        "write async, idc-b down",
+        "read sync set from idc-b",
+        "DCI bytes per block byte written: 1.0",
+        "RPO lag",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    // Reads never crossed the DCI.
+    assert!(
+        !text.lines().any(|l| l.contains("read")
+            && l.contains("B over DCI")
+            && !l.contains(" 0 B over DCI")),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("demo/cluster.pids").exists(),
+        "the cluster was stopped"
+    );
+}
