@@ -18,6 +18,8 @@
 //! [dci]
 //! share = 0.5                          # of each DCI link's budget
 //! compress = true
+//! classes = { sync = [40, 100], read = [20, 100], async = [20, 100], repair = [10, 50] }
+//!                                      # [guaranteed %, ceiling %] of the share
 //!
 //! [replication]                        # optional: enables async writes from this node
 //! log_dir = "data/a1-log"
@@ -90,6 +92,18 @@ struct RawDci {
     share: f64,
     #[serde(default = "yes")]
     compress: bool,
+    classes: Option<RawClasses>,
+}
+
+/// `[guaranteed %, ceiling %]` of the node's share, per class.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClasses {
+    sync: [u8; 2],
+    read: [u8; 2],
+    #[serde(rename = "async")]
+    async_: [u8; 2],
+    repair: [u8; 2],
 }
 
 fn one() -> f64 {
@@ -225,6 +239,19 @@ impl DaemonConfig {
             }
             node.dci.share = d.share;
             node.dci.compress = d.compress;
+            if let Some(c) = d.classes {
+                let all = [c.sync, c.read, c.async_, c.repair];
+                let sum: u32 = all.iter().map(|x| u32::from(x[0])).sum();
+                if sum > 100 || all.iter().any(|x| x[0] > x[1] || x[1] > 100 || x[1] == 0) {
+                    return Err(field(
+                        "dci.classes",
+                        format!(
+                            "each [rate %, ceil %] needs rate <= ceil <= 100 and ceil > 0, rates summing to <= 100; got {all:?}"
+                        ),
+                    ));
+                }
+                node.dci.classes = Some(all.map(|x| (x[0], x[1])));
+            }
         }
         if let Some(r) = raw.replication {
             let mut rc = ReplicationConfig::new(rel(&r.log_dir));
@@ -302,6 +329,7 @@ cert = "certs/n1.pem"
 key = "certs/n1.key"
 [dci]
 share = 0.5
+classes = { sync = [50, 100], read = [20, 100], async = [20, 80], repair = [10, 30] }
 [replication]
 log_dir = "log"
 max_lag_bytes = "1GiB"
@@ -320,6 +348,10 @@ addr = "127.0.0.1:9100"
         let c = parse(&f, GOOD).unwrap();
         assert_eq!(c.node.name, "n1");
         assert_eq!(c.node.dci.share, 0.5);
+        assert_eq!(
+            c.node.dci.classes,
+            Some([(50, 100), (20, 100), (20, 80), (10, 30)])
+        );
         assert_eq!(c.node.store.root, f.dir.path().join("data"));
         let r = c.node.replication.unwrap();
         assert_eq!(
@@ -336,6 +368,10 @@ addr = "127.0.0.1:9100"
             (GOOD.replace("name = \"n1\"", "name = \"zz\""), "`name`"),
             (GOOD.replace("share = 0.5", "share = 1.5"), "`dci.share`"),
             (
+                GOOD.replace("sync = [50, 100]", "sync = [60, 100]"),
+                "`dci.classes`",
+            ),
+            (
                 GOOD.replace("\"1GiB\"", "\"lots\""),
                 "`replication.max_lag_bytes`",
             ),
@@ -347,7 +383,7 @@ addr = "127.0.0.1:9100"
             (GOOD.replace("topology.toml", "missing.toml"), "`topology`"),
             (
                 GOOD.replace("policy = \"block\"", "policy = \"panic\""),
-                "line 14",
+                "line 15",
             ),
             (GOOD.replace("[dci]", "[dci]\nshares = 1"), "unknown field"),
             (GOOD.replace("store_dir = \"data\"\n", ""), "store_dir"),

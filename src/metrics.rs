@@ -86,6 +86,21 @@ pub fn render(node: &Node) -> String {
     );
     let _ = writeln!(
         out,
+        "# HELP strait_peer_bytes_total Block bytes exchanged with each peer.\n# TYPE strait_peer_bytes_total counter"
+    );
+    for (peer, received, sent) in m.peers.snapshot() {
+        let pn = &node.topology().node(peer).name;
+        let _ = writeln!(
+            out,
+            "strait_peer_bytes_total{{node=\"{name}\",peer=\"{pn}\",direction=\"in\"}} {received}"
+        );
+        let _ = writeln!(
+            out,
+            "strait_peer_bytes_total{{node=\"{name}\",peer=\"{pn}\",direction=\"out\"}} {sent}"
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP strait_dci_wire_bytes_total Bytes sent across the DCI as they went on the wire.\n# TYPE strait_dci_wire_bytes_total counter\nstrait_dci_wire_bytes_total{{node=\"{name}\"}} {}",
         m.dci_wire_bytes.load(Ordering::Relaxed)
     );

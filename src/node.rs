@@ -54,6 +54,10 @@ pub struct DciConfig {
     pub share: f64,
     /// Compress packets on DCI hops when the link is the bottleneck and data compresses.
     pub compress: bool,
+    /// Per class (`sync`, `read`, `async`, `repair`): guaranteed rate and ceiling in
+    /// percent of this node's share; `None` keeps the default split (40/20/20/10, every
+    /// ceiling 100).
+    pub classes: Option<[(u8, u8); 4]>,
 }
 
 impl Default for DciConfig {
@@ -61,6 +65,7 @@ impl Default for DciConfig {
         DciConfig {
             share: 1.0,
             compress: true,
+            classes: None,
         }
     }
 }
@@ -171,6 +176,47 @@ pub struct NodeMetrics {
     pub pipeline_ack_us: LatencyHistogram,
     /// Latency of reads by readers on this node, µs.
     pub read_us: LatencyHistogram,
+    /// Block bytes exchanged with each peer: (received, sent).
+    pub peers: PeerCounters,
+}
+
+/// Block bytes received from and sent to each peer.
+#[derive(Debug, Default)]
+pub struct PeerCounters(std::sync::Mutex<HashMap<NodeId, (u64, u64)>>);
+
+impl PeerCounters {
+    /// Counts `n` bytes received from `peer`.
+    pub fn received(&self, peer: NodeId, n: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_default()
+            .0 += n;
+    }
+
+    /// Counts `n` bytes sent to `peer`.
+    pub fn sent(&self, peer: NodeId, n: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_default()
+            .1 += n;
+    }
+
+    /// (received, sent) per peer.
+    pub fn snapshot(&self) -> Vec<(NodeId, u64, u64)> {
+        let mut v: Vec<_> = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(&p, &(r, s))| (p, r, s))
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 /// A shared latency histogram in microseconds (1 µs to 10 min).
@@ -308,10 +354,11 @@ impl Node {
             Some(rc) => Some(crate::replication::Replicator::open(rc.clone())?.0),
             None => None,
         };
-        let governors = crate::dci::DciGovernors::for_node(
+        let governors = crate::dci::DciGovernors::for_node_with(
             &config.topology,
             config.topology.location(me).idc,
             config.dci.share,
+            config.dci.classes,
         )?;
         let shared = Arc::new(Shared {
             replicator: replicator.clone(),

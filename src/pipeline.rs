@@ -1221,6 +1221,7 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
         Some(s) => (Some(s.writer), Some(s.reader)),
         None => (None, None),
     };
+    let up_peer = up.peer;
     let up_tier = if up.peer == shared.me {
         Tier::Node
     } else {
@@ -1256,6 +1257,10 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
             .metrics
             .pipeline_received_bytes
             .add(up_tier, p.payload.len() as u64);
+        shared
+            .metrics
+            .peers
+            .received(up_peer, p.payload.len() as u64);
         let last = p.flags.last;
         let seq = p.seq;
         // The last packet needs no fdatasync of its own: finalize fsyncs the replica.
@@ -1299,6 +1304,7 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
                 down_w = None; // the ack loop sees the broken stream and reports it
             } else if let Some(t) = down_tier {
                 shared.metrics.pipeline_sent_bytes.add(t, len);
+                shared.metrics.peers.sent(next, len);
             }
         }
         if tx.send(Pending { seq, last, write }).await.is_err() || bad || last {

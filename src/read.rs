@@ -346,6 +346,10 @@ impl Reader {
                 .metrics
                 .read_bytes
                 .add(tier, p.payload.len() as u64);
+            self.shared
+                .metrics
+                .peers
+                .received(node, p.payload.len() as u64);
             let p = crate::dci::compress::decompress(p).map_err(|e| {
                 ReplicaFailure::Corrupt(format!("packet from {}: {e}", self.shared.name(node)))
             })?;
@@ -489,6 +493,7 @@ pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBloc
             return;
         }
         shared.metrics.served_bytes.add(tier, n);
+        shared.metrics.peers.sent(s.peer, n);
         seq += 1;
         pos += n;
     }

@@ -157,6 +157,11 @@ async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
         "{metrics}"
     );
     assert!(
+        metrics
+            .contains("strait_peer_bytes_total{node=\"a1\",peer=\"a2\",direction=\"out\"} 1300000"),
+        "{metrics}"
+    );
+    assert!(
         metrics.contains("strait_dci_granted_bytes_total{node=\"a2\"")
             || metrics.contains("strait_dci_granted_bytes_total{node=\"a1\""),
         "{metrics}"

@@ -201,6 +201,16 @@ impl DciGovernors {
         idc: crate::topology::IdcId,
         share: f64,
     ) -> Result<Self, GovernorError> {
+        Self::for_node_with(topology, idc, share, None)
+    }
+
+    /// Like [`for_node`](Self::for_node), with class (rate %, ceil %) of the node's share.
+    pub fn for_node_with(
+        topology: &crate::topology::Topology,
+        idc: crate::topology::IdcId,
+        share: f64,
+        classes: Option<[(u8, u8); 4]>,
+    ) -> Result<Self, GovernorError> {
         let mut by_idc = HashMap::new();
         for l in topology.links() {
             let other = if l.a == idc {
@@ -211,7 +221,14 @@ impl DciGovernors {
                 continue;
             };
             let rate = ((l.budget_bps as f64) * share.clamp(0.0, 1.0)).max(1.0) as u64;
-            by_idc.insert(other, DciGovernor::start(GovernorConfig::for_link(rate))?);
+            let mut cfg = GovernorConfig::for_link(rate);
+            if let Some(classes) = classes {
+                for (c, (r, ceil)) in cfg.classes.iter_mut().zip(classes) {
+                    c.rate = rate / 100 * u64::from(r);
+                    c.ceil = (rate / 100 * u64::from(ceil)).max(c.rate).clamp(1, rate);
+                }
+            }
+            by_idc.insert(other, DciGovernor::start(cfg)?);
         }
         Ok(DciGovernors { by_idc })
     }
