@@ -32,6 +32,9 @@ use crate::wire::{
     TrafficClass,
 };
 
+/// Data bytes per packet the read service sends (whole chunks).
+const SERVE_PACKET_BYTES: u64 = 256 << 10;
+
 /// Per-reader options.
 #[derive(Debug, Clone)]
 pub struct ReadParams {
@@ -40,8 +43,6 @@ pub struct ReadParams {
     pub hedge_after: Option<Duration>,
     /// Limit for one replica to answer a read.
     pub replica_timeout: Duration,
-    /// Bytes per packet the serving node sends.
-    pub packet_bytes: usize,
 }
 
 impl Default for ReadParams {
@@ -49,7 +50,6 @@ impl Default for ReadParams {
         ReadParams {
             hedge_after: Some(Duration::from_millis(50)),
             replica_timeout: Duration::from_secs(10),
-            packet_bytes: 256 << 10,
         }
     }
 }
@@ -450,7 +450,7 @@ pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBloc
     }
     let tier = shared.topology.tier(shared.me, s.peer);
     let bpc = u64::from(r.spec().bytes_per_chunk());
-    let packet = (ReadParams::default().packet_bytes as u64 / bpc).max(1) * bpc;
+    let packet = (SERVE_PACKET_BYTES / bpc).max(1) * bpc;
     let end = req.offset + len;
     let mut pos = req.offset / bpc * bpc;
     let mut seq = 0;

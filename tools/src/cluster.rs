@@ -127,18 +127,20 @@ fn node_toml(n: &NodePlan, senders_per_idc: usize) -> String {
     )
 }
 
-fn healthy(addr: SocketAddr) -> bool {
+/// A bounded `GET path` against a daemon's metrics endpoint; the whole response.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"GET /health HTTP/1.1\r\n\r\n").is_err() {
-        return false;
-    }
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+        .ok()?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200")
+    Some(out)
+}
+
+fn healthy(addr: SocketAddr) -> bool {
+    http_get(addr, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
 }
 
 /// Generates everything in `dir`, starts the emulators and daemons, waits until every
@@ -365,25 +367,17 @@ pub fn restart_node(dir: &Path, name: &str, metrics: SocketAddr) -> Result<(), S
 
 /// Sums a metric over the daemons' `/metrics` (lines starting with `name{`).
 pub fn scrape_sum(addrs: &[SocketAddr], name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut total = 0.0;
-    for a in addrs {
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(a, Duration::from_millis(300)) else {
-            continue;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").is_err() {
-            continue;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        for l in out.lines().filter(|l| l.starts_with(&format!("{name}{{"))) {
-            if let Some(v) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-                total += v;
-            }
-        }
-    }
-    total
+    let prefix = format!("{name}{{");
+    addrs
+        .iter()
+        .filter_map(|&a| http_get(a, "/metrics"))
+        .flat_map(|out| {
+            out.lines()
+                .filter(|l| l.starts_with(&prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 fn alive(pid: u32) -> bool {

@@ -14,16 +14,6 @@ use crate::bench::{Latency, Table, random_bytes};
 use crate::client::{self, GetResult, PutResult};
 use crate::cluster::{self, ClusterSpec, NodePlan};
 
-fn lat(h: &hdrhistogram::Histogram<u64>) -> Latency {
-    let mut l = Latency::default();
-    for v in h.iter_recorded() {
-        for _ in 0..v.count_at_value() {
-            l.record(Duration::from_micros(v.value_iterated_to()));
-        }
-    }
-    l
-}
-
 struct Row {
     what: String,
     mb_s: f64,
@@ -117,7 +107,7 @@ async fn scenario(
     rows.push(Row {
         what: "write sync 2+2".into(),
         mb_s: s.mb_s,
-        lat: Some(lat(&s.acks)),
+        lat: Some(Latency::from_hdr(&s.acks)),
         dci: "both IDCs before ack".into(),
     });
     let async_data = random_bytes(2, set_bytes);
@@ -134,7 +124,7 @@ async fn scenario(
     rows.push(Row {
         what: "write async 2+2".into(),
         mb_s: a.mb_s,
-        lat: Some(lat(&a.acks)),
+        lat: Some(Latency::from_hdr(&a.acks)),
         dci: "local ack, copied later".into(),
     });
 
@@ -150,7 +140,7 @@ async fn scenario(
         rows.push(Row {
             what: format!("{what} from {idc}"),
             mb_s: r.mb_s,
-            lat: Some(lat(&r.reads)),
+            lat: Some(Latency::from_hdr(&r.reads)),
             dci: format!("{} B over DCI", r.dci_bytes),
         });
     }
@@ -164,7 +154,7 @@ async fn scenario(
     rows.push(Row {
         what: "read from idc-a, idc-b down".into(),
         mb_s: r.mb_s,
-        lat: Some(lat(&r.reads)),
+        lat: Some(Latency::from_hdr(&r.reads)),
         dci: format!("{} B over DCI", r.dci_bytes),
     });
     let outage_data = random_bytes(3, set_bytes / 2);
@@ -181,7 +171,7 @@ async fn scenario(
     rows.push(Row {
         what: "write async, idc-b down".into(),
         mb_s: o.mb_s,
-        lat: Some(lat(&o.acks)),
+        lat: Some(Latency::from_hdr(&o.acks)),
         dci: "queued".into(),
     });
     let lag_down = scrape("strait_replication_pending_bytes").await;
@@ -216,7 +206,7 @@ async fn scenario(
     rows.push(Row {
         what: "read outage set from idc-b".into(),
         mb_s: r.mb_s,
-        lat: Some(lat(&r.reads)),
+        lat: Some(Latency::from_hdr(&r.reads)),
         dci: format!("{} B over DCI", r.dci_bytes),
     });
     let dci = scrape("strait_dci_wire_bytes_total").await - dci0;

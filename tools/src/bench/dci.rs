@@ -136,11 +136,7 @@ async fn run_phase(
                 .map_err(|e| e.to_string())?;
                 w.write(data).await.map_err(|e| e.to_string())?;
                 w.hflush().await.map_err(|e| e.to_string())?;
-                for v in w.ack_latency().iter_recorded() {
-                    for _ in 0..v.count_at_value() {
-                        acks.record(Duration::from_micros(v.value_iterated_to()));
-                    }
-                }
+                acks.add_hdr(w.ack_latency());
                 w.close().await.map_err(|e| e.to_string())?;
                 b += 1;
             }

@@ -29,6 +29,23 @@ impl Latency {
         self.0.saturating_record(us);
     }
 
+    /// Adds the samples of a strait histogram (µs, possibly with wider bounds).
+    pub fn add_hdr(&mut self, h: &Histogram<u64>) {
+        for v in h.iter_recorded() {
+            self.0.saturating_record_n(
+                v.value_iterated_to().clamp(1, 100_000_000),
+                v.count_at_value(),
+            );
+        }
+    }
+
+    /// A latency histogram with the samples of a strait histogram.
+    pub fn from_hdr(h: &Histogram<u64>) -> Self {
+        let mut l = Latency::default();
+        l.add_hdr(h);
+        l
+    }
+
     /// Adds another histogram's samples.
     pub fn merge(&mut self, other: &Latency) {
         let _ = self.0.add(&other.0);

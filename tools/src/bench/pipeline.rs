@@ -202,16 +202,6 @@ async fn write_blocks(
     acks.ok_or_else(|| "no blocks".to_string())
 }
 
-fn lat(h: &AckHistogram) -> Latency {
-    let mut l = Latency::default();
-    for v in h.iter_recorded() {
-        for _ in 0..v.count_at_value() {
-            l.record(Duration::from_micros(v.value_iterated_to()));
-        }
-    }
-    l
-}
-
 /// Runs the scenario; prints the table and returns the JSON summary.
 pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
     std::fs::create_dir_all(&p.dir).map_err(|e| format!("{}: {e}", p.dir.display()))?;
@@ -225,7 +215,13 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
             n.shutdown().await;
         }
         let _ = std::fs::remove_dir_all(&p.dir);
-        rows.push((link, single, lat(&single_acks), full, lat(&full_acks)));
+        rows.push((
+            link,
+            single,
+            Latency::from_hdr(&single_acks),
+            full,
+            Latency::from_hdr(&full_acks),
+        ));
     }
     println!(
         "pipeline: spec {} sync, {} blocks x {} MiB per run, {} KiB packets, writer {} -> {} replicas, loopback, O_DIRECT + fsync at finalize",
@@ -353,7 +349,7 @@ pub async fn run_async(p: &PipelineBenchParams) -> Result<serde_json::Value, Str
         n.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&p.dir);
-    let acks = lat(&acks);
+    let acks = Latency::from_hdr(&acks);
     let drain_mb_s = total as f64 / 1e6 / drain_time.as_secs_f64().max(1e-9);
     println!(
         "pipeline: spec {} async, {} blocks x {} MiB, {} KiB packets, writer on the first replica's node, intra-IDC {link}, DCI budget {}",
