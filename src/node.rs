@@ -264,6 +264,8 @@ pub(crate) struct Shared {
     pub(crate) governors: crate::dci::DciGovernors,
     pub(crate) compress: Option<crate::dci::compress::CompressPolicy>,
     pub(crate) replicator: Option<Arc<crate::replication::Replicator>>,
+    /// Streams being served.
+    pub(crate) handlers: AtomicU64,
 }
 
 impl Shared {
@@ -315,6 +317,21 @@ impl Shared {
             .fetch_add(raw - wire, Ordering::Relaxed);
         p
     }
+}
+
+/// What a node holds open: the figures that must return to their baseline once the
+/// node is idle, whatever it has written and read before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct NodeResources {
+    /// Pipeline relays registered (one per block being written through this node).
+    pub relays: usize,
+    /// Replica files open in the store (two per open writer or reader).
+    pub open_replicas: usize,
+    /// Streams from peers being served.
+    pub handlers: usize,
+    /// QUIC connections of the transport (both directions).
+    pub quic_connections: usize,
 }
 
 /// A running storage node. Cheap to clone.
@@ -375,6 +392,7 @@ impl Node {
             events,
             metrics: NodeMetrics::default(),
             relays: std::sync::Mutex::new(HashMap::new()),
+            handlers: AtomicU64::new(0),
         });
         let task = tokio::spawn(serve(shared.clone(), incoming));
         let node = Node {
@@ -417,6 +435,21 @@ impl Node {
     /// Counters.
     pub fn metrics(&self) -> &NodeMetrics {
         &self.shared.metrics
+    }
+
+    /// What this node holds open now (for leak checks and metrics).
+    pub fn resources(&self) -> NodeResources {
+        NodeResources {
+            relays: self
+                .shared
+                .relays
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len(),
+            open_replicas: self.shared.store.open_files(),
+            handlers: self.shared.handlers.load(Ordering::Relaxed) as usize,
+            quic_connections: self.shared.transport.open_quic_connections(),
+        }
     }
 
     /// This node's DCI governors, by remote IDC.
@@ -481,7 +514,18 @@ pub(crate) fn handle_boxed(
     Box::pin(handle(shared, s))
 }
 
+/// Counts a stream being served for as long as it lives.
+struct HandlerGuard(Arc<Shared>);
+
+impl Drop for HandlerGuard {
+    fn drop(&mut self) {
+        self.0.handlers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub(crate) async fn handle(shared: Arc<Shared>, mut s: Stream) {
+    shared.handlers.fetch_add(1, Ordering::Relaxed);
+    let _guard = HandlerGuard(shared.clone());
     let first = match s.reader.recv().await {
         Ok(Some(f)) => f,
         Ok(None) => return,

@@ -144,6 +144,17 @@ pub enum WriteError {
         /// Nodes that failed.
         failed: Vec<String>,
     },
+    /// A target refused the new block because it already holds it (finalized, or at a
+    /// newer generation stamp): the block id was used before. Nothing was written.
+    #[error("{block}: {node} already holds this block ({reason})")]
+    BlockExists {
+        /// The block.
+        block: BlockId,
+        /// The node that holds it.
+        node: String,
+        /// What the node said.
+        reason: String,
+    },
     /// The writer failed earlier and cannot be used.
     #[error("{block}: writer already failed")]
     Failed {
@@ -164,6 +175,25 @@ pub enum WriteError {
         /// Why.
         source: crate::replication::ReplicationError,
     },
+}
+
+/// A pipeline setup that did not go through: the position of the node that refused or
+/// failed, and why.
+struct SetupFailure {
+    index: usize,
+    /// The node answered [`Status::Exists`].
+    exists: bool,
+    why: String,
+}
+
+impl From<(usize, String)> for SetupFailure {
+    fn from((index, why): (usize, String)) -> Self {
+        SetupFailure {
+            index,
+            exists: false,
+            why,
+        }
+    }
 }
 
 enum AckMsg {
@@ -541,7 +571,22 @@ impl Writer {
                     self.pipe = Some(p);
                     return Ok(());
                 }
-                Err((index, why)) => {
+                Err(SetupFailure {
+                    index,
+                    exists: true,
+                    why,
+                }) if offset == 0 => {
+                    // The block id is in use there: the caller's mistake, not a failed
+                    // node. Going on without that node would silently lose a replica.
+                    self.broken = true;
+                    let index = index.min(self.targets.len().saturating_sub(1));
+                    return Err(WriteError::BlockExists {
+                        block: self.block,
+                        node: self.name(self.targets[index]),
+                        reason: why,
+                    });
+                }
+                Err(SetupFailure { index, why, .. }) => {
                     self.drop_target(index, &why)?;
                     if offset > 0 || !self.failed.is_empty() {
                         self.genstamp = GenStamp(self.genstamp.0 + 1);
@@ -571,9 +616,9 @@ impl Writer {
         Ok(failed)
     }
 
-    /// Opens the first hop and sends the `WriteBlock`; returns the index of the node that
-    /// failed setup, and why.
-    async fn try_establish(&mut self, offset: u64) -> Result<Pipe, (usize, String)> {
+    /// Opens the first hop and sends the `WriteBlock`; on failure, says which node failed
+    /// setup, and why.
+    async fn try_establish(&mut self, offset: u64) -> Result<Pipe, SetupFailure> {
         let first = self.targets[0];
         let req = WriteBlock {
             block: self.block,
@@ -596,10 +641,14 @@ impl Writer {
             .await
             .map_err(|_| (0, format!("setup ack timed out after {timeout:?}")))??;
         if let Some(i) = statuses.iter().position(|s| *s != Status::Success) {
-            return Err((i, format!("setup refused: {:?}", statuses[i])));
+            return Err(SetupFailure {
+                index: i,
+                exists: statuses[i] == Status::Exists,
+                why: format!("setup refused: {:?}", statuses[i]),
+            });
         }
         if statuses.len() < self.targets.len() {
-            return Err((statuses.len(), "setup ack misses statuses".into()));
+            return Err((statuses.len(), "setup ack misses statuses".into()).into());
         }
         let (tx, rx) = mpsc::channel(wire::MAX_PACKET_CHUNKS.min(self.window / 512 + 16));
         let Stream {
@@ -649,7 +698,7 @@ impl Writer {
             }
             self.genstamp = GenStamp(self.genstamp.0 + 1);
             match self.try_establish(resume).await {
-                Err((i, why)) => {
+                Err(SetupFailure { index: i, why, .. }) => {
                     let f = self.drop_target(i, &why)?;
                     to_replace.push((i, f));
                     continue;
@@ -991,6 +1040,7 @@ fn store_status(e: &StoreError) -> Status {
         StoreError::DataChecksum { .. } => Status::ChecksumError,
         StoreError::ChecksumMismatch { .. } | StoreError::Corrupt { .. } => Status::Corrupt,
         StoreError::Io { .. } | StoreError::WriterFailed { .. } => Status::DiskError,
+        StoreError::AlreadyExists { .. } => Status::Exists,
         _ => Status::Rejected,
     }
 }
@@ -1026,13 +1076,13 @@ async fn open_replica(
         if let Some(r) = existing {
             if r.state == ReplicaState::Finalized && r.genstamp >= req.genstamp {
                 return Err((
-                    Status::Rejected,
+                    Status::Exists,
                     format!("{} already finalized at {}", req.block, r.genstamp),
                 ));
             }
             if r.genstamp > req.genstamp {
                 return Err((
-                    Status::Rejected,
+                    Status::Exists,
                     format!("{} has newer {}", req.block, r.genstamp),
                 ));
             }
@@ -1213,6 +1263,15 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
     }
     let setup_ok = statuses.iter().all(|s| *s == Status::Success);
     if up.writer.send(&setup_ack(statuses)).await.is_err() || !setup_ok {
+        // A new replica nobody will write to is removed again; a resumed one stays (the
+        // writer's next recovery attempt resumes it).
+        if req.offset == 0 {
+            let gs = writer.genstamp();
+            drop(writer);
+            if let Err(e) = shared.store.delete(block, gs).await {
+                tracing::warn!(%block, error = %e, "cannot remove the replica of a refused pipeline");
+            }
+        }
         return;
     }
 

@@ -133,12 +133,15 @@ pub enum Status {
     NoSpace = 3,
     /// The node could not reach (or lost) its downstream.
     Unreachable = 4,
-    /// The request was refused (bad request, wrong genstamp, exists already).
+    /// The request was refused (bad request, wrong genstamp, wrong state).
     Rejected = 5,
     /// No such replica.
     NotFound = 6,
     /// The replica is corrupt.
     Corrupt = 7,
+    /// A new block was refused because the node already holds it (finalized, or at a
+    /// newer generation stamp): the block id was reused, not a node failure.
+    Exists = 8,
 }
 
 macro_rules! u8_enum {
@@ -164,7 +167,8 @@ u8_enum!(
     Unreachable,
     Rejected,
     NotFound,
-    Corrupt
+    Corrupt,
+    Exists
 );
 
 /// Opens a write pipeline on the receiving node.
@@ -880,7 +884,7 @@ mod tests {
         ]
     }
     fn arb_status() -> impl Strategy<Value = Status> {
-        (0u8..8).prop_map(|b| Status::from_u8(b).unwrap())
+        (0u8..9).prop_map(|b| Status::from_u8(b).unwrap())
     }
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let off = 0..=MAX_BLOCK_SIZE;

@@ -76,10 +76,13 @@ pub(crate) struct FileRef {
     pub(crate) path: PathBuf,
     /// Tells the file's uring thread to drop its cached handle.
     closer: Option<mpsc::UnboundedSender<u64>>,
+    /// The engine's count of open files.
+    open: Arc<AtomicUsize>,
 }
 
 impl Drop for FileRef {
     fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
         if let Some(closer) = &self.closer {
             let _ = closer.send(self.key);
         }
@@ -137,6 +140,8 @@ struct Inner {
     /// stands for one dropped file, so the queue is bounded by the files ever open.
     closers: Vec<mpsc::UnboundedSender<u64>>,
     next: AtomicUsize,
+    /// Files wrapped by [`Engine::file`] and not yet dropped.
+    open: Arc<AtomicUsize>,
 }
 
 fn stopped() -> io::Error {
@@ -184,6 +189,7 @@ impl Engine {
                 workers,
                 closers: Vec::new(),
                 next: AtomicUsize::new(0),
+                open: Arc::default(),
             }),
         })
     }
@@ -211,6 +217,7 @@ impl Engine {
                 workers,
                 closers,
                 next: AtomicUsize::new(0),
+                open: Arc::default(),
             }),
         })
     }
@@ -222,12 +229,19 @@ impl Engine {
             0 => None,
             n => Some(self.inner.closers[key as usize % n].clone()),
         };
+        self.inner.open.fetch_add(1, Ordering::Relaxed);
         Arc::new(FileRef {
             key,
             file,
             path,
             closer,
+            open: self.inner.open.clone(),
         })
+    }
+
+    /// Files open through this engine (each replica writer or reader holds two).
+    pub(crate) fn open_files(&self) -> usize {
+        self.inner.open.load(Ordering::Relaxed)
     }
 
     fn worker(&self, file: &FileRef) -> &mpsc::Sender<Op> {

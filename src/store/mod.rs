@@ -725,6 +725,12 @@ impl BlockStore {
         })
     }
 
+    /// Replica files this store has open (data and meta of every open writer and
+    /// reader); back to its baseline when no replica is being written or read.
+    pub fn open_files(&self) -> usize {
+        self.inner.engine.open_files()
+    }
+
     /// Deletes a replica (in any state).
     pub async fn delete(&self, block: BlockId, genstamp: GenStamp) -> Result<(), StoreError> {
         let e = self.lookup(block, genstamp)?;

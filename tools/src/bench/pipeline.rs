@@ -137,12 +137,37 @@ async fn start(p: &PipelineBenchParams, link: LinkKind, net: u8) -> Result<Bench
     })
 }
 
+/// Block ids of the single-hop reference and of the replicated run: disjoint ranges, so
+/// that a node of both runs never sees the same id twice (it would rightly refuse it).
+const SINGLE_HOP_IDS: u64 = 1 << 40;
+const REPLICATED_IDS: u64 = 2 << 40;
+const ASYNC_IDS: u64 = 3 << 40;
+
+/// Latencies of one run: packet acks as the writer saw them, and whole blocks (create to
+/// close: the latency of a block that fits in one packet).
+struct RunLatency {
+    acks: Latency,
+    blocks: Latency,
+}
+
+impl RunLatency {
+    /// The figure that stands for the run: per packet for multi-packet blocks, per block
+    /// when a block is one packet (its only ack is the close).
+    fn headline(&self, p: &PipelineBenchParams) -> (&'static str, &Latency) {
+        if p.block_size <= p.packet {
+            ("block", &self.blocks)
+        } else {
+            ("ack", &self.acks)
+        }
+    }
+}
+
 async fn run_blocks(
     b: &Bench,
     targets: &[NodeId],
     p: &PipelineBenchParams,
     first_block: u64,
-) -> Result<(Phase, AckHistogram), String> {
+) -> Result<(Phase, RunLatency), String> {
     let writer = if p.writer_on_first {
         b.nodes
             .iter()
@@ -166,8 +191,8 @@ async fn run_blocks(
 }
 
 /// Writes each block of `ids` (`block_size` bytes of `data`, repeated) through
-/// `targets`; returns the merged packet-ack latencies. A sync block must keep every
-/// replica.
+/// `targets`; returns the merged packet-ack latencies and the per-block latencies. A sync
+/// block must keep every replica.
 async fn write_blocks(
     writer: &Node,
     ids: &[BlockId],
@@ -175,9 +200,11 @@ async fn write_blocks(
     mode: WriteMode,
     data: &Bytes,
     block_size: usize,
-) -> Result<AckHistogram, String> {
+) -> Result<RunLatency, String> {
     let mut acks: Option<AckHistogram> = None;
+    let mut blocks = Latency::default();
     for &block in ids {
+        let t0 = std::time::Instant::now();
         let mut params = WriteParams::new(GenStamp(1));
         params.mode = mode;
         let mut w = Writer::create(writer, block, targets, params)
@@ -191,15 +218,20 @@ async fn write_blocks(
         }
         let h = w.ack_latency().clone();
         let out = w.close().await.map_err(|e| e.to_string())?;
+        blocks.record(t0.elapsed());
         if mode == WriteMode::Sync && out.replicas.len() != targets.len() {
-            return Err(format!("block lost replicas: {:?}", out.failed));
+            return Err(format!("{block} lost replicas: {:?}", out.failed));
         }
         match acks.as_mut() {
             Some(a) => a.add(&h).map_err(|e| e.to_string())?,
             None => acks = Some(h),
         }
     }
-    acks.ok_or_else(|| "no blocks".to_string())
+    let acks = acks.ok_or_else(|| "no blocks".to_string())?;
+    Ok(RunLatency {
+        acks: Latency::from_hdr(&acks),
+        blocks,
+    })
 }
 
 /// Runs the scenario; prints the table and returns the JSON summary.
@@ -209,25 +241,20 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
     for (k, &link) in p.links.iter().enumerate() {
         let bench = start(p, link, (std::process::id() as u8).wrapping_add(k as u8)).await?;
         let targets: Vec<NodeId> = bench.idc_a.iter().chain(&bench.idc_b).copied().collect();
-        let (single, single_acks) = run_blocks(&bench, &targets[..1], p, 1_000).await?;
-        let (full, full_acks) = run_blocks(&bench, &targets, p, 2_000).await?;
+        let (single, single_lat) = run_blocks(&bench, &targets[..1], p, SINGLE_HOP_IDS).await?;
+        let (full, full_lat) = run_blocks(&bench, &targets, p, REPLICATED_IDS).await?;
         for n in bench.nodes.iter().chain(std::iter::once(&bench.client)) {
             n.shutdown().await;
         }
         let _ = std::fs::remove_dir_all(&p.dir);
-        rows.push((
-            link,
-            single,
-            Latency::from_hdr(&single_acks),
-            full,
-            Latency::from_hdr(&full_acks),
-        ));
+        rows.push((link, single, single_lat, full, full_lat));
     }
+    let unit = rows.first().map_or("ack", |r| r.4.headline(p).0);
     println!(
-        "pipeline: spec {} sync, {} blocks x {} MiB per run, {} KiB packets, writer {} -> {} replicas, loopback, O_DIRECT + fsync at finalize",
+        "pipeline: spec {} sync, {} blocks x {} per run, {} KiB packets, writer {} -> {} replicas, loopback, O_DIRECT + fsync at finalize",
         p.spec,
         p.blocks,
-        p.block_size >> 20,
+        strait::units::fmt_bytes(p.block_size as u64),
         p.packet >> 10,
         if p.writer_on_first {
             "on the first replica's node"
@@ -236,13 +263,15 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         },
         p.spec.total()
     );
+    let latency_head = format!("{unit} p50 us");
     let mut t = Table::new(&[
         "intra-IDC link",
         "pipeline",
         "MB/s",
+        "blocks/s",
         "ratio",
         "cpu-s/GB",
-        "ack p50 us",
+        &latency_head,
         "p90",
         "p99",
         "p99.9",
@@ -257,10 +286,17 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
                 link.to_string(),
                 name.to_string(),
                 format!("{:.0}", ph.mb_s()),
+                format!("{:.0}", p.blocks as f64 / ph.wall.as_secs_f64().max(1e-9)),
                 format!("{:.2}", ph.mb_s() / single.mb_s()),
                 format!("{:.2}", ph.cpu_s_per_gb()),
             ];
-            cells.extend(l.summary().split_whitespace().map(str::to_string));
+            cells.extend(
+                l.headline(p)
+                    .1
+                    .summary()
+                    .split_whitespace()
+                    .map(str::to_string),
+            );
             t.row(cells);
         }
     }
@@ -276,12 +312,15 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         "packet_bytes": p.packet,
         "writer": if p.writer_on_first { "first-replica" } else { "client" },
         "mb_s": r3(full.mb_s()),
+        "blocks_per_s": r3(p.blocks as f64 / full.wall.as_secs_f64().max(1e-9)),
         "single_hop_mb_s": r3(single.mb_s()),
         "ratio": r3(full.mb_s() / single.mb_s()),
-        "ack_p50_us": fl.at(0.5),
-        "ack_p90_us": fl.at(0.9),
-        "ack_p99_us": fl.at(0.99),
-        "ack_p999_us": fl.at(0.999),
+        "ack_p50_us": fl.acks.at(0.5),
+        "ack_p90_us": fl.acks.at(0.9),
+        "ack_p99_us": fl.acks.at(0.99),
+        "ack_p999_us": fl.acks.at(0.999),
+        "block_p50_us": fl.blocks.at(0.5),
+        "block_p99_us": fl.blocks.at(0.99),
         "cpu_s_per_gb": r3(full.cpu_s_per_gb()),
     });
     for (link, single, _, full, _) in rows.iter().skip(1) {
@@ -326,13 +365,15 @@ pub async fn run_async(p: &PipelineBenchParams) -> Result<serde_json::Value, Str
             }
         })
     };
-    let ids: Vec<BlockId> = (0..p.blocks as u64).map(|i| BlockId(5_000 + i)).collect();
+    let ids: Vec<BlockId> = (0..p.blocks as u64)
+        .map(|i| BlockId(ASYNC_IDS + i))
+        .collect();
     let (write, acks) = Phase::measure(
         total,
         write_blocks(&head, &ids, &targets, WriteMode::Async, &data, p.block_size),
     )
     .await;
-    let acks = acks?;
+    let acks = acks?.acks;
     let (peak, drain_time) = sampler.await.map_err(|e| e.to_string())??;
     let rpo = head.rpo().map_err(|e| e.to_string())?;
     let crossed: u64 = bench
@@ -349,7 +390,6 @@ pub async fn run_async(p: &PipelineBenchParams) -> Result<serde_json::Value, Str
         n.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&p.dir);
-    let acks = Latency::from_hdr(&acks);
     let drain_mb_s = total as f64 / 1e6 / drain_time.as_secs_f64().max(1e-9);
     println!(
         "pipeline: spec {} async, {} blocks x {} MiB, {} KiB packets, writer on the first replica's node, intra-IDC {link}, DCI budget {}",
