@@ -1002,7 +1002,7 @@ async fn replicate(
         .store
         .reader(req.block, info.genstamp)
         .await
-        .map_err(|e| (store_status(&e), e.to_string()))?;
+        .map_err(|e| (Status::from(&e), e.to_string()))?;
     let mut params = WriteParams::new(info.genstamp);
     params.class = req.class;
     params.checksum = reader.spec();
@@ -1015,7 +1015,7 @@ async fn replicate(
         let data = reader
             .read(off, n)
             .await
-            .map_err(|e| (store_status(&e), e.to_string()))?;
+            .map_err(|e| (Status::from(&e), e.to_string()))?;
         w.write(data)
             .await
             .map_err(|e| (Status::Unreachable, e.to_string()))?;
@@ -1032,17 +1032,6 @@ async fn replicate(
             .map_err(|e| (Status::Unreachable, e.to_string()))?;
     }
     Ok(())
-}
-
-fn store_status(e: &StoreError) -> Status {
-    match e {
-        StoreError::NoSpace { .. } => Status::NoSpace,
-        StoreError::DataChecksum { .. } => Status::ChecksumError,
-        StoreError::ChecksumMismatch { .. } | StoreError::Corrupt { .. } => Status::Corrupt,
-        StoreError::Io { .. } | StoreError::WriterFailed { .. } => Status::DiskError,
-        StoreError::AlreadyExists { .. } => Status::Exists,
-        _ => Status::Rejected,
-    }
 }
 
 /// Registers this relay for `block`, waiting for an earlier relay of the same block (an
@@ -1089,12 +1078,12 @@ async fn open_replica(
             store
                 .delete(req.block, r.genstamp)
                 .await
-                .map_err(|e| (store_status(&e), e.to_string()))?;
+                .map_err(|e| (Status::from(&e), e.to_string()))?;
         }
         let w = store
             .create(req.block, req.genstamp, req.checksum)
             .await
-            .map_err(|e| (store_status(&e), e.to_string()))?;
+            .map_err(|e| (Status::from(&e), e.to_string()))?;
         return Ok(Arc::new(w));
     }
     // Resume after recovery: the rbw replica, cut to the resume offset, with the new stamp.
@@ -1111,7 +1100,7 @@ async fn open_replica(
     let w = store
         .reopen_rbw(req.block, r.genstamp)
         .await
-        .map_err(|e| (store_status(&e), e.to_string()))?;
+        .map_err(|e| (Status::from(&e), e.to_string()))?;
     if w.len() < req.offset {
         return Err((
             Status::Rejected,
@@ -1125,11 +1114,11 @@ async fn open_replica(
     }
     w.truncate_to(req.offset)
         .await
-        .map_err(|e| (store_status(&e), e.to_string()))?;
+        .map_err(|e| (Status::from(&e), e.to_string()))?;
     if r.genstamp < req.genstamp {
         w.bump_genstamp(req.genstamp)
             .await
-            .map_err(|e| (store_status(&e), e.to_string()))?;
+            .map_err(|e| (Status::from(&e), e.to_string()))?;
     }
     Ok(Arc::new(w))
 }
@@ -1262,16 +1251,19 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
         }
     }
     let setup_ok = statuses.iter().all(|s| *s == Status::Success);
-    if up.writer.send(&setup_ack(statuses)).await.is_err() || !setup_ok {
-        // A new replica nobody will write to is removed again; a resumed one stays (the
-        // writer's next recovery attempt resumes it).
-        if req.offset == 0 {
-            let gs = writer.genstamp();
-            drop(writer);
-            if let Err(e) = shared.store.delete(block, gs).await {
-                tracing::warn!(%block, error = %e, "cannot remove the replica of a refused pipeline");
-            }
+    if !setup_ok && req.offset == 0 {
+        // A new replica nobody will write to is removed again, before upstream hears of
+        // the refusal (so the writer sees no leftovers); a resumed one stays for the
+        // writer's next recovery attempt.
+        let gs = writer.genstamp();
+        drop(writer);
+        if let Err(e) = shared.store.delete(block, gs).await {
+            tracing::warn!(%block, error = %e, "cannot remove the replica of a refused pipeline");
         }
+        let _ = up.writer.send(&setup_ack(statuses)).await;
+        return;
+    }
+    if up.writer.send(&setup_ack(statuses)).await.is_err() || !setup_ok {
         return;
     }
 
@@ -1349,7 +1341,7 @@ async fn relay(shared: &Arc<Shared>, mut up: Stream, req: WriteBlock) {
                 Ok(fut) => Ok(tokio::spawn(fut)),
                 Err(e) => {
                     tracing::warn!(%block, seq, error = %e, "packet refused");
-                    Err(store_status(&e))
+                    Err(Status::from(&e))
                 }
             };
         let bad = write.is_err();
@@ -1394,7 +1386,7 @@ async fn ack_loop(
                 Ok(Ok(())) => Status::Success,
                 Ok(Err(e)) => {
                     tracing::warn!(%block, error = %e, "local write failed");
-                    store_status(&e)
+                    Status::from(&e)
                 }
                 Err(_) => Status::DiskError,
             },
@@ -1405,7 +1397,7 @@ async fn ack_loop(
             && let Err(e) = writer.finalize().await
         {
             tracing::warn!(%block, error = %e, "finalize failed");
-            local = store_status(&e);
+            local = Status::from(&e);
         }
         let mut statuses = vec![local];
         if downstream > 0 {

@@ -419,14 +419,9 @@ pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBloc
     let r = match shared.store.reader(req.block, req.genstamp).await {
         Ok(r) => r,
         Err(e) => {
-            let status = match e {
-                StoreError::NotFound { .. } => Status::NotFound,
-                StoreError::Corrupt { .. } => Status::Corrupt,
-                _ => Status::Rejected,
-            };
             let _ = s
                 .writer
-                .send(&response(status, 0, ChecksumSpec::default()))
+                .send(&response(Status::from(&e), 0, ChecksumSpec::default()))
                 .await;
             return;
         }
@@ -459,15 +454,10 @@ pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBloc
         let data = match r.read(pos, n as usize).await {
             Ok(d) => d,
             Err(e) => {
-                let status = if matches!(e, StoreError::ChecksumMismatch { .. }) {
-                    Status::Corrupt
-                } else {
-                    Status::DiskError
-                };
                 let _ = s
                     .writer
                     .send(&Frame::Error(ErrorFrame {
-                        status,
+                        status: Status::from(&e),
                         message: e.to_string(),
                     }))
                     .await;

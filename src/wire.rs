@@ -142,6 +142,8 @@ pub enum Status {
     /// A new block was refused because the node already holds it (finalized, or at a
     /// newer generation stamp): the block id was reused, not a node failure.
     Exists = 8,
+    /// The node holds the block at another generation stamp than the one asked for.
+    Stale = 9,
 }
 
 macro_rules! u8_enum {
@@ -168,7 +170,8 @@ u8_enum!(
     Rejected,
     NotFound,
     Corrupt,
-    Exists
+    Exists,
+    Stale
 );
 
 /// Opens a write pipeline on the receiving node.
@@ -884,7 +887,7 @@ mod tests {
         ]
     }
     fn arb_status() -> impl Strategy<Value = Status> {
-        (0u8..9).prop_map(|b| Status::from_u8(b).unwrap())
+        (0u8..10).prop_map(|b| Status::from_u8(b).unwrap())
     }
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let off = 0..=MAX_BLOCK_SIZE;

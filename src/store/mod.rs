@@ -30,24 +30,38 @@
 
 mod aligned;
 mod engine;
+mod error;
+mod layout;
 mod meta;
+mod reader;
+mod recover;
+mod writer;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use tokio::sync::RwLock;
-
-use crate::block::{BlockId, ChecksumSpec, GenStamp, MAX_BLOCK_SIZE};
-use aligned::{ALIGN, BufPool, round_up};
-use engine::{Engine, EngineConfig, FileRef};
+use crate::block::{BlockId, ChecksumSpec, GenStamp};
+use aligned::BufPool;
+use engine::{Engine, EngineConfig};
 
 pub use engine::BackendKind;
+
+/// Fault injection for tests: a store engine that fails chosen disk operations. Set
+/// [`StoreConfig::faults`] to use it.
+#[cfg(feature = "fault-injection")]
+pub mod faults {
+    pub use super::engine::faulty::{Fault, FaultOp, FaultPlan, FaultRule};
+}
+pub use error::StoreError;
 pub use meta::MetaError;
+pub use reader::ReplicaReader;
+pub use writer::ReplicaWriter;
+
+use error::{blocking, io_err};
+use layout::{fsync_dir, probe_direct};
 
 /// Largest single write or read call, bounding the memory one call can pin.
 pub const MAX_IO: usize = 16 << 20;
@@ -69,6 +83,10 @@ pub struct StoreConfig {
     pub verify_on_open: bool,
     /// Size of pooled IO buffers; larger IOs allocate one-off buffers.
     pub io_buf_size: usize,
+    /// Tests only: run the fault-injecting backend (psync under this plan) instead of
+    /// `backend`.
+    #[cfg(feature = "fault-injection")]
+    pub faults: Option<faults::FaultPlan>,
 }
 
 impl StoreConfig {
@@ -82,6 +100,8 @@ impl StoreConfig {
             direct_io: true,
             verify_on_open: false,
             io_buf_size: 1 << 20,
+            #[cfg(feature = "fault-injection")]
+            faults: None,
         }
     }
 }
@@ -147,169 +167,6 @@ pub struct OpenReport {
     pub quarantined: Vec<(BlockId, GenStamp, String)>,
 }
 
-/// Errors of the block store. Each names the block (and where it helps the file, chunk
-/// or offset) so an operator can find it.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// No replica of this block is stored here.
-    #[error("{block}: no replica here")]
-    NotFound {
-        /// The block.
-        block: BlockId,
-    },
-    /// The stored replica has another generation stamp.
-    #[error("{block}: asked for {asked}, replica here is {found}")]
-    GenStampMismatch {
-        /// The block.
-        block: BlockId,
-        /// The generation stamp asked for.
-        asked: GenStamp,
-        /// The one stored.
-        found: GenStamp,
-    },
-    /// A stored chunk does not match its checksum; the replica is now quarantined.
-    #[error(
-        "{block} {genstamp}: stored chunk {chunk} at offset {offset} fails its checksum ({path}); replica quarantined"
-    )]
-    ChecksumMismatch {
-        /// The block.
-        block: BlockId,
-        /// Its generation stamp.
-        genstamp: GenStamp,
-        /// Chunk index.
-        chunk: u64,
-        /// Byte offset of the chunk in the block.
-        offset: u64,
-        /// The data file.
-        path: PathBuf,
-    },
-    /// Data handed to `write` does not match the checksums handed with it.
-    #[error("{block}: incoming chunk {chunk} at offset {offset} does not match its checksum")]
-    DataChecksum {
-        /// The block.
-        block: BlockId,
-        /// Chunk index.
-        chunk: u64,
-        /// Byte offset of the chunk in the block.
-        offset: u64,
-    },
-    /// The replica is quarantined as corrupt.
-    #[error("{block} {genstamp}: replica is corrupt")]
-    Corrupt {
-        /// The block.
-        block: BlockId,
-        /// Its generation stamp.
-        genstamp: GenStamp,
-    },
-    /// A read beyond the replica's length.
-    #[error(
-        "{block}: read of {len} bytes at {offset} is outside the replica ({replica_len} bytes)"
-    )]
-    OutOfRange {
-        /// The block.
-        block: BlockId,
-        /// Requested offset.
-        offset: u64,
-        /// Requested length.
-        len: u64,
-        /// The replica's length.
-        replica_len: u64,
-    },
-    /// A replica of this block already exists here.
-    #[error("{block}: a replica already exists here ({genstamp}, {state:?})")]
-    AlreadyExists {
-        /// The block.
-        block: BlockId,
-        /// Its generation stamp.
-        genstamp: GenStamp,
-        /// Its state.
-        state: ReplicaState,
-    },
-    /// The replica is not in the state the operation needs.
-    #[error("{block}: replica is {state:?}, operation needs {needed:?}")]
-    WrongState {
-        /// The block.
-        block: BlockId,
-        /// Its state.
-        state: ReplicaState,
-        /// The state needed.
-        needed: ReplicaState,
-    },
-    /// A write that breaks the rules: misaligned, out of order, bad checksum count, too
-    /// large, or a genstamp that does not increase.
-    #[error("{block}: invalid request: {reason}")]
-    Invalid {
-        /// The block.
-        block: BlockId,
-        /// What is wrong.
-        reason: String,
-    },
-    /// An earlier write of this writer failed; truncate to a known length to go on.
-    #[error("{block}: writer failed earlier ({reason}); truncate_to a known length first")]
-    WriterFailed {
-        /// The block.
-        block: BlockId,
-        /// The first failure.
-        reason: String,
-    },
-    /// The disk (or quota) is full.
-    #[error("no space left writing {path}")]
-    NoSpace {
-        /// The file.
-        path: PathBuf,
-    },
-    /// Another process has this store open.
-    #[error("store {root} is in use by another process")]
-    Locked {
-        /// The store root.
-        root: PathBuf,
-    },
-    /// The requested IO backend cannot run here.
-    #[error("io backend {backend} unavailable: {source}")]
-    Backend {
-        /// The backend asked for.
-        backend: BackendKind,
-        /// Why.
-        source: io::Error,
-    },
-    /// Any other IO error, with the operation and file.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-}
-
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
-    match source.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace {
-            path: path.to_path_buf(),
-        },
-        _ => StoreError::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        },
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(StoreError::Io {
-            op: "blocking task",
-            path: PathBuf::new(),
-            source: io::Error::other(e.to_string()),
-        })
-    })
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     genstamp: GenStamp,
@@ -340,85 +197,6 @@ impl std::fmt::Debug for BlockStore {
             .field("direct_io", &self.inner.direct_io)
             .finish()
     }
-}
-
-fn file_name(block: BlockId, gs: GenStamp) -> String {
-    format!("blk_{}_{}", block.0, gs.0)
-}
-
-fn parse_name(name: &str) -> Option<(BlockId, GenStamp, bool)> {
-    let (stem, is_meta) = match name.strip_suffix(".meta") {
-        Some(s) => (s, true),
-        None => (name, false),
-    };
-    let rest = stem.strip_prefix("blk_")?;
-    let (id, gs) = rest.split_once('_')?;
-    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !ok(id) || !ok(gs) {
-        return None;
-    }
-    Some((
-        BlockId(id.parse().ok()?),
-        GenStamp(gs.parse().ok()?),
-        is_meta,
-    ))
-}
-
-impl Inner {
-    fn dir(&self, state: ReplicaState, block: BlockId) -> PathBuf {
-        self.root
-            .join(state.dir())
-            .join(format!("{:02x}", (block.0 >> 16) & 0xff))
-            .join(format!("{:02x}", (block.0 >> 8) & 0xff))
-    }
-
-    fn paths(&self, state: ReplicaState, block: BlockId, gs: GenStamp) -> (PathBuf, PathBuf) {
-        let dir = self.dir(state, block);
-        let name = file_name(block, gs);
-        (dir.join(&name), dir.join(format!("{name}.meta")))
-    }
-
-    fn open_data(&self, path: &Path, spec: ChecksumSpec, write: bool) -> io::Result<File> {
-        let mut o = OpenOptions::new();
-        o.read(true);
-        if write {
-            o.write(true);
-        }
-        if self.uses_direct(spec) {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        o.open(path)
-    }
-
-    fn uses_direct(&self, spec: ChecksumSpec) -> bool {
-        self.direct_io && (spec.bytes_per_chunk() as usize).is_multiple_of(ALIGN)
-    }
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("fsync directory", dir, e))
-}
-
-/// Probes whether the filesystem under `root` accepts O_DIRECT reads and writes.
-fn probe_direct(root: &Path) -> bool {
-    let path = root.join(".direct-probe");
-    let result = (|| -> io::Result<()> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)?;
-        let mut buf = aligned::AlignedBuf::new(ALIGN);
-        buf.fill_padded(b"strait");
-        std::os::unix::fs::FileExt::write_all_at(&f, &buf, 0)?;
-        Ok(())
-    })();
-    let _ = fs::remove_file(&path);
-    result.is_ok()
 }
 
 impl BlockStore {
@@ -453,6 +231,10 @@ impl BlockStore {
             EngineConfig {
                 threads: config.io_threads,
                 depth: config.io_depth,
+                #[cfg(feature = "fault-injection")]
+                faults: config.faults.clone(),
+                #[cfg(not(feature = "fault-injection"))]
+                faults: None,
             },
         )
         .map_err(|source| StoreError::Backend {
@@ -840,515 +622,3 @@ impl BlockStore {
         }
     }
 }
-
-struct WriterState {
-    /// End of the bytes reserved by writes so far (the replica's length once they land).
-    len: u64,
-    failed: Option<String>,
-    genstamp: GenStamp,
-    finalized: bool,
-}
-
-/// Writes one `rbw` replica. Appends may run concurrently (each reserves its range
-/// first); a write that ends in a short chunk, a rewrite of the last partial chunk and a
-/// truncate run alone. Dropping the writer leaves the replica in `rbw`.
-pub struct ReplicaWriter {
-    store: BlockStore,
-    block: BlockId,
-    spec: ChecksumSpec,
-    data: Arc<FileRef>,
-    meta: Arc<FileRef>,
-    state: Mutex<WriterState>,
-    /// Appends of whole chunks share it; anything that changes the tail takes it alone.
-    tail: RwLock<()>,
-}
-
-impl std::fmt::Debug for ReplicaWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicaWriter")
-            .field("block", &self.block)
-            .field("genstamp", &self.genstamp())
-            .field("len", &self.len())
-            .finish()
-    }
-}
-
-impl ReplicaWriter {
-    fn new(
-        store: BlockStore,
-        block: BlockId,
-        genstamp: GenStamp,
-        spec: ChecksumSpec,
-        data: Arc<FileRef>,
-        meta: Arc<FileRef>,
-        len: u64,
-    ) -> Self {
-        ReplicaWriter {
-            store,
-            block,
-            spec,
-            data,
-            meta,
-            state: Mutex::new(WriterState {
-                len,
-                failed: None,
-                genstamp,
-                finalized: false,
-            }),
-            tail: RwLock::new(()),
-        }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The block.
-    pub fn block(&self) -> BlockId {
-        self.block
-    }
-
-    /// The replica's current generation stamp.
-    pub fn genstamp(&self) -> GenStamp {
-        self.state().genstamp
-    }
-
-    /// The checksum spec of the replica.
-    pub fn spec(&self) -> ChecksumSpec {
-        self.spec
-    }
-
-    /// Bytes written (reserved by writes issued so far).
-    pub fn len(&self) -> u64 {
-        self.state().len
-    }
-
-    /// Whether nothing has been written.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn invalid(&self, reason: impl Into<String>) -> StoreError {
-        StoreError::Invalid {
-            block: self.block,
-            reason: reason.into(),
-        }
-    }
-
-    /// Writes `data` at `offset`, with one checksum per chunk in `crcs`. `offset` must be
-    /// the replica's current length (append) or, when the replica ends in a partial
-    /// chunk, that chunk's start (rewrite it longer). Only the last chunk of `data` may be
-    /// short, and then it ends the replica. The data is verified against `crcs` first.
-    ///
-    /// The checks and the reservation of the range happen when `write` is called, not
-    /// when the returned future is first polled: appends issued back to back are ordered
-    /// by their calls and may then complete in any order.
-    pub fn write<'a>(
-        &'a self,
-        offset: u64,
-        data: &'a [u8],
-        crcs: &'a [u32],
-        durability: Durability,
-    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'a {
-        let reserved = if data.is_empty() {
-            Ok(None)
-        } else {
-            self.reserve(offset, data, crcs).map(Some)
-        };
-        async move {
-            match reserved? {
-                Some(exclusive) => {
-                    self.run_write(exclusive, offset, data, crcs, durability)
-                        .await
-                }
-                None => Ok(()),
-            }
-        }
-    }
-
-    /// [`write`](Self::write) with owned buffers, checked now: validation (checksums
-    /// included) and the reservation of the range happen in this call, and a refusal is
-    /// returned at once; the IO runs in the returned future, which borrows nothing and
-    /// can be spawned.
-    pub fn try_write_owned(
-        self: &Arc<Self>,
-        offset: u64,
-        data: Bytes,
-        crcs: Vec<u32>,
-        durability: Durability,
-    ) -> Result<
-        impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
-        StoreError,
-    > {
-        let reserved = if data.is_empty() {
-            None
-        } else {
-            Some(self.reserve(offset, &data, &crcs)?)
-        };
-        let this = self.clone();
-        Ok(async move {
-            match reserved {
-                Some(exclusive) => {
-                    this.run_write(exclusive, offset, &data, &crcs, durability)
-                        .await
-                }
-                None => Ok(()),
-            }
-        })
-    }
-
-    async fn run_write(
-        &self,
-        exclusive: bool,
-        offset: u64,
-        data: &[u8],
-        crcs: &[u32],
-        durability: Durability,
-    ) -> Result<(), StoreError> {
-        // A write that changes the tail waits for the appends before it to land.
-        let _guard = if exclusive {
-            Guard::Write(self.tail.write().await)
-        } else {
-            Guard::Read(self.tail.read().await)
-        };
-        let short_end = !(data.len() as u64).is_multiple_of(u64::from(self.spec.bytes_per_chunk()));
-        let result = self
-            .do_write(offset, data, crcs, durability, short_end)
-            .await;
-        if let Err(e) = &result {
-            self.state().failed.get_or_insert_with(|| e.to_string());
-        }
-        result
-    }
-
-    /// Validates a write and reserves its range; returns whether it must run alone.
-    fn reserve(&self, offset: u64, data: &[u8], crcs: &[u32]) -> Result<bool, StoreError> {
-        let bpc = u64::from(self.spec.bytes_per_chunk());
-        let n = data.len() as u64;
-        if data.len() > MAX_IO {
-            return Err(self.invalid(format!(
-                "write of {n} bytes exceeds the {MAX_IO}-byte limit"
-            )));
-        }
-        if !offset.is_multiple_of(bpc) {
-            return Err(self.invalid(format!(
-                "offset {offset} is not a multiple of the {bpc}-byte chunk"
-            )));
-        }
-        if offset + n > MAX_BLOCK_SIZE {
-            return Err(self.invalid(format!(
-                "write ends at {} beyond the maximum block size {MAX_BLOCK_SIZE}",
-                offset + n
-            )));
-        }
-        if crcs.len() as u64 != self.spec.chunks_for(n) {
-            return Err(self.invalid(format!(
-                "{} checksums for {} chunks",
-                crcs.len(),
-                self.spec.chunks_for(n)
-            )));
-        }
-        self.spec
-            .verify(offset / bpc, data, crcs)
-            .map_err(|m| StoreError::DataChecksum {
-                block: self.block,
-                chunk: m.chunk,
-                offset: m.offset,
-            })?;
-        let mut st = self.state();
-        if st.finalized {
-            return Err(StoreError::WrongState {
-                block: self.block,
-                state: ReplicaState::Finalized,
-                needed: ReplicaState::Rbw,
-            });
-        }
-        if let Some(reason) = &st.failed {
-            return Err(StoreError::WriterFailed {
-                block: self.block,
-                reason: reason.clone(),
-            });
-        }
-        let partial_start = st.len - st.len % bpc;
-        let rewrite = !st.len.is_multiple_of(bpc) && offset == partial_start;
-        if offset != st.len && !rewrite {
-            return Err(self.invalid(format!("write at {offset}, replica length is {}", st.len)));
-        }
-        if rewrite && offset + n < st.len {
-            return Err(self.invalid("rewrite of the last chunk must not shorten it"));
-        }
-        st.len = offset + n;
-        Ok(rewrite || !n.is_multiple_of(bpc))
-    }
-
-    async fn do_write(
-        &self,
-        offset: u64,
-        data: &[u8],
-        crcs: &[u32],
-        durability: Durability,
-        short_end: bool,
-    ) -> Result<(), StoreError> {
-        let inner = &self.store.inner;
-        let engine = &inner.engine;
-        let direct = inner.uses_direct(self.spec);
-        let mut dbuf = inner.pool.get_at_least(round_up(data.len()));
-        if direct {
-            dbuf.fill_padded(data);
-        } else {
-            dbuf.set_len(data.len());
-            dbuf.copy_from_slice(data);
-        }
-        let first_chunk = offset / u64::from(self.spec.bytes_per_chunk());
-        let mut mbuf = aligned::AlignedBuf::new(crcs.len() * 4);
-        mbuf.set_len(crcs.len() * 4);
-        meta::encode_crcs(crcs, &mut mbuf);
-        let (dres, mres) = tokio::join!(
-            engine.write_at(&self.data, offset, dbuf),
-            engine.write_at(&self.meta, meta::crc_offset(first_chunk), mbuf),
-        );
-        dres.0.map_err(|e| io_err("write", &self.data.path, e))?;
-        mres.0.map_err(|e| io_err("write", &self.meta.path, e))?;
-        let end = offset + data.len() as u64;
-        if short_end && direct {
-            // The padded tail went to disk; cut the file to the true length.
-            let data = self.data.clone();
-            blocking(move || {
-                data.file
-                    .set_len(end)
-                    .map_err(|e| io_err("truncate", &data.path, e))
-            })
-            .await?;
-        }
-        if durability == Durability::Sync {
-            let (d, m) = tokio::join!(engine.sync(&self.data, true), engine.sync(&self.meta, true));
-            d.map_err(|e| io_err("fdatasync", &self.data.path, e))?;
-            m.map_err(|e| io_err("fdatasync", &self.meta.path, e))?;
-        }
-        if let Some(e) = self.store.index().get_mut(&self.block) {
-            e.len = e.len.max(end);
-        }
-        Ok(())
-    }
-
-    /// Cuts the replica to `len` bytes (pipeline recovery agreeing on the acked length)
-    /// and clears an earlier write failure. `len` must not exceed the current length.
-    pub async fn truncate_to(&self, len: u64) -> Result<(), StoreError> {
-        let _guard = self.tail.write().await;
-        let cur = self.state().len;
-        if len > cur {
-            return Err(self.invalid(format!("truncate to {len} beyond length {cur}")));
-        }
-        let chunks = self.spec.chunks_for(len);
-        let (data, meta) = (self.data.clone(), self.meta.clone());
-        blocking(move || {
-            data.file
-                .set_len(len)
-                .map_err(|e| io_err("truncate", &data.path, e))?;
-            meta.file
-                .set_len(meta::crc_offset(chunks))
-                .map_err(|e| io_err("truncate", &meta.path, e))?;
-            data.file
-                .sync_data()
-                .map_err(|e| io_err("fdatasync", &data.path, e))?;
-            meta.file
-                .sync_data()
-                .map_err(|e| io_err("fdatasync", &meta.path, e))
-        })
-        .await?;
-        let mut st = self.state();
-        st.len = len;
-        st.failed = None;
-        if let Some(e) = self.store.index().get_mut(&self.block) {
-            e.len = len;
-        }
-        Ok(())
-    }
-
-    /// Gives the replica a new, larger generation stamp while it is being written.
-    pub async fn bump_genstamp(&self, new: GenStamp) -> Result<(), StoreError> {
-        let _guard = self.tail.write().await;
-        let old = self.genstamp();
-        self.store.bump_genstamp(self.block, old, new).await?;
-        self.state().genstamp = new;
-        Ok(())
-    }
-
-    /// Makes the replica durable and complete: waits for writes in flight, fsyncs data
-    /// and meta, moves both into `finalized` (meta first), fsyncs the directories.
-    /// Returns the length. Later writes are refused.
-    pub async fn finalize(&self) -> Result<u64, StoreError> {
-        let _guard = self.tail.write().await;
-        let gs = {
-            let st = self.state();
-            if let Some(reason) = st.failed.clone() {
-                return Err(StoreError::WriterFailed {
-                    block: self.block,
-                    reason,
-                });
-            }
-            st.genstamp
-        };
-        let e = self.store.lookup(self.block, gs)?;
-        if e.state != ReplicaState::Rbw {
-            return Err(StoreError::WrongState {
-                block: self.block,
-                state: e.state,
-                needed: ReplicaState::Rbw,
-            });
-        }
-        let engine = &self.store.inner.engine;
-        let (d, m) = tokio::join!(
-            engine.sync(&self.data, false),
-            engine.sync(&self.meta, false)
-        );
-        d.map_err(|e| io_err("fsync", &self.data.path, e))?;
-        m.map_err(|e| io_err("fsync", &self.meta.path, e))?;
-        let len = self.state().len;
-        let inner = self.store.inner.clone();
-        let block = self.block;
-        blocking(move || {
-            let (rd, rm) = inner.paths(ReplicaState::Rbw, block, gs);
-            let (fd, fm) = inner.paths(ReplicaState::Finalized, block, gs);
-            let fdir = inner.dir(ReplicaState::Finalized, block);
-            fs::create_dir_all(&fdir).map_err(|e| io_err("create", &fdir, e))?;
-            fs::rename(&rm, &fm).map_err(|e| io_err("rename", &rm, e))?;
-            fs::rename(&rd, &fd).map_err(|e| io_err("rename", &rd, e))?;
-            fsync_dir(&fdir)?;
-            fsync_dir(&inner.dir(ReplicaState::Rbw, block))
-        })
-        .await?;
-        if let Some(e) = self.store.index().get_mut(&block) {
-            e.state = ReplicaState::Finalized;
-            e.len = len;
-        }
-        self.state().finalized = true;
-        Ok(len)
-    }
-}
-
-enum Guard<'a> {
-    Read(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
-    Write(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
-}
-
-/// Verified reads of one replica. Cheap to share by reference; reads may run
-/// concurrently.
-pub struct ReplicaReader {
-    store: BlockStore,
-    block: BlockId,
-    genstamp: GenStamp,
-    spec: ChecksumSpec,
-    data: Arc<FileRef>,
-    crcs: Arc<Vec<u32>>,
-    len: u64,
-}
-
-impl std::fmt::Debug for ReplicaReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicaReader")
-            .field("block", &self.block)
-            .field("genstamp", &self.genstamp)
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-impl ReplicaReader {
-    /// Length of the replica (as of opening).
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the replica is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The checksum spec.
-    pub fn spec(&self) -> ChecksumSpec {
-        self.spec
-    }
-
-    /// The stored checksums of the chunks that cover `[offset, offset + len)`, for sending
-    /// along with the bytes.
-    pub fn checksums(&self, offset: u64, len: u64) -> &[u32] {
-        let bpc = u64::from(self.spec.bytes_per_chunk());
-        let first = (offset / bpc) as usize;
-        let last = self.spec.chunks_for(offset + len) as usize;
-        &self.crcs[first.min(self.crcs.len())..last.min(self.crcs.len())]
-    }
-
-    /// Reads `len` bytes at `offset`, verifying every chunk they touch. A checksum
-    /// mismatch quarantines the replica and returns [`StoreError::ChecksumMismatch`].
-    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
-        let block = self.block;
-        if len > MAX_IO {
-            return Err(StoreError::Invalid {
-                block,
-                reason: format!("read of {len} bytes exceeds the {MAX_IO}-byte limit"),
-            });
-        }
-        let end = offset
-            .checked_add(len as u64)
-            .filter(|&e| e <= self.len)
-            .ok_or(StoreError::OutOfRange {
-                block,
-                offset,
-                len: len as u64,
-                replica_len: self.len,
-            })?;
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        let bpc = u64::from(self.spec.bytes_per_chunk());
-        let first_chunk = offset / bpc;
-        let start = first_chunk * bpc;
-        let chunk_end = (end.div_ceil(bpc) * bpc).min(self.len);
-        let want = (chunk_end - start) as usize;
-        let inner = &self.store.inner;
-        let buf = inner.pool.get_at_least(round_up(want));
-        let io_len = if inner.uses_direct(self.spec) {
-            round_up(want)
-        } else {
-            want
-        };
-        let buf = inner
-            .engine
-            .read_at(&self.data, start, io_len, buf)
-            .await
-            .map_err(|e| io_err("read", &self.data.path, e))?;
-        let nchunks = self.spec.chunks_for(want as u64) as usize;
-        let crcs = self
-            .crcs
-            .get(first_chunk as usize..first_chunk as usize + nchunks);
-        let got = buf.len().min(want);
-        let verified = match crcs {
-            Some(crcs) if got == want => self
-                .spec
-                .verify(first_chunk, &buf[..want], crcs)
-                .map_err(|m| (m.chunk, m.offset)),
-            // Meta or data shorter than the replica claims: the first missing chunk.
-            _ => {
-                let chunk = first_chunk
-                    + (got as u64 / bpc)
-                        .min(self.crcs.len() as u64 - first_chunk.min(self.crcs.len() as u64));
-                Err((chunk, chunk * bpc))
-            }
-        };
-        if let Err((chunk, coff)) = verified {
-            self.store.quarantine(block, self.genstamp).await;
-            return Err(StoreError::ChecksumMismatch {
-                block,
-                genstamp: self.genstamp,
-                chunk,
-                offset: coff,
-                path: self.data.path.clone(),
-            });
-        }
-        let skip = (offset - start) as usize;
-        Ok(Bytes::from_owner(buf).slice(skip..skip + len))
-    }
-}
-
-mod recover;

@@ -10,7 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{
-    Entry, Inner, OpenReport, ReplicaInfo, ReplicaState, StoreError, io_err, meta, parse_name,
+    Entry, Inner, OpenReport, ReplicaInfo, ReplicaState, StoreError, io_err, layout::parse_name,
+    meta,
 };
 use crate::block::{BlockId, ChecksumSpec, GenStamp};
 

@@ -1,0 +1,406 @@
+//! [`ReplicaWriter`]: appends to one `rbw` replica, truncation and genstamp bumps during
+//! recovery, and finalize.
+
+use std::fs;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::RwLock;
+
+use super::aligned::{self, round_up};
+use super::engine::FileRef;
+use super::{
+    BlockStore, Durability, MAX_IO, ReplicaState, StoreError, blocking, fsync_dir, io_err, meta,
+};
+use crate::block::{BlockId, ChecksumSpec, GenStamp, MAX_BLOCK_SIZE};
+
+struct WriterState {
+    /// End of the bytes reserved by writes so far (the replica's length once they land).
+    len: u64,
+    failed: Option<String>,
+    genstamp: GenStamp,
+    finalized: bool,
+}
+
+/// Writes one `rbw` replica. Appends may run concurrently (each reserves its range
+/// first); a write that ends in a short chunk, a rewrite of the last partial chunk and a
+/// truncate run alone. Dropping the writer leaves the replica in `rbw`.
+pub struct ReplicaWriter {
+    store: BlockStore,
+    block: BlockId,
+    spec: ChecksumSpec,
+    data: Arc<FileRef>,
+    meta: Arc<FileRef>,
+    state: Mutex<WriterState>,
+    /// Appends of whole chunks share it; anything that changes the tail takes it alone.
+    tail: RwLock<()>,
+}
+
+impl std::fmt::Debug for ReplicaWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaWriter")
+            .field("block", &self.block)
+            .field("genstamp", &self.genstamp())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl ReplicaWriter {
+    pub(super) fn new(
+        store: BlockStore,
+        block: BlockId,
+        genstamp: GenStamp,
+        spec: ChecksumSpec,
+        data: Arc<FileRef>,
+        meta: Arc<FileRef>,
+        len: u64,
+    ) -> Self {
+        ReplicaWriter {
+            store,
+            block,
+            spec,
+            data,
+            meta,
+            state: Mutex::new(WriterState {
+                len,
+                failed: None,
+                genstamp,
+                finalized: false,
+            }),
+            tail: RwLock::new(()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The block.
+    pub fn block(&self) -> BlockId {
+        self.block
+    }
+
+    /// The replica's current generation stamp.
+    pub fn genstamp(&self) -> GenStamp {
+        self.state().genstamp
+    }
+
+    /// The checksum spec of the replica.
+    pub fn spec(&self) -> ChecksumSpec {
+        self.spec
+    }
+
+    /// Bytes written (reserved by writes issued so far).
+    pub fn len(&self) -> u64 {
+        self.state().len
+    }
+
+    /// Whether nothing has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn invalid(&self, reason: impl Into<String>) -> StoreError {
+        StoreError::Invalid {
+            block: self.block,
+            reason: reason.into(),
+        }
+    }
+
+    /// Writes `data` at `offset`, with one checksum per chunk in `crcs`. `offset` must be
+    /// the replica's current length (append) or, when the replica ends in a partial
+    /// chunk, that chunk's start (rewrite it longer). Only the last chunk of `data` may be
+    /// short, and then it ends the replica. The data is verified against `crcs` first.
+    ///
+    /// The checks and the reservation of the range happen when `write` is called, not
+    /// when the returned future is first polled: appends issued back to back are ordered
+    /// by their calls and may then complete in any order.
+    pub fn write<'a>(
+        &'a self,
+        offset: u64,
+        data: &'a [u8],
+        crcs: &'a [u32],
+        durability: Durability,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'a {
+        let reserved = if data.is_empty() {
+            Ok(None)
+        } else {
+            self.reserve(offset, data, crcs).map(Some)
+        };
+        async move {
+            match reserved? {
+                Some(exclusive) => {
+                    self.run_write(exclusive, offset, data, crcs, durability)
+                        .await
+                }
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// [`write`](Self::write) with owned buffers, checked now: validation (checksums
+    /// included) and the reservation of the range happen in this call, and a refusal is
+    /// returned at once; the IO runs in the returned future, which borrows nothing and
+    /// can be spawned.
+    pub fn try_write_owned(
+        self: &Arc<Self>,
+        offset: u64,
+        data: Bytes,
+        crcs: Vec<u32>,
+        durability: Durability,
+    ) -> Result<
+        impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
+        StoreError,
+    > {
+        let reserved = if data.is_empty() {
+            None
+        } else {
+            Some(self.reserve(offset, &data, &crcs)?)
+        };
+        let this = self.clone();
+        Ok(async move {
+            match reserved {
+                Some(exclusive) => {
+                    this.run_write(exclusive, offset, &data, &crcs, durability)
+                        .await
+                }
+                None => Ok(()),
+            }
+        })
+    }
+
+    async fn run_write(
+        &self,
+        exclusive: bool,
+        offset: u64,
+        data: &[u8],
+        crcs: &[u32],
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        // A write that changes the tail waits for the appends before it to land.
+        let _guard = if exclusive {
+            Guard::Write(self.tail.write().await)
+        } else {
+            Guard::Read(self.tail.read().await)
+        };
+        let short_end = !(data.len() as u64).is_multiple_of(u64::from(self.spec.bytes_per_chunk()));
+        let result = self
+            .do_write(offset, data, crcs, durability, short_end)
+            .await;
+        if let Err(e) = &result {
+            self.state().failed.get_or_insert_with(|| e.to_string());
+        }
+        result
+    }
+
+    /// Validates a write and reserves its range; returns whether it must run alone.
+    fn reserve(&self, offset: u64, data: &[u8], crcs: &[u32]) -> Result<bool, StoreError> {
+        let bpc = u64::from(self.spec.bytes_per_chunk());
+        let n = data.len() as u64;
+        if data.len() > MAX_IO {
+            return Err(self.invalid(format!(
+                "write of {n} bytes exceeds the {MAX_IO}-byte limit"
+            )));
+        }
+        if !offset.is_multiple_of(bpc) {
+            return Err(self.invalid(format!(
+                "offset {offset} is not a multiple of the {bpc}-byte chunk"
+            )));
+        }
+        if offset + n > MAX_BLOCK_SIZE {
+            return Err(self.invalid(format!(
+                "write ends at {} beyond the maximum block size {MAX_BLOCK_SIZE}",
+                offset + n
+            )));
+        }
+        if crcs.len() as u64 != self.spec.chunks_for(n) {
+            return Err(self.invalid(format!(
+                "{} checksums for {} chunks",
+                crcs.len(),
+                self.spec.chunks_for(n)
+            )));
+        }
+        self.spec
+            .verify(offset / bpc, data, crcs)
+            .map_err(|m| StoreError::DataChecksum {
+                block: self.block,
+                chunk: m.chunk,
+                offset: m.offset,
+            })?;
+        let mut st = self.state();
+        if st.finalized {
+            return Err(StoreError::WrongState {
+                block: self.block,
+                state: ReplicaState::Finalized,
+                needed: ReplicaState::Rbw,
+            });
+        }
+        if let Some(reason) = &st.failed {
+            return Err(StoreError::WriterFailed {
+                block: self.block,
+                reason: reason.clone(),
+            });
+        }
+        let partial_start = st.len - st.len % bpc;
+        let rewrite = !st.len.is_multiple_of(bpc) && offset == partial_start;
+        if offset != st.len && !rewrite {
+            return Err(self.invalid(format!("write at {offset}, replica length is {}", st.len)));
+        }
+        if rewrite && offset + n < st.len {
+            return Err(self.invalid("rewrite of the last chunk must not shorten it"));
+        }
+        st.len = offset + n;
+        Ok(rewrite || !n.is_multiple_of(bpc))
+    }
+
+    async fn do_write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        crcs: &[u32],
+        durability: Durability,
+        short_end: bool,
+    ) -> Result<(), StoreError> {
+        let inner = &self.store.inner;
+        let engine = &inner.engine;
+        let direct = inner.uses_direct(self.spec);
+        let mut dbuf = inner.pool.get_at_least(round_up(data.len()));
+        if direct {
+            dbuf.fill_padded(data);
+        } else {
+            dbuf.set_len(data.len());
+            dbuf.copy_from_slice(data);
+        }
+        let first_chunk = offset / u64::from(self.spec.bytes_per_chunk());
+        let mut mbuf = aligned::AlignedBuf::new(crcs.len() * 4);
+        mbuf.set_len(crcs.len() * 4);
+        meta::encode_crcs(crcs, &mut mbuf);
+        let (dres, mres) = tokio::join!(
+            engine.write_at(&self.data, offset, dbuf),
+            engine.write_at(&self.meta, meta::crc_offset(first_chunk), mbuf),
+        );
+        dres.0.map_err(|e| io_err("write", &self.data.path, e))?;
+        mres.0.map_err(|e| io_err("write", &self.meta.path, e))?;
+        let end = offset + data.len() as u64;
+        if short_end && direct {
+            // The padded tail went to disk; cut the file to the true length.
+            let data = self.data.clone();
+            blocking(move || {
+                data.file
+                    .set_len(end)
+                    .map_err(|e| io_err("truncate", &data.path, e))
+            })
+            .await?;
+        }
+        if durability == Durability::Sync {
+            let (d, m) = tokio::join!(engine.sync(&self.data, true), engine.sync(&self.meta, true));
+            d.map_err(|e| io_err("fdatasync", &self.data.path, e))?;
+            m.map_err(|e| io_err("fdatasync", &self.meta.path, e))?;
+        }
+        if let Some(e) = self.store.index().get_mut(&self.block) {
+            e.len = e.len.max(end);
+        }
+        Ok(())
+    }
+
+    /// Cuts the replica to `len` bytes (pipeline recovery agreeing on the acked length)
+    /// and clears an earlier write failure. `len` must not exceed the current length.
+    pub async fn truncate_to(&self, len: u64) -> Result<(), StoreError> {
+        let _guard = self.tail.write().await;
+        let cur = self.state().len;
+        if len > cur {
+            return Err(self.invalid(format!("truncate to {len} beyond length {cur}")));
+        }
+        let chunks = self.spec.chunks_for(len);
+        let (data, meta) = (self.data.clone(), self.meta.clone());
+        blocking(move || {
+            data.file
+                .set_len(len)
+                .map_err(|e| io_err("truncate", &data.path, e))?;
+            meta.file
+                .set_len(meta::crc_offset(chunks))
+                .map_err(|e| io_err("truncate", &meta.path, e))?;
+            data.file
+                .sync_data()
+                .map_err(|e| io_err("fdatasync", &data.path, e))?;
+            meta.file
+                .sync_data()
+                .map_err(|e| io_err("fdatasync", &meta.path, e))
+        })
+        .await?;
+        let mut st = self.state();
+        st.len = len;
+        st.failed = None;
+        if let Some(e) = self.store.index().get_mut(&self.block) {
+            e.len = len;
+        }
+        Ok(())
+    }
+
+    /// Gives the replica a new, larger generation stamp while it is being written.
+    pub async fn bump_genstamp(&self, new: GenStamp) -> Result<(), StoreError> {
+        let _guard = self.tail.write().await;
+        let old = self.genstamp();
+        self.store.bump_genstamp(self.block, old, new).await?;
+        self.state().genstamp = new;
+        Ok(())
+    }
+
+    /// Makes the replica durable and complete: waits for writes in flight, fsyncs data
+    /// and meta, moves both into `finalized` (meta first), fsyncs the directories.
+    /// Returns the length. Later writes are refused.
+    pub async fn finalize(&self) -> Result<u64, StoreError> {
+        let _guard = self.tail.write().await;
+        let gs = {
+            let st = self.state();
+            if let Some(reason) = st.failed.clone() {
+                return Err(StoreError::WriterFailed {
+                    block: self.block,
+                    reason,
+                });
+            }
+            st.genstamp
+        };
+        let e = self.store.lookup(self.block, gs)?;
+        if e.state != ReplicaState::Rbw {
+            return Err(StoreError::WrongState {
+                block: self.block,
+                state: e.state,
+                needed: ReplicaState::Rbw,
+            });
+        }
+        let engine = &self.store.inner.engine;
+        let (d, m) = tokio::join!(
+            engine.sync(&self.data, false),
+            engine.sync(&self.meta, false)
+        );
+        d.map_err(|e| io_err("fsync", &self.data.path, e))?;
+        m.map_err(|e| io_err("fsync", &self.meta.path, e))?;
+        let len = self.state().len;
+        let inner = self.store.inner.clone();
+        let block = self.block;
+        blocking(move || {
+            let (rd, rm) = inner.paths(ReplicaState::Rbw, block, gs);
+            let (fd, fm) = inner.paths(ReplicaState::Finalized, block, gs);
+            let fdir = inner.dir(ReplicaState::Finalized, block);
+            fs::create_dir_all(&fdir).map_err(|e| io_err("create", &fdir, e))?;
+            fs::rename(&rm, &fm).map_err(|e| io_err("rename", &rm, e))?;
+            fs::rename(&rd, &fd).map_err(|e| io_err("rename", &rd, e))?;
+            fsync_dir(&fdir)?;
+            fsync_dir(&inner.dir(ReplicaState::Rbw, block))
+        })
+        .await?;
+        if let Some(e) = self.store.index().get_mut(&block) {
+            e.state = ReplicaState::Finalized;
+            e.len = len;
+        }
+        self.state().finalized = true;
+        Ok(len)
+    }
+}
+
+enum Guard<'a> {
+    Read(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Write(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+}

@@ -1,0 +1,179 @@
+//! Store faults through the fault-injecting engine (`strait::store::faults`): no root, no
+//! tmpfs, no child process. A full disk in the middle of a write, EIO on reads and
+//! syncs, and a "crash here" cut, each followed by what the store must still guarantee.
+//! `store_faults.rs` keeps the same disk-full case on a real tmpfs (root) and a real
+//! `kill -9`.
+
+mod common;
+
+use common::pattern;
+use strait::block::{BlockId, ChecksumSpec, GenStamp};
+use strait::store::faults::{Fault, FaultOp, FaultPlan, FaultRule};
+use strait::store::{BlockStore, Durability, ReplicaState, StoreConfig, StoreError};
+
+const GS: GenStamp = GenStamp(1);
+const MIB: usize = 1 << 20;
+
+async fn open(dir: &std::path::Path, plan: Option<&FaultPlan>) -> BlockStore {
+    let mut cfg = StoreConfig::new(dir);
+    cfg.faults = plan.cloned();
+    BlockStore::open(cfg).await.unwrap().0
+}
+
+async fn write_block(store: &BlockStore, block: BlockId, data: &[u8]) -> Result<u64, StoreError> {
+    let spec = ChecksumSpec::default();
+    let w = store.create(block, GS, spec).await?;
+    for (i, piece) in data.chunks(MIB).enumerate() {
+        w.write(
+            (i * MIB) as u64,
+            piece,
+            &spec.checksums(piece),
+            Durability::Buffered,
+        )
+        .await?;
+    }
+    w.finalize().await
+}
+
+async fn read_all(store: &BlockStore, block: BlockId) -> Result<Vec<u8>, StoreError> {
+    let r = store.reader(block, GS).await?;
+    let mut out = Vec::new();
+    while (out.len() as u64) < r.len() {
+        let n = (r.len() - out.len() as u64).min(MIB as u64) as usize;
+        out.extend_from_slice(&r.read(out.len() as u64, n).await?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_mid_write_is_a_clean_error_and_recoverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let store = open(dir.path(), Some(&plan)).await;
+    let a = pattern(1, 3 * MIB);
+    assert_eq!(write_block(&store, BlockId(1), &a).await.unwrap(), 3 << 20);
+
+    // Block 2's fourth data write fills the disk halfway through.
+    plan.add(
+        FaultRule::new(FaultOp::Write, Fault::ShortWrite(MIB / 2))
+            .on_file("blk_2_1")
+            .after(3)
+            .times(1),
+    );
+    let spec = ChecksumSpec::default();
+    let w = store.create(BlockId(2), GS, spec).await.unwrap();
+    let chunk = pattern(2, MIB);
+    let crcs = spec.checksums(&chunk);
+    let mut written = 0u64;
+    let err = loop {
+        match w.write(written, &chunk, &crcs, Durability::Buffered).await {
+            Ok(()) => written += MIB as u64,
+            Err(e) => break e,
+        }
+        assert!(written < 16 << 20, "the fault never fired");
+    };
+    assert_eq!(written, 3 << 20, "three whole writes before the full disk");
+    assert!(matches!(err, StoreError::NoSpace { .. }), "{err}");
+    assert!(err.to_string().contains("no space left"), "{err}");
+    // Further writes are refused until the writer is reset; finalize is refused too.
+    let again = w
+        .write(written + MIB as u64, &chunk, &crcs, Durability::Buffered)
+        .await
+        .unwrap_err();
+    assert!(matches!(again, StoreError::WriterFailed { .. }), "{again}");
+    assert!(w.finalize().await.is_err());
+    drop(w);
+    // The partial replica stays in rbw; the other replica is intact.
+    assert_eq!(store.get(BlockId(2)).unwrap().state, ReplicaState::Rbw);
+    assert_eq!(read_all(&store, BlockId(1)).await.unwrap(), a);
+
+    // Space again: the store works.
+    let c = pattern(3, MIB);
+    assert_eq!(write_block(&store, BlockId(3), &c).await.unwrap(), 1 << 20);
+    assert_eq!(read_all(&store, BlockId(3)).await.unwrap(), c);
+    drop(store);
+
+    // After a restart the rbw replica is its verified prefix: the three whole writes,
+    // plus whatever whole chunks of the half write landed with their checksums.
+    let store = open(dir.path(), None).await;
+    let info = store.get(BlockId(2)).unwrap();
+    assert_eq!(info.state, ReplicaState::Rbw);
+    assert!(
+        (3 << 20..=(3 << 20) + MIB as u64 / 2).contains(&info.len),
+        "{}",
+        info.len
+    );
+    assert_eq!(info.len % 4096, 0);
+    let got = read_all(&store, BlockId(2)).await.unwrap();
+    for (i, piece) in got.chunks(MIB).enumerate() {
+        assert_eq!(piece, &chunk[..piece.len()], "MiB {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eio_on_read_is_an_io_error_not_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let store = open(dir.path(), Some(&plan)).await;
+    let data = pattern(4, 2 * MIB);
+    write_block(&store, BlockId(4), &data).await.unwrap();
+    plan.add(FaultRule::new(FaultOp::Read, Fault::Eio).times(1));
+    let err = read_all(&store, BlockId(4)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Io { .. }), "{err}");
+    // A failing disk read does not condemn the replica: it is still finalized and reads
+    // fine once the disk answers again.
+    assert_eq!(
+        store.get(BlockId(4)).unwrap().state,
+        ReplicaState::Finalized
+    );
+    assert_eq!(read_all(&store, BlockId(4)).await.unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sync_at_finalize_leaves_the_replica_unfinalized() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let store = open(dir.path(), Some(&plan)).await;
+    plan.add(
+        FaultRule::new(FaultOp::Sync, Fault::Eio)
+            .on_files("blk_5_1")
+            .times(1),
+    );
+    let err = write_block(&store, BlockId(5), &pattern(5, MIB))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Io { op: "fsync", .. }), "{err}");
+    assert_eq!(store.get(BlockId(5)).unwrap().state, ReplicaState::Rbw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_cut_recovers_to_the_prefix_that_reached_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let store = open(dir.path(), Some(&plan)).await;
+    let done = pattern(6, MIB + 100);
+    write_block(&store, BlockId(6), &done).await.unwrap();
+    // The machine stops at the third data write of block 7.
+    plan.add(
+        FaultRule::new(FaultOp::Write, Fault::Crash)
+            .on_file("blk_7_1")
+            .after(2),
+    );
+    let data = pattern(7, 4 * MIB);
+    let err = write_block(&store, BlockId(7), &data).await.unwrap_err();
+    assert!(matches!(err, StoreError::Io { .. }), "{err}");
+    assert!(plan.crashed());
+    // Nothing works after the cut, not even other blocks.
+    assert!(read_all(&store, BlockId(6)).await.is_err());
+    drop(store);
+
+    let store = open(dir.path(), None).await;
+    assert_eq!(read_all(&store, BlockId(6)).await.unwrap(), done);
+    let info = store.get(BlockId(7)).unwrap();
+    assert_eq!(info.state, ReplicaState::Rbw);
+    assert!(info.len <= 2 << 20, "{}", info.len);
+    assert_eq!(
+        read_all(&store, BlockId(7)).await.unwrap(),
+        &data[..info.len as usize]
+    );
+}
