@@ -1,4 +1,4 @@
-//! The node configuration file the replicator daemon reads, and its validation into a
+//! The node configuration file the daemon reads, and its validation into a
 //! [`NodeConfig`]. A bad file is refused with a message that names the field (and, for
 //! syntax and type errors, the line).
 //!

@@ -31,6 +31,7 @@
 
 pub mod block;
 pub mod config;
+mod context;
 pub mod daemon;
 pub mod dci;
 pub mod metrics;
@@ -41,6 +42,7 @@ pub mod read;
 pub mod replication;
 pub mod store;
 pub mod topology;
+pub mod transfer;
 pub mod transport;
 pub mod units;
 pub mod wire;

@@ -1,252 +1,119 @@
-//! Prometheus text exposition of a node's counters, and a minimal HTTP endpoint that
-//! serves it on `/metrics`.
-//!
-//! Exposed: block bytes per distance tier (read, served, pipeline in/out), DCI bytes on
-//! the wire and saved by compression, each DCI governor's queue and granted bytes per
-//! class, pipeline-ack and read latency percentiles (from hdrhistogram), the store's
-//! backend and free space, and the replication backlog (RPO).
+//! A node's counters: block bytes by distance tier and by peer, DCI bytes on the wire and
+//! saved by compression, and latency histograms. The services below the node count into
+//! them as they work; exposing them (Prometheus text on `/metrics`) is the daemon's job,
+//! see the `daemon` module.
 
-use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use crate::topology::{NodeId, Tier};
 
-use crate::dci::governor::CLASSES;
-use crate::node::{LatencyHistogram, Node, TierCounters};
-use crate::topology::Tier;
+/// Byte counters by distance tier (index: [`Tier`] as usize).
+#[derive(Debug, Default)]
+pub struct TierCounters([AtomicU64; 4]);
 
-fn class_name(c: crate::wire::TrafficClass) -> &'static str {
-    match c {
-        crate::wire::TrafficClass::Sync => "sync",
-        crate::wire::TrafficClass::Read => "read",
-        crate::wire::TrafficClass::Async => "async",
-        crate::wire::TrafficClass::Repair => "repair",
+impl TierCounters {
+    /// Adds `n` bytes at `tier`.
+    pub fn add(&self, tier: Tier, n: u64) {
+        self.0[tier as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes counted at `tier`.
+    pub fn get(&self, tier: Tier) -> u64 {
+        self.0[tier as usize].load(Ordering::Relaxed)
     }
 }
 
-fn tiers(out: &mut String, name: &str, help: &str, node: &str, c: &TierCounters) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for t in Tier::ALL {
-        let _ = writeln!(
-            out,
-            "{name}{{node=\"{node}\",tier=\"{}\"}} {}",
-            t.name(),
-            c.get(t)
-        );
+/// Counters of a node.
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    /// Block bytes this node's clients read, by the tier of the replica they came from
+    /// (as they crossed the network: compressed size for compressed packets).
+    pub read_bytes: TierCounters,
+    /// Block bytes this node served to readers, by the tier of the reader.
+    pub served_bytes: TierCounters,
+    /// Packet payload bytes this node sent down write pipelines, by tier of the hop.
+    pub pipeline_sent_bytes: TierCounters,
+    /// Packet payload bytes this node received from upstream in write pipelines, as they
+    /// came off the wire (compressed or not), by tier of the hop.
+    pub pipeline_received_bytes: TierCounters,
+    /// Bytes this node sent across the DCI as they went on the wire (after compression).
+    pub dci_wire_bytes: AtomicU64,
+    /// Bytes compression saved on DCI hops.
+    pub dci_saved_bytes: AtomicU64,
+    /// Latency of packet acks seen by writers on this node, µs.
+    pub pipeline_ack_us: LatencyHistogram,
+    /// Latency of reads by readers on this node, µs.
+    pub read_us: LatencyHistogram,
+    /// Block bytes exchanged with each peer: (received, sent).
+    pub peers: PeerCounters,
+}
+
+/// Block bytes received from and sent to each peer.
+#[derive(Debug, Default)]
+pub struct PeerCounters(std::sync::Mutex<HashMap<NodeId, (u64, u64)>>);
+
+impl PeerCounters {
+    /// Counts `n` bytes received from `peer`.
+    pub fn received(&self, peer: NodeId, n: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_default()
+            .0 += n;
+    }
+
+    /// Counts `n` bytes sent to `peer`.
+    pub fn sent(&self, peer: NodeId, n: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_default()
+            .1 += n;
+    }
+
+    /// (received, sent) per peer.
+    pub fn snapshot(&self) -> Vec<(NodeId, u64, u64)> {
+        let mut v: Vec<_> = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(&p, &(r, s))| (p, r, s))
+            .collect();
+        v.sort();
+        v
     }
 }
 
-fn summary(out: &mut String, name: &str, help: &str, node: &str, h: &LatencyHistogram) {
-    let h = h.snapshot();
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-    for q in [0.5, 0.9, 0.99, 0.999] {
-        let _ = writeln!(
-            out,
-            "{name}{{node=\"{node}\",quantile=\"{q}\"}} {}",
-            h.value_at_quantile(q) as f64 / 1e6
-        );
+/// A shared latency histogram in microseconds (1 µs to 10 min).
+#[derive(Debug)]
+pub struct LatencyHistogram(std::sync::Mutex<hdrhistogram::Histogram<u64>>);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(std::sync::Mutex::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("valid histogram bounds"),
+        ))
     }
-    let _ = writeln!(out, "{name}_count{{node=\"{node}\"}} {}", h.len());
 }
 
-/// Renders every metric of `node` in the Prometheus text format.
-pub fn render(node: &Node) -> String {
-    let mut out = String::with_capacity(4096);
-    let name = node.topology().node(node.id()).name.clone();
-    let m = node.metrics();
-    tiers(
-        &mut out,
-        "strait_read_bytes_total",
-        "Block bytes read by this node's readers, by tier of the replica.",
-        &name,
-        &m.read_bytes,
-    );
-    tiers(
-        &mut out,
-        "strait_served_bytes_total",
-        "Block bytes this node served to readers, by tier of the reader.",
-        &name,
-        &m.served_bytes,
-    );
-    tiers(
-        &mut out,
-        "strait_pipeline_sent_bytes_total",
-        "Packet bytes sent down write pipelines, by tier of the hop.",
-        &name,
-        &m.pipeline_sent_bytes,
-    );
-    tiers(
-        &mut out,
-        "strait_pipeline_received_bytes_total",
-        "Packet bytes received from upstream, by tier of the hop.",
-        &name,
-        &m.pipeline_received_bytes,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP strait_peer_bytes_total Block bytes exchanged with each peer.\n# TYPE strait_peer_bytes_total counter"
-    );
-    for (peer, received, sent) in m.peers.snapshot() {
-        let pn = &node.topology().node(peer).name;
-        let _ = writeln!(
-            out,
-            "strait_peer_bytes_total{{node=\"{name}\",peer=\"{pn}\",direction=\"in\"}} {received}"
-        );
-        let _ = writeln!(
-            out,
-            "strait_peer_bytes_total{{node=\"{name}\",peer=\"{pn}\",direction=\"out\"}} {sent}"
-        );
+impl LatencyHistogram {
+    /// Records one latency.
+    pub fn record(&self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 600_000_000);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(us);
     }
-    let _ = writeln!(
-        out,
-        "# HELP strait_dci_wire_bytes_total Bytes sent across the DCI as they went on the wire.\n# TYPE strait_dci_wire_bytes_total counter\nstrait_dci_wire_bytes_total{{node=\"{name}\"}} {}",
-        m.dci_wire_bytes.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP strait_dci_compression_saved_bytes_total Bytes zstd saved on DCI hops.\n# TYPE strait_dci_compression_saved_bytes_total counter\nstrait_dci_compression_saved_bytes_total{{node=\"{name}\"}} {}",
-        m.dci_saved_bytes.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP strait_dci_queued_bytes Bytes waiting in a DCI governor.\n# TYPE strait_dci_queued_bytes gauge"
-    );
-    let mut granted = String::new();
-    for (idc, g) in node.governors().iter() {
-        let to = &node.topology().idc(idc).name;
-        for c in CLASSES {
-            let s = g.stats(c);
-            let _ = writeln!(
-                out,
-                "strait_dci_queued_bytes{{node=\"{name}\",to=\"{to}\",class=\"{}\"}} {}",
-                class_name(c),
-                s.queued_bytes
-            );
-            let _ = writeln!(
-                granted,
-                "strait_dci_granted_bytes_total{{node=\"{name}\",to=\"{to}\",class=\"{}\"}} {}",
-                class_name(c),
-                s.granted_bytes
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP strait_dci_granted_bytes_total Bytes a DCI governor admitted.\n# TYPE strait_dci_granted_bytes_total counter\n{granted}"
-    );
-    summary(
-        &mut out,
-        "strait_pipeline_ack_seconds",
-        "Packet ack latency seen by writers on this node.",
-        &name,
-        &m.pipeline_ack_us,
-    );
-    summary(
-        &mut out,
-        "strait_read_seconds",
-        "Read latency seen by readers on this node.",
-        &name,
-        &m.read_us,
-    );
-    let store = node.store();
-    let _ = writeln!(
-        out,
-        "# HELP strait_store_info Store backend.\n# TYPE strait_store_info gauge\nstrait_store_info{{node=\"{name}\",backend=\"{}\",direct_io=\"{}\"}} 1",
-        store.backend(),
-        store.direct_io()
-    );
-    if let Ok(fs) = rustix::fs::statvfs(store.root()) {
-        let _ = writeln!(
-            out,
-            "# HELP strait_store_free_bytes Free space on the store's filesystem.\n# TYPE strait_store_free_bytes gauge\nstrait_store_free_bytes{{node=\"{name}\"}} {}",
-            fs.f_bavail.saturating_mul(fs.f_frsize)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP strait_replicas Replicas held, by state.\n# TYPE strait_replicas gauge"
-    );
-    let list = store.list();
-    for (state, label) in [
-        (crate::store::ReplicaState::Finalized, "finalized"),
-        (crate::store::ReplicaState::Rbw, "rbw"),
-        (crate::store::ReplicaState::Corrupt, "corrupt"),
-    ] {
-        let _ = writeln!(
-            out,
-            "strait_replicas{{node=\"{name}\",state=\"{label}\"}} {}",
-            list.iter().filter(|r| r.state == state).count()
-        );
-    }
-    if let Ok(r) = node.rpo() {
-        let _ = writeln!(
-            out,
-            "# HELP strait_replication_pending_tasks Async blocks not yet in the remote IDC.\n# TYPE strait_replication_pending_tasks gauge\nstrait_replication_pending_tasks{{node=\"{name}\"}} {}\n\
-             # HELP strait_replication_pending_bytes Bytes not yet in the remote IDC (RPO in bytes).\n# TYPE strait_replication_pending_bytes gauge\nstrait_replication_pending_bytes{{node=\"{name}\"}} {}\n\
-             # HELP strait_replication_lag_seconds Age of the oldest pending task (RPO in time).\n# TYPE strait_replication_lag_seconds gauge\nstrait_replication_lag_seconds{{node=\"{name}\"}} {}\n\
-             # HELP strait_replication_drained_bytes_total Bytes copied to the remote IDC.\n# TYPE strait_replication_drained_bytes_total counter\nstrait_replication_drained_bytes_total{{node=\"{name}\"}} {}",
-            r.pending_tasks,
-            r.pending_bytes,
-            r.oldest_age.as_secs_f64(),
-            r.drained_bytes
-        );
-    }
-    out
-}
 
-/// Serves `GET /metrics` (and `GET /health`) on `addr` until the task is dropped.
-/// Anything else gets a 404; requests are read with a 8 KiB limit.
-pub async fn serve(addr: SocketAddr, node: Node) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let mut sock = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // Out of descriptors and the like: back off rather than spin.
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let node = node.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut n = 0;
-                // Read the request head (bounded).
-                while n < buf.len() {
-                    match tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        sock.read(&mut buf[n..]),
-                    )
-                    .await
-                    {
-                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                        Ok(Ok(k)) => {
-                            n += k;
-                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if head.starts_with("GET /metrics") {
-                    ("200 OK", render(&node))
-                } else if head.starts_with("GET /health") {
-                    ("200 OK", "ok\n".to_string())
-                } else {
-                    ("404 Not Found", "not found\n".to_string())
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    }))
+    /// A copy of the histogram.
+    pub fn snapshot(&self) -> hdrhistogram::Histogram<u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }

@@ -5,13 +5,15 @@
 //! node (read straight from the local store, no network), its rack, its IDC, then the
 //! other IDC. Every chunk is verified end to end. A checksum mismatch, a missing replica,
 //! a genstamp mismatch or a dead node moves on to the next replica, and a corrupt replica
-//! is reported as a [`NodeEvent::CorruptReplica`](crate::node::NodeEvent). A read slower
+//! is reported as a [`NodeEvent::CorruptReplica`](crate::context::NodeEvent::CorruptReplica). A read slower
 //! than the hedge threshold is started again on another replica in the same IDC, and the
 //! first answer wins. The other IDC is asked only when no replica in the reader's IDC can
 //! serve. Bytes read are counted per distance tier in
-//! [`NodeMetrics::read_bytes`](crate::node::NodeMetrics).
+//! [`NodeMetrics::read_bytes`](crate::metrics::NodeMetrics::read_bytes).
 //!
-//! This module also holds the read service a node runs for its peers.
+//! When no replica can serve, [`ReadError::NoReplica`] lists each replica tried with a
+//! typed [`ReplicaFailure`]. This module also holds the read service a node runs for its
+//! peers ([`serve`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +24,10 @@ use futures_util::stream::FuturesUnordered;
 use rand::SeedableRng;
 
 use crate::block::{BlockId, ChecksumSpec, GenStamp, MAX_BLOCK_SIZE};
-use crate::node::{Node, NodeEvent, Shared};
+use crate::context::{NodeContext, NodeEvent};
 use crate::placement;
 use crate::store::StoreError;
-use crate::topology::{NodeId, Origin, Tier};
+use crate::topology::{NodeId, Origin};
 use crate::transport::Stream;
 use crate::wire::{
     Compression, ErrorFrame, Frame, Packet, PacketFlags, ReadBlock, ReadResponse, Status,
@@ -58,13 +60,13 @@ impl Default for ReadParams {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReadError {
-    /// No replica could serve; each with why.
+    /// No replica could serve; each node tried, with why.
     #[error("{block}: no replica could serve the read: {}", .tried.iter().map(|(n, w)| format!("{n}: {w}")).collect::<Vec<_>>().join("; "))]
     NoReplica {
         /// The block.
         block: BlockId,
         /// Nodes tried, with the reason each failed.
-        tried: Vec<(String, String)>,
+        tried: Vec<(String, ReplicaFailure)>,
     },
     /// The range is outside the block.
     #[error("{block}: range {offset}+{len} outside the block ({block_len} bytes)")]
@@ -80,20 +82,84 @@ pub enum ReadError {
     },
 }
 
-/// Why one replica could not serve.
-#[derive(Debug)]
-enum ReplicaFailure {
-    /// The replica is corrupt (report it).
+/// Why one replica could not serve a read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaFailure {
+    /// The node holds the block at another generation stamp (`found`, when it says).
+    #[error("replica is at another generation stamp{}", .found.map(|g| format!(" ({g})")).unwrap_or_default())]
+    Stale {
+        /// The generation stamp found there.
+        found: Option<GenStamp>,
+    },
+    /// The node holds no replica of the block.
+    #[error("no replica there")]
+    Missing,
+    /// The replica failed verification; it is reported and quarantined where it lives.
+    #[error("corrupt: {0}")]
     Corrupt(String),
-    /// The range is beyond the replica (the block is shorter).
-    OutOfRange(u64),
-    /// Anything else: missing, stale, dead node, timeout.
-    Other(String),
+    /// The range starts or ends beyond the replica.
+    #[error("range beyond the replica ({replica_len} bytes)")]
+    OutOfRange {
+        /// The replica's length.
+        replica_len: u64,
+    },
+    /// The peer refused with a status.
+    #[error("peer answered {status:?}{}", if .message.is_empty() { String::new() } else { format!(": {}", .message) })]
+    Peer {
+        /// Its status.
+        status: Status,
+        /// What it said.
+        message: String,
+    },
+    /// The link to the peer failed: connect, stream, or a frame out of protocol.
+    #[error("link: {0}")]
+    Link(String),
+    /// The local disk failed.
+    #[error("local disk: {0}")]
+    Disk(String),
+    /// No answer within the replica timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<StoreError> for ReplicaFailure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound { .. } => ReplicaFailure::Missing,
+            StoreError::GenStampMismatch { found, .. } => {
+                ReplicaFailure::Stale { found: Some(found) }
+            }
+            StoreError::ChecksumMismatch { .. } | StoreError::Corrupt { .. } => {
+                ReplicaFailure::Corrupt(e.to_string())
+            }
+            StoreError::OutOfRange { replica_len, .. } => {
+                ReplicaFailure::OutOfRange { replica_len }
+            }
+            other => ReplicaFailure::Disk(other.to_string()),
+        }
+    }
+}
+
+impl ReplicaFailure {
+    /// What a peer's answer status means for this replica.
+    fn from_peer(status: Status, message: String) -> Self {
+        match status {
+            Status::NotFound => ReplicaFailure::Missing,
+            Status::Stale => ReplicaFailure::Stale { found: None },
+            Status::Corrupt => ReplicaFailure::Corrupt(if message.is_empty() {
+                "peer reports the replica corrupt".into()
+            } else {
+                message
+            }),
+            status => ReplicaFailure::Peer { status, message },
+        }
+    }
 }
 
 /// Reads one block from its replicas. See the [module docs](self).
 pub struct Reader {
-    shared: Arc<Shared>,
+    shared: Arc<NodeContext>,
     block: BlockId,
     genstamp: GenStamp,
     order: Vec<NodeId>,
@@ -111,15 +177,16 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Reader {
-    /// Prepares reads of `block` at `genstamp` from `replicas`, from `node`.
-    pub fn open(
-        node: &Node,
+    /// Prepares reads of `block` at `genstamp` from `replicas`, for the node of `ctx`
+    /// (the public way in is `Node::reader`).
+    pub(crate) fn open(
+        ctx: Arc<NodeContext>,
         block: BlockId,
         genstamp: GenStamp,
         replicas: &[NodeId],
         params: ReadParams,
     ) -> Reader {
-        let shared = node.shared.clone();
+        let shared = ctx;
         let origin = Origin::node(shared.topology.location(shared.me));
         let mut rng = rand::rngs::StdRng::seed_from_u64(block.0 ^ shared.me.index() as u64);
         let valid: Vec<NodeId> = replicas
@@ -171,7 +238,7 @@ impl Reader {
             .order
             .iter()
             .partition(|&&n| topo.location(n).idc == local_idc);
-        let mut tried: Vec<(String, String)> = Vec::new();
+        let mut tried: Vec<(String, ReplicaFailure)> = Vec::new();
         // The reader's IDC first, with hedging; the other IDC only if it cannot serve.
         for group in [local, remote] {
             if group.is_empty() {
@@ -197,14 +264,15 @@ impl Reader {
                         let Some((node, result)) = done else { break };
                         match result {
                             Ok(bytes) => return Ok((bytes, node)),
-                            Err(ReplicaFailure::OutOfRange(block_len)) => {
-                                return Err(ReadError::OutOfRange { block: self.block, offset, len, block_len });
+                            Err(ReplicaFailure::OutOfRange { replica_len }) => {
+                                return Err(ReadError::OutOfRange { block: self.block, offset, len, block_len: replica_len });
                             }
-                            Err(ReplicaFailure::Corrupt(why)) => {
-                                self.shared.emit(NodeEvent::CorruptReplica { block: self.block, genstamp: self.genstamp, node });
-                                tried.push((self.shared.name(node).to_string(), why));
+                            Err(f) => {
+                                if matches!(f, ReplicaFailure::Corrupt(_)) {
+                                    self.shared.emit(NodeEvent::CorruptReplica { block: self.block, genstamp: self.genstamp, node });
+                                }
+                                tried.push((self.shared.name(node).to_string(), f));
                             }
-                            Err(ReplicaFailure::Other(why)) => tried.push((self.shared.name(node).to_string(), why)),
                         }
                         if next < group.len() {
                             inflight.push(start(group[next]));
@@ -240,7 +308,7 @@ impl Reader {
         } else {
             tokio::time::timeout(t, self.read_peer(node, offset, len)).await
         }
-        .map_err(|_| ReplicaFailure::Other(format!("no answer within {t:?}")))??;
+        .map_err(|_| ReplicaFailure::Timeout(t))??;
         if node == self.shared.me {
             self.shared.metrics.read_bytes.add(tier, bytes.len() as u64);
         }
@@ -248,18 +316,13 @@ impl Reader {
     }
 
     async fn read_local_store(&self, offset: u64, len: u64) -> Result<Bytes, ReplicaFailure> {
-        let r = self
-            .shared
-            .store
-            .reader(self.block, self.genstamp)
-            .await
-            .map_err(store_failure)?;
+        let r = self.shared.store.reader(self.block, self.genstamp).await?;
         let len = clamp_len(offset, len, r.len())?;
         let mut out = BytesMut::with_capacity(len as usize);
         let mut pos = offset;
         while pos < offset + len {
             let n = (offset + len - pos).min(crate::store::MAX_IO as u64) as usize;
-            out.extend_from_slice(&r.read(pos, n).await.map_err(store_failure)?);
+            out.extend_from_slice(&r.read(pos, n).await?);
             pos += n as u64;
         }
         Ok(out.freeze())
@@ -271,12 +334,13 @@ impl Reader {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, ReplicaFailure> {
+        let link = |e: &dyn std::fmt::Display| ReplicaFailure::Link(e.to_string());
         let mut s = self
             .shared
             .transport
             .open(node)
             .await
-            .map_err(|e| ReplicaFailure::Other(e.to_string()))?;
+            .map_err(|e| link(&e))?;
         let req = ReadBlock {
             block: self.block,
             genstamp: self.genstamp,
@@ -285,34 +349,24 @@ impl Reader {
             class: TrafficClass::Read,
             compression: Compression::Zstd,
         };
-        let other = |e: crate::transport::FramedError| ReplicaFailure::Other(e.to_string());
-        s.writer.send(&Frame::ReadBlock(req)).await.map_err(other)?;
-        let resp = match s.reader.recv().await.map_err(other)? {
+        s.writer
+            .send(&Frame::ReadBlock(req))
+            .await
+            .map_err(|e| link(&e))?;
+        let resp = match s.reader.recv().await.map_err(|e| link(&e))? {
             Some(Frame::ReadResponse(r)) => r,
-            Some(Frame::Error(e)) => {
-                return Err(ReplicaFailure::Other(format!(
-                    "{:?}: {}",
-                    e.status, e.message
-                )));
-            }
-            other => {
-                return Err(ReplicaFailure::Other(format!(
-                    "unexpected answer {other:?}"
-                )));
-            }
+            Some(Frame::Error(e)) => return Err(ReplicaFailure::from_peer(e.status, e.message)),
+            other => return Err(link(&format!("unexpected answer {other:?}"))),
         };
         match resp.status {
             Status::Success => {}
             // The peer refuses a range beyond its replica and says how long it is.
             Status::Rejected if clamp_len(offset, len, resp.replica_len).is_err() => {
-                return Err(ReplicaFailure::OutOfRange(resp.replica_len));
+                return Err(ReplicaFailure::OutOfRange {
+                    replica_len: resp.replica_len,
+                });
             }
-            Status::Corrupt => {
-                return Err(ReplicaFailure::Corrupt(
-                    "peer reports the replica corrupt".into(),
-                ));
-            }
-            s => return Err(ReplicaFailure::Other(format!("peer answered {s:?}"))),
+            s => return Err(ReplicaFailure::from_peer(s, String::new())),
         }
         let len = clamp_len(offset, len, resp.replica_len)?;
         let spec = resp.checksum;
@@ -322,22 +376,12 @@ impl Reader {
         let mut out = BytesMut::with_capacity(len as usize);
         let mut pos = start;
         while pos < end {
-            let p = match s.reader.recv().await.map_err(other)? {
+            let p = match s.reader.recv().await.map_err(|e| link(&e))? {
                 Some(Frame::Packet(p)) => p,
-                Some(Frame::Error(e)) if e.status == Status::Corrupt => {
-                    return Err(ReplicaFailure::Corrupt(e.message));
-                }
                 Some(Frame::Error(e)) => {
-                    return Err(ReplicaFailure::Other(format!(
-                        "{:?}: {}",
-                        e.status, e.message
-                    )));
+                    return Err(ReplicaFailure::from_peer(e.status, e.message));
                 }
-                other => {
-                    return Err(ReplicaFailure::Other(format!(
-                        "stream ended at {pos}: {other:?}"
-                    )));
-                }
+                other => return Err(link(&format!("stream ended at {pos}: {other:?}"))),
             };
             // Counted as packets arrive, as they crossed (compressed or not), so the
             // counter follows the link in real time.
@@ -354,15 +398,10 @@ impl Reader {
                 ReplicaFailure::Corrupt(format!("packet from {}: {e}", self.shared.name(node)))
             })?;
             if p.offset != pos || p.payload.is_empty() {
-                return Err(ReplicaFailure::Other(format!(
-                    "packet at {} (expected {pos})",
-                    p.offset
-                )));
+                return Err(link(&format!("packet at {} (expected {pos})", p.offset)));
             }
             if p.crcs.len() as u64 != spec.chunks_for(p.payload.len() as u64) {
-                return Err(ReplicaFailure::Other(
-                    "packet checksum count does not match its data".into(),
-                ));
+                return Err(link(&"packet checksum count does not match its data"));
             }
             spec.verify(pos / bpc, &p.payload, &p.crcs).map_err(|m| {
                 ReplicaFailure::Corrupt(format!(
@@ -384,26 +423,17 @@ impl Reader {
 
 /// Clamps a "to the end" length; refuses a range that starts beyond the replica.
 fn clamp_len(offset: u64, len: u64, replica_len: u64) -> Result<u64, ReplicaFailure> {
+    let beyond = ReplicaFailure::OutOfRange { replica_len };
     if offset > replica_len {
-        return Err(ReplicaFailure::OutOfRange(replica_len));
+        return Err(beyond);
     }
     if len == MAX_BLOCK_SIZE {
         return Ok(replica_len - offset);
     }
     if offset + len > replica_len {
-        return Err(ReplicaFailure::OutOfRange(replica_len));
+        return Err(beyond);
     }
     Ok(len)
-}
-
-fn store_failure(e: StoreError) -> ReplicaFailure {
-    match e {
-        StoreError::ChecksumMismatch { .. } | StoreError::Corrupt { .. } => {
-            ReplicaFailure::Corrupt(e.to_string())
-        }
-        StoreError::OutOfRange { replica_len, .. } => ReplicaFailure::OutOfRange(replica_len),
-        other => ReplicaFailure::Other(other.to_string()),
-    }
 }
 
 fn response(status: Status, replica_len: u64, checksum: ChecksumSpec) -> Frame {
@@ -415,7 +445,7 @@ fn response(status: Status, replica_len: u64, checksum: ChecksumSpec) -> Frame {
 }
 
 /// The read service: answers one `ReadBlock` from the local store.
-pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBlock) {
+pub(crate) async fn serve(shared: Arc<NodeContext>, mut s: Stream, req: ReadBlock) {
     let r = match shared.store.reader(req.block, req.genstamp).await {
         Ok(r) => r,
         Err(e) => {
@@ -477,7 +507,8 @@ pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBloc
         };
         // A remote reader's packets cross the DCI: governed, compressed if it pays.
         let p = shared
-            .govern_packet(s.peer, req.class, req.compression, p)
+            .dci
+            .govern_packet(s.peer, req.class, req.compression, p, &shared.metrics)
             .await;
         if s.writer.feed(&Frame::Packet(p)).await.is_err() {
             return;
@@ -489,9 +520,4 @@ pub(crate) async fn serve_read(shared: Arc<Shared>, mut s: Stream, req: ReadBloc
     }
     let _ = s.writer.flush().await;
     let _ = s.writer.finish().await;
-}
-
-/// Whether reads from `node` to `replica` cross the DCI.
-pub fn is_remote(node: &Node, replica: NodeId) -> bool {
-    node.topology().tier(node.id(), replica) == Tier::Dci
 }

@@ -283,9 +283,11 @@ pub struct ReadResponse {
     pub checksum: ChecksumSpec,
 }
 
-/// Asks a node to copy a finalized replica it holds to `targets` (a pipeline).
+/// Asks a node to copy the first `len` bytes of a replica it holds to `targets` (a
+/// pipeline): a whole finalized replica, or the acknowledged prefix that brings a spare
+/// into a recovering pipeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replicate {
+pub struct CopyBlock {
     /// The block.
     pub block: BlockId,
     /// Its generation stamp.
@@ -320,8 +322,8 @@ pub enum Frame {
     ReadBlock(ReadBlock),
     /// Read response header.
     ReadResponse(ReadResponse),
-    /// Replication request.
-    Replicate(Replicate),
+    /// Copy request.
+    CopyBlock(CopyBlock),
     /// Error.
     Error(ErrorFrame),
 }
@@ -331,7 +333,7 @@ const T_PACKET: u8 = 2;
 const T_ACK: u8 = 3;
 const T_READ: u8 = 4;
 const T_READ_RESP: u8 = 5;
-const T_REPLICATE: u8 = 6;
+const T_COPY: u8 = 6;
 const T_ERROR: u8 = 7;
 
 // ---- encoding ------------------------------------------------------------------------
@@ -425,8 +427,8 @@ impl Frame {
                 dst.put_u64_le(r.replica_len);
                 put_spec(dst, r.checksum);
             }
-            Frame::Replicate(r) => {
-                dst.put_u8(T_REPLICATE);
+            Frame::CopyBlock(r) => {
+                dst.put_u8(T_COPY);
                 dst.put_u64_le(r.block.0);
                 dst.put_u64_le(r.genstamp.0);
                 dst.put_u64_le(r.len);
@@ -452,11 +454,11 @@ impl Frame {
 
 // ---- decoding ------------------------------------------------------------------------
 
-struct Reader {
+struct Decoder {
     buf: Bytes,
 }
 
-impl Reader {
+impl Decoder {
     fn need(&self, n: usize, what: &'static str) -> Result<(), WireError> {
         if self.buf.remaining() < n {
             Err(WireError::Truncated { what })
@@ -560,7 +562,7 @@ pub fn frame_len(prefix: [u8; LEN_PREFIX]) -> Result<usize, WireError> {
 /// Decodes a frame body (everything after the length prefix). Packet payloads are
 /// slices of `body`.
 pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
-    let mut r = Reader { buf: body };
+    let mut r = Decoder { buf: body };
     let version = r.u8("version")?;
     if version != VERSION {
         return Err(WireError::Version(version));
@@ -650,7 +652,7 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
             replica_len: r.block_offset("replica length")?,
             checksum: r.spec()?,
         }),
-        T_REPLICATE => Frame::Replicate(Replicate {
+        T_COPY => Frame::CopyBlock(CopyBlock {
             block: BlockId(r.u64("block")?),
             genstamp: GenStamp(r.u64("genstamp")?),
             len: r.block_offset("length")?,
@@ -765,7 +767,7 @@ mod tests {
                 replica_len: 99,
                 checksum: ChecksumSpec::crc32c(512).unwrap(),
             }),
-            Frame::Replicate(Replicate {
+            Frame::CopyBlock(CopyBlock {
                 block: BlockId(5),
                 genstamp: GenStamp(6),
                 len: 7,
@@ -991,7 +993,7 @@ mod tests {
                 proptest::collection::vec(arb_name(), 0..=MAX_TARGETS),
                 arb_class()
             )
-                .prop_map(|(b, g, len, targets, class)| Frame::Replicate(Replicate {
+                .prop_map(|(b, g, len, targets, class)| Frame::CopyBlock(CopyBlock {
                     block: BlockId(b),
                     genstamp: GenStamp(g),
                     len,

@@ -11,9 +11,9 @@ use common::{Cluster, NAMES, pattern};
 use rand::SeedableRng;
 use strait::block::{BlockId, GenStamp};
 use strait::node::{Node, NodeEvent};
-use strait::pipeline::{WriteError, WriteParams, Writer};
+use strait::pipeline::{WriteError, WriteParams};
 use strait::placement::{self, NodeStates};
-use strait::read::{ReadError, ReadParams, Reader};
+use strait::read::{ReadError, ReadParams};
 use strait::store::{ReplicaState, StoreError};
 use strait::topology::{NodeId, Origin, Tier};
 
@@ -24,7 +24,9 @@ async fn write(
     targets: &[NodeId],
     data: &[u8],
 ) -> Result<strait::pipeline::WriteOutcome, WriteError> {
-    let mut w = Writer::create(node, block, targets, WriteParams::new(GenStamp(1))).await?;
+    let mut w = node
+        .writer(block, targets, WriteParams::new(GenStamp(1)))
+        .await?;
     let mut off = 0;
     let mut step = 1;
     while off < data.len() {
@@ -96,13 +98,7 @@ async fn reads_in_idc_a_never_cross_the_dci() {
         .unwrap();
     for reader in ["a1", "a2", "a3", "a4"] {
         let node = c.node(reader);
-        let r = Reader::open(
-            node,
-            BlockId(7),
-            GenStamp(1),
-            &targets,
-            ReadParams::default(),
-        );
+        let r = node.reader(BlockId(7), GenStamp(1), &targets, ReadParams::default());
         assert_eq!(r.read_all().await.unwrap(), data, "reader {reader}");
         assert_eq!(
             &r.read(123_457, 1000).await.unwrap()[..],
@@ -139,7 +135,9 @@ async fn second_node_stops_mid_write_and_the_write_completes() {
     let mut events = c.node("a1").events();
     let data = pattern(9, 3 << 20);
     let block = BlockId(9);
-    let mut w = Writer::create(c.node("a1"), block, &targets, WriteParams::new(GenStamp(1)))
+    let mut w = c
+        .node("a1")
+        .writer(block, &targets, WriteParams::new(GenStamp(1)))
         .await
         .unwrap();
     w.write(Bytes::copy_from_slice(&data[..1 << 20]))
@@ -187,19 +185,14 @@ async fn second_node_stops_mid_write_and_the_write_completes() {
     c.start_node("a2").await;
     let stale = c.node("a2").store().get(block).unwrap();
     assert_eq!(stale.genstamp, GenStamp(1));
-    let only_stale = Reader::open(
-        c.node("a3"),
-        block,
-        out.genstamp,
-        &c.ids(&["a2"]),
-        ReadParams::default(),
-    );
+    let only_stale =
+        c.node("a3")
+            .reader(block, out.genstamp, &c.ids(&["a2"]), ReadParams::default());
     assert!(matches!(
         only_stale.read_all().await,
         Err(ReadError::NoReplica { .. })
     ));
-    let all = Reader::open(
-        c.node("a2"),
+    let all = c.node("a2").reader(
         block,
         out.genstamp,
         &c.ids(&["a2", "a1", "b1", "b2"]),
@@ -221,13 +214,9 @@ async fn flipped_byte_in_the_local_replica_is_read_around_and_reported() {
     bytes[150_000] ^= 0x01;
     std::fs::write(&path, &bytes).unwrap();
     let mut events = c.node("a1").events();
-    let r = Reader::open(
-        c.node("a1"),
-        BlockId(11),
-        GenStamp(1),
-        &targets,
-        ReadParams::default(),
-    );
+    let r = c
+        .node("a1")
+        .reader(BlockId(11), GenStamp(1), &targets, ReadParams::default());
     assert_eq!(r.order()[0], c.id("a1"), "local replica first");
     assert_eq!(r.read_all().await.unwrap(), data);
     assert_eq!(
@@ -259,13 +248,9 @@ async fn both_idc_a_replicas_down_reads_come_from_idc_b() {
         .unwrap();
     c.stop("a1").await;
     c.stop("a3").await;
-    let r = Reader::open(
-        c.node("a2"),
-        BlockId(13),
-        GenStamp(1),
-        &targets,
-        ReadParams::default(),
-    );
+    let r = c
+        .node("a2")
+        .reader(BlockId(13), GenStamp(1), &targets, ReadParams::default());
     assert_eq!(r.read_all().await.unwrap(), data);
     assert_eq!(
         c.node("a2").metrics().read_bytes.get(Tier::Dci),
@@ -308,14 +293,15 @@ async fn unreachable_targets_fail_over_or_error_in_bounded_time() {
     );
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     // Bad target lists are refused up front.
-    let e = Writer::create(
-        c.node("a1"),
-        BlockId(17),
-        &c.ids(&["a2", "a2"]),
-        WriteParams::new(GenStamp(1)),
-    )
-    .await
-    .unwrap_err();
+    let e = c
+        .node("a1")
+        .writer(
+            BlockId(17),
+            &c.ids(&["a2", "a2"]),
+            WriteParams::new(GenStamp(1)),
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(e, WriteError::InvalidTargets(_)), "{e}");
 }
 
@@ -327,9 +313,7 @@ async fn a_spare_replaces_the_failed_node_after_copying_the_acked_prefix() {
     let data = pattern(21, 2_500_000);
     let mut params = WriteParams::new(GenStamp(1));
     params.spares = c.ids(&["a4", "b3"]);
-    let mut w = Writer::create(c.node("a1"), block, &targets, params)
-        .await
-        .unwrap();
+    let mut w = c.node("a1").writer(block, &targets, params).await.unwrap();
     w.write(Bytes::copy_from_slice(&data[..1_000_000]))
         .await
         .unwrap();

@@ -1,4 +1,4 @@
-//! The replicator daemon as real processes: four daemons from TOML files, a client node
+//! The daemon as real processes: four daemons from TOML files, a client node
 //! in this process writes and reads through them, `/metrics` answers, SIGTERM exits 0
 //! with nothing lost; a bad configuration is refused naming the field.
 
@@ -15,21 +15,21 @@ use bytes::Bytes;
 use common::pattern;
 use strait::block::{BlockId, GenStamp};
 use strait::node::{Node, NodeConfig};
-use strait::pipeline::{WriteParams, Writer};
-use strait::read::{ReadParams, Reader};
+use strait::pipeline::WriteParams;
+use strait::read::ReadParams;
 use strait::store::{BlockStore, ReplicaState, StoreConfig};
 use strait::topology::Topology;
 use strait::transport::{CertAuthority, TlsIdentity};
 
-fn replicator() -> PathBuf {
-    // target/<profile>/deps/daemon-… → target/<profile>/examples/replicator
+fn daemon() -> PathBuf {
+    // target/<profile>/deps/daemon-… → target/<profile>/examples/daemon
     let exe = std::env::current_exe().unwrap();
     exe.parent()
         .unwrap()
         .parent()
         .unwrap()
         .join("examples")
-        .join("replicator")
+        .join("daemon")
 }
 
 const NODES: [(&str, &str, &str, u8); 5] = [
@@ -68,7 +68,7 @@ struct Daemon {
 }
 
 fn spawn(dir: &Path, name: &str) -> Daemon {
-    let mut child = Command::new(replicator())
+    let mut child = Command::new(daemon())
         .args([
             "--config",
             &dir.join(format!("{name}.toml")).display().to_string(),
@@ -77,7 +77,7 @@ fn spawn(dir: &Path, name: &str) -> Daemon {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("the replicator example is built by cargo test");
+        .expect("the daemon example is built by cargo test");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -131,19 +131,14 @@ async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
         .map(|n| topo.node_by_name(n).unwrap())
         .collect();
     let data = pattern(5, 1_300_000);
-    let mut w = Writer::create(&client, BlockId(5), &targets, WriteParams::new(GenStamp(1)))
+    let mut w = client
+        .writer(BlockId(5), &targets, WriteParams::new(GenStamp(1)))
         .await
         .unwrap();
     w.write(Bytes::from(data.clone())).await.unwrap();
     let out = w.close().await.unwrap();
     assert_eq!(out.replicas, targets);
-    let r = Reader::open(
-        &client,
-        BlockId(5),
-        GenStamp(1),
-        &targets,
-        ReadParams::default(),
-    );
+    let r = client.reader(BlockId(5), GenStamp(1), &targets, ReadParams::default());
     assert_eq!(r.read_all().await.unwrap(), data);
 
     let metrics = http_get(format!("127.7.{net}.1:9900").parse().unwrap(), "/metrics");
@@ -207,7 +202,7 @@ fn a_bad_configuration_is_refused_naming_the_field() {
         .unwrap()
         .replace("name = \"a1\"", "name = \"a9\"");
     std::fs::write(dir.path().join("bad.toml"), cfg).unwrap();
-    let out = Command::new(replicator())
+    let out = Command::new(daemon())
         .args([
             "--config",
             &dir.path().join("bad.toml").display().to_string(),
@@ -217,7 +212,7 @@ fn a_bad_configuration_is_refused_naming_the_field() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("field `name`") && err.contains("a9"), "{err}");
-    let out = Command::new(replicator())
+    let out = Command::new(daemon())
         .args(["--config", "/nonexistent.toml"])
         .output()
         .unwrap();

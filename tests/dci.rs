@@ -12,12 +12,13 @@ use bytes::Bytes;
 use common::{Cluster, pattern};
 use strait::block::{BlockId, GenStamp};
 use strait::node::Node;
-use strait::pipeline::{WriteParams, Writer};
-use strait::read::{ReadParams, Reader};
+use strait::pipeline::WriteParams;
+use strait::read::ReadParams;
 use strait::topology::{NodeId, Tier};
 
 async fn write(node: &Node, block: BlockId, targets: &[NodeId], data: &[u8]) {
-    let mut w = Writer::create(node, block, targets, WriteParams::new(GenStamp(1)))
+    let mut w = node
+        .writer(block, targets, WriteParams::new(GenStamp(1)))
         .await
         .unwrap();
     w.write(Bytes::copy_from_slice(data)).await.unwrap();
@@ -58,8 +59,7 @@ async fn cross_idc_bytes_stay_within_the_budget() {
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while start.elapsed() < run {
-                let r = Reader::open(
-                    &node,
+                let r = node.reader(
                     BlockId((i as u64 + n) % 4),
                     GenStamp(1),
                     &replicas,
@@ -177,13 +177,9 @@ async fn text_crosses_compressed_random_does_not() {
         text.len()
     );
     // The replica in IDC B holds the uncompressed bytes, verified.
-    let r = Reader::open(
-        c.node("b1"),
-        BlockId(1),
-        GenStamp(1),
-        &targets,
-        ReadParams::default(),
-    );
+    let r = c
+        .node("b1")
+        .reader(BlockId(1), GenStamp(1), &targets, ReadParams::default());
     assert_eq!(r.read_all().await.unwrap(), text);
 
     let random = pattern(2, 2 << 20);

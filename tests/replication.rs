@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::{Cluster, pattern};
 use strait::block::{BlockId, GenStamp};
 use strait::node::Node;
-use strait::pipeline::{WriteError, WriteOutcome, WriteParams, Writer};
+use strait::pipeline::{WriteError, WriteOutcome, WriteParams};
 use strait::replication::{ReplicationConfig, RpoPolicy};
 use strait::store::ReplicaState;
 use strait::topology::NodeId;
@@ -34,7 +34,7 @@ async fn write_async(
 ) -> Result<WriteOutcome, WriteError> {
     let mut p = WriteParams::new(GenStamp(1));
     p.mode = WriteMode::Async;
-    let mut w = Writer::create(node, block, targets, p).await?;
+    let mut w = node.writer(block, targets, p).await?;
     w.write(Bytes::copy_from_slice(data)).await?;
     w.close().await
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use common::pattern;
 use strait::block::{BlockId, GenStamp};
 use strait::node::{Node, NodeConfig, NodeError};
-use strait::pipeline::{WriteParams, Writer};
+use strait::pipeline::WriteParams;
 use strait::replication::ReplicationConfig;
 use strait::store::ReplicaState;
 use strait::topology::Topology;
@@ -100,7 +100,7 @@ fn replication_crash_child() {
         for b in 0.. {
             let mut p = WriteParams::new(GenStamp(1));
             p.mode = WriteMode::Async;
-            let mut w = Writer::create(&a1, BlockId(b), &targets, p).await.unwrap();
+            let mut w = a1.writer(BlockId(b), &targets, p).await.unwrap();
             w.write(Bytes::from(pattern(b, BLOCK_BYTES))).await.unwrap();
             let out = w.close().await.unwrap();
             println!("ACK {b} {}", out.genstamp.0);

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use common::{Cluster, pattern};
 use strait::block::{BlockId, GenStamp};
 use strait::node::Node;
-use strait::pipeline::{WriteError, WriteParams, Writer};
+use strait::pipeline::{WriteError, WriteParams};
 use strait::store::ReplicaState;
 use strait::topology::NodeId;
 
@@ -25,7 +25,9 @@ async fn write_one(
     targets: &[NodeId],
     data: Bytes,
 ) -> Result<strait::pipeline::WriteOutcome, WriteError> {
-    let mut w = Writer::create(node, block, targets, WriteParams::new(GenStamp(1))).await?;
+    let mut w = node
+        .writer(block, targets, WriteParams::new(GenStamp(1)))
+        .await?;
     w.write(data).await?;
     w.close().await
 }

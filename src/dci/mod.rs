@@ -21,9 +21,11 @@ use tokio::sync::{Notify, oneshot};
 
 pub use governor::{ClassConfig, Governor, GovernorConfig, GovernorError, RequestId};
 
-use crate::wire::TrafficClass;
+use crate::metrics::NodeMetrics;
+use crate::topology::{NodeId, Topology};
+use crate::wire::{Compression, Packet, TrafficClass};
 
-struct Shared {
+struct DriverState {
     core: Mutex<Governor>,
     waiters: Mutex<HashMap<RequestId, oneshot::Sender<()>>>,
     wake: Notify,
@@ -33,7 +35,7 @@ struct Shared {
 /// clone. The driver task stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct DciGovernor {
-    shared: Arc<Shared>,
+    shared: Arc<DriverState>,
 }
 
 impl std::fmt::Debug for DciGovernor {
@@ -68,7 +70,7 @@ impl DciGovernor {
     /// Starts a governor with `config` and its driver task (on the current runtime).
     pub fn start(config: GovernorConfig) -> Result<Self, GovernorError> {
         let core = Governor::new(config, Instant::now())?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(DriverState {
             core: Mutex::new(core),
             waiters: Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -142,7 +144,7 @@ impl DciGovernor {
     }
 }
 
-async fn drive(shared: std::sync::Weak<Shared>) {
+async fn drive(shared: std::sync::Weak<DriverState>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
         let wake_at = {
@@ -178,12 +180,124 @@ async fn drive(shared: std::sync::Weak<Shared>) {
 }
 
 /// Resolves when only the driver still holds the governor (checked once a second).
-async fn closed(shared: &std::sync::Weak<Shared>) {
+async fn closed(shared: &std::sync::Weak<DriverState>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         if shared.strong_count() <= 1 {
             return;
         }
+    }
+}
+
+/// This node's use of the DCI links.
+#[derive(Debug, Clone)]
+pub struct DciConfig {
+    /// Fraction (0..=1) of each DCI link's budget this node may use. Nodes of an IDC that
+    /// all send across should split the budget (e.g. 1/4 each for four senders).
+    pub share: f64,
+    /// Compress packets on DCI hops when the link is the bottleneck and data compresses.
+    pub compress: bool,
+    /// Per class (`sync`, `read`, `async`, `repair`): guaranteed rate and ceiling in
+    /// percent of this node's share; `None` keeps the default split (40/20/20/10, every
+    /// ceiling 100).
+    pub classes: Option<[(u8, u8); 4]>,
+}
+
+impl Default for DciConfig {
+    fn default() -> Self {
+        DciConfig {
+            share: 1.0,
+            compress: true,
+            classes: None,
+        }
+    }
+}
+
+/// A node's way out across the DCI: its governors, one per link, and the compression
+/// policy. Every packet a node sends to a peer goes through
+/// [`govern_packet`](Self::govern_packet); only those to another IDC are touched.
+pub(crate) struct Egress {
+    topology: Arc<Topology>,
+    me: NodeId,
+    governors: DciGovernors,
+    compress: Option<compress::CompressPolicy>,
+}
+
+impl Egress {
+    /// The egress of node `me`, from `config`.
+    pub(crate) fn new(
+        topology: Arc<Topology>,
+        me: NodeId,
+        config: &DciConfig,
+    ) -> Result<Egress, GovernorError> {
+        let governors = DciGovernors::for_node_with(
+            &topology,
+            topology.location(me).idc,
+            config.share,
+            config.classes,
+        )?;
+        Ok(Egress {
+            topology,
+            me,
+            governors,
+            compress: config.compress.then(compress::CompressPolicy::default),
+        })
+    }
+
+    /// The governors, by remote IDC.
+    pub(crate) fn governors(&self) -> &DciGovernors {
+        &self.governors
+    }
+
+    /// What a receiver may get: zstd-compressed packets when this node compresses.
+    pub(crate) fn compression(&self) -> Compression {
+        if self.compress.is_some() {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    /// The governor of the DCI link to `peer`, when talking to it crosses the DCI.
+    pub(crate) fn governor_to(&self, peer: NodeId) -> Option<&DciGovernor> {
+        let (a, b) = (
+            self.topology.location(self.me).idc,
+            self.topology.location(peer).idc,
+        );
+        if a == b { None } else { self.governors.to(b) }
+    }
+
+    /// Prepares a packet for the hop to `peer`: across the DCI, compresses it when the
+    /// receiver accepts that (`compression`) and it pays, waits for the governor to admit
+    /// its bytes in `class`, and counts them in `metrics`. Intra-IDC packets pass
+    /// untouched.
+    pub(crate) async fn govern_packet(
+        &self,
+        peer: NodeId,
+        class: TrafficClass,
+        compression: Compression,
+        p: Packet,
+        metrics: &NodeMetrics,
+    ) -> Packet {
+        let Some(gov) = self.governor_to(peer) else {
+            return p;
+        };
+        let raw = p.payload.len() as u64;
+        let p = match (&self.compress, compression) {
+            (Some(policy), Compression::Zstd) => policy.apply(p, gov.backlogged()),
+            _ => p,
+        };
+        let wire = p.payload.len() as u64;
+        // Charge what actually crosses: payload plus frame header and checksums.
+        gov.acquire(class, wire + 32 + 4 * p.crcs.len() as u64)
+            .await;
+        metrics
+            .dci_wire_bytes
+            .fetch_add(wire, std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .dci_saved_bytes
+            .fetch_add(raw - wire, std::sync::atomic::Ordering::Relaxed);
+        p
     }
 }
 

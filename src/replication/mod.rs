@@ -3,13 +3,14 @@
 //! then copy it to the remote IDC — **one** copy across the DCI, through the governor's
 //! `async` class, to the first remote target, which relays it to the next inside its IDC.
 //!
-//! Tasks are taken in log order with bounded concurrency. A task is idempotent: remote
-//! targets that already hold the block finalized at its genstamp are skipped, and a task
-//! whose genstamp is older than the block's current one is dropped as stale. Failures are
-//! retried with capped exponential backoff and jitter, so a remote IDC that is down pauses
-//! the workers without spinning and without losing tasks. The RPO (bytes and age of data
-//! acknowledged but not yet remote) is tracked, and an [`RpoPolicy`] applies when it
-//! passes its bound.
+//! This module owns the queue: the durable log, the RPO figures and policy, and the
+//! dispatcher that hands tasks in log order to at most `workers` concurrent copies, with
+//! capped exponential backoff and jitter between attempts ([`Backoff`]), so a remote IDC
+//! that is down pauses the workers without spinning and without losing tasks. The copy
+//! itself — probing the remote targets, reading a source, writing the missing replicas —
+//! is the node's `transfer` service, which the dispatcher drives
+//! through [`Copier`]; it sits above the pipeline and the reader that it uses, while the
+//! pipeline queues into this module.
 
 mod log;
 pub mod record;
@@ -19,18 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::BoxFuture;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::{Notify, Semaphore};
 
 pub use log::ReplicationLog;
 pub use record::Task;
-
-use crate::block::{BlockId, GenStamp};
-use crate::node::{Node, Shared};
-use crate::pipeline::{WriteParams, Writer};
-use crate::read::{ReadParams, Reader};
-use crate::topology::NodeId;
-use crate::wire::{Compression, Frame, ReadBlock, Status, TrafficClass};
 
 /// Errors of the replication log and workers.
 #[derive(Debug, thiserror::Error)]
@@ -131,54 +126,68 @@ pub struct RpoStatus {
     pub drained_bytes: u64,
 }
 
-pub(crate) struct Replicator {
+/// The replication queue of a node: its durable log, settings and RPO counters.
+pub(crate) struct ReplicationQueue {
     log: ReplicationLog,
     config: ReplicationConfig,
     drained: AtomicU64,
+    dropped: AtomicU64,
     wake: Notify,
     progress: Notify,
     queued: Mutex<std::collections::BTreeSet<u64>>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+/// Milliseconds since the Unix epoch (the log records task creation in these).
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl Replicator {
+/// RPO figures of `pending` tasks at `now` (ms since the epoch), with `drained` bytes.
+fn rpo_of(pending: &[Task], now_ms: u64, drained: u64) -> RpoStatus {
+    let oldest = pending.iter().map(|t| t.created_ms).min();
+    RpoStatus {
+        pending_tasks: pending.len(),
+        pending_bytes: pending.iter().map(|t| t.len).sum(),
+        oldest_age: oldest.map_or(Duration::ZERO, |c| {
+            Duration::from_millis(now_ms.saturating_sub(c))
+        }),
+        drained_bytes: drained,
+    }
+}
+
+impl ReplicationQueue {
     pub(crate) fn open(
         config: ReplicationConfig,
-    ) -> Result<(Arc<Replicator>, Vec<Task>), ReplicationError> {
-        let (log, pending) = ReplicationLog::open(&config.log_dir, config.segment_bytes)?;
-        Ok((
-            Arc::new(Replicator {
-                log,
-                config,
-                drained: AtomicU64::new(0),
-                wake: Notify::new(),
-                progress: Notify::new(),
-                queued: Mutex::new(Default::default()),
-            }),
-            pending,
-        ))
+    ) -> Result<Arc<ReplicationQueue>, ReplicationError> {
+        let (log, _pending) = ReplicationLog::open(&config.log_dir, config.segment_bytes)?;
+        Ok(Arc::new(ReplicationQueue {
+            log,
+            config,
+            drained: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            wake: Notify::new(),
+            progress: Notify::new(),
+            queued: Mutex::new(Default::default()),
+        }))
     }
 
-    pub(crate) fn status(&self) -> RpoStatus {
-        let pending = self.log.pending();
-        let oldest = pending.iter().map(|t| t.created_ms).min();
-        RpoStatus {
-            pending_tasks: pending.len(),
-            pending_bytes: pending.iter().map(|t| t.len).sum(),
-            oldest_age: oldest.map_or(Duration::ZERO, |c| {
-                Duration::from_millis(now_ms().saturating_sub(c))
-            }),
-            drained_bytes: self.drained.load(Ordering::Relaxed),
-        }
+    /// RPO figures as of `now`.
+    pub(crate) fn status(&self, now: SystemTime) -> RpoStatus {
+        rpo_of(
+            &self.log.pending(),
+            epoch_ms(now),
+            self.drained.load(Ordering::Relaxed),
+        )
     }
 
-    fn over_bound(&self) -> bool {
-        let s = self.status();
+    /// Tasks dropped without a copy (stale genstamp, block gone).
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn over_bound(&self, now: SystemTime) -> bool {
+        let s = self.status(now);
         self.config
             .max_lag_bytes
             .is_some_and(|b| s.pending_bytes > b)
@@ -187,17 +196,17 @@ impl Replicator {
 
     /// Applies the RPO policy to a new async write.
     pub(crate) async fn admit(&self) -> Admission {
-        if !self.over_bound() {
+        if !self.over_bound(SystemTime::now()) {
             return Admission::Async;
         }
         match self.config.policy {
             RpoPolicy::Warn => {
-                tracing::warn!(status = ?self.status(), "RPO bound exceeded");
+                tracing::warn!(status = ?self.status(SystemTime::now()), "RPO bound exceeded");
                 Admission::Async
             }
             RpoPolicy::Sync => Admission::Sync,
             RpoPolicy::Block => {
-                while self.over_bound() {
+                while self.over_bound(SystemTime::now()) {
                     let progressed = self.progress.notified();
                     // Re-check at least every second, in case the clock alone moves the age.
                     let _ = tokio::time::timeout(Duration::from_secs(1), progressed).await;
@@ -207,25 +216,70 @@ impl Replicator {
         }
     }
 
+    /// Appends a task durably (its creation time is set now) and wakes the dispatcher.
     pub(crate) async fn append(&self, mut task: Task) -> Result<Task, ReplicationError> {
-        task.created_ms = now_ms();
+        task.created_ms = epoch_ms(SystemTime::now());
         let t = self.log.append(task).await?;
         self.wake.notify_one();
         Ok(t)
     }
 }
 
+/// Capped exponential backoff with ±25% jitter. Pure: it says how long to wait, the
+/// caller waits.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+    rng: rand::rngs::StdRng,
+}
+
+impl Backoff {
+    /// Starts at `min`, doubles up to `max`; `seed` makes the jitter reproducible.
+    pub(crate) fn new(min: Duration, max: Duration, seed: u64) -> Self {
+        Backoff {
+            next: min,
+            max: max.max(min),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let d = self.next.mul_f64(self.rng.random_range(0.75..1.25));
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+}
+
+/// What one copy attempt of a task came to, when it did not copy it.
+#[derive(Debug)]
+pub(crate) enum CopyFailure {
+    /// The task is obsolete (the block moved to a newer genstamp, or is gone); drop it.
+    Obsolete(String),
+    /// Try again later (a target or source unreachable, a write failed).
+    Retry(String),
+}
+
+/// Copies a task's block to its remote targets; returns the bytes copied across.
+pub(crate) trait Copier: Send + Sync + 'static {
+    fn copy<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<u64, CopyFailure>>;
+}
+
 /// Starts the dispatcher that hands pending tasks, in order, to at most `workers`
-/// concurrent copies.
-pub(crate) fn start(node: Node, rep: Arc<Replicator>) -> tokio::task::JoinHandle<()> {
+/// concurrent copies by `copier`.
+pub(crate) fn start(
+    queue: Arc<ReplicationQueue>,
+    copier: Arc<dyn Copier>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(rep.config.workers.max(1)));
+        let slots = Arc::new(Semaphore::new(queue.config.workers.max(1)));
         let mut workers = tokio::task::JoinSet::new();
         loop {
             while workers.try_join_next().is_some() {}
-            let woken = rep.wake.notified();
-            for task in rep.log.pending() {
-                if !rep
+            let woken = queue.wake.notified();
+            for task in queue.log.pending() {
+                if !queue
                     .queued
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -236,9 +290,9 @@ pub(crate) fn start(node: Node, rep: Arc<Replicator>) -> tokio::task::JoinHandle
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return;
                 };
-                let (node, rep) = (node.clone(), rep.clone());
+                let (queue, copier) = (queue.clone(), copier.clone());
                 workers.spawn(async move {
-                    run_task(&node, &rep, task).await;
+                    run_task(&queue, copier.as_ref(), task).await;
                     drop(permit);
                 });
             }
@@ -247,152 +301,88 @@ pub(crate) fn start(node: Node, rep: Arc<Replicator>) -> tokio::task::JoinHandle
     })
 }
 
-async fn run_task(node: &Node, rep: &Replicator, task: Task) {
-    let mut delay = rep.config.backoff_min;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(task.seq ^ 0x5eed);
+async fn run_task(queue: &ReplicationQueue, copier: &dyn Copier, task: Task) {
+    let mut backoff = Backoff::new(
+        queue.config.backoff_min,
+        queue.config.backoff_max,
+        task.seq ^ 0x5eed,
+    );
     loop {
-        match copy_once(node, &task).await {
+        match copier.copy(&task).await {
             Ok(copied) => {
-                rep.drained.fetch_add(copied, Ordering::Relaxed);
+                queue.drained.fetch_add(copied, Ordering::Relaxed);
                 break;
             }
-            Err(Outcome::Stale(why)) => {
-                tracing::info!(block = %task.block, genstamp = %task.genstamp, reason = why, "dropping stale replication task");
+            Err(CopyFailure::Obsolete(why)) => {
+                tracing::info!(block = %task.block, genstamp = %task.genstamp, reason = why, "dropping obsolete replication task");
+                queue.dropped.fetch_add(1, Ordering::Relaxed);
                 break;
             }
-            Err(Outcome::Retry(why)) => {
+            Err(CopyFailure::Retry(why)) => {
+                let delay = backoff.next_delay();
                 tracing::debug!(block = %task.block, reason = why, ?delay, "replication attempt failed, backing off");
-                // Capped exponential backoff with ±25% jitter: a down IDC pauses the worker.
-                let jitter = rng.random_range(0.75..1.25);
-                tokio::time::sleep(delay.mul_f64(jitter)).await;
-                delay = (delay * 2).min(rep.config.backoff_max);
+                tokio::time::sleep(delay).await;
             }
         }
     }
-    if let Err(e) = rep.log.complete(task.seq).await {
+    if let Err(e) = queue.log.complete(task.seq).await {
         tracing::error!(seq = task.seq, error = %e, "cannot record a finished replication task");
     }
-    rep.queued
+    queue
+        .queued
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&task.seq);
-    rep.progress.notify_waiters();
+    queue.progress.notify_waiters();
 }
 
-enum Outcome {
-    Stale(String),
-    Retry(String),
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{BlockId, GenStamp};
 
-/// Whether `peer` holds `block` finalized at `gs` with `len` bytes.
-async fn has_replica(
-    shared: &Shared,
-    peer: NodeId,
-    block: BlockId,
-    gs: GenStamp,
-    len: u64,
-) -> Result<bool, String> {
-    if peer == shared.me {
-        return Ok(shared.store.get(block).is_some_and(|r| {
-            r.genstamp == gs && r.len == len && r.state == crate::store::ReplicaState::Finalized
-        }));
-    }
-    let mut s = shared
-        .transport
-        .open(peer)
-        .await
-        .map_err(|e| e.to_string())?;
-    let probe = Frame::ReadBlock(ReadBlock {
-        block,
-        genstamp: gs,
-        offset: 0,
-        len: 0,
-        class: TrafficClass::Async,
-        compression: Compression::None,
-    });
-    s.writer.send(&probe).await.map_err(|e| e.to_string())?;
-    match s.reader.recv().await.map_err(|e| e.to_string())? {
-        Some(Frame::ReadResponse(r)) => Ok(r.status == Status::Success && r.replica_len == len),
-        _ => Ok(false),
-    }
-}
-
-/// One attempt at a task; returns the bytes copied across.
-async fn copy_once(node: &Node, task: &Task) -> Result<u64, Outcome> {
-    let shared = &node.shared;
-    let topo = &shared.topology;
-    let ids = |names: &[String]| -> Vec<NodeId> {
-        names.iter().filter_map(|n| topo.node_by_name(n)).collect()
-    };
-    let (sources, targets) = (ids(&task.sources), ids(&task.targets));
-    if let Some(r) = shared.store.get(task.block)
-        && r.genstamp > task.genstamp
-    {
-        return Err(Outcome::Stale(format!(
-            "local replica is at {}",
-            r.genstamp
-        )));
-    }
-    let mut missing = Vec::new();
-    for &t in &targets {
-        match has_replica(shared, t, task.block, task.genstamp, task.len).await {
-            Ok(true) => {}
-            Ok(false) => missing.push(t),
-            Err(e) => return Err(Outcome::Retry(format!("probe {}: {e}", shared.name(t)))),
+    fn task(seq: u64, len: u64, created_ms: u64) -> Task {
+        Task {
+            seq,
+            block: BlockId(seq),
+            genstamp: GenStamp(1),
+            len,
+            sources: vec!["a1".into()],
+            target_idc: "idc-b".into(),
+            targets: vec!["b1".into()],
+            created_ms,
         }
     }
-    if missing.is_empty() {
-        return Ok(0);
-    }
-    let reader = Reader::open(
-        node,
-        task.block,
-        task.genstamp,
-        &sources,
-        ReadParams::default(),
-    );
-    let mut params = WriteParams::new(task.genstamp);
-    params.class = TrafficClass::Async;
-    let mut w = Writer::create(node, task.block, &missing, params)
-        .await
-        .map_err(|e| Outcome::Retry(e.to_string()))?;
-    let mut off = 0u64;
-    while off < task.len {
-        let n = (task.len - off).min(4 << 20);
-        let data = match reader.read(off, n).await {
-            Ok(d) => d,
-            Err(crate::read::ReadError::NoReplica { tried, .. })
-                if tried.iter().all(|(_, why)| why.contains("asked for")) =>
-            {
-                return Err(Outcome::Stale(
-                    "no source has this genstamp any more".into(),
-                ));
-            }
-            Err(e) => return Err(Outcome::Retry(e.to_string())),
-        };
-        w.write(data)
-            .await
-            .map_err(|e| Outcome::Retry(e.to_string()))?;
-        off += n;
-    }
-    let out = w.close().await.map_err(|e| Outcome::Retry(e.to_string()))?;
-    if out.replicas.len() < missing.len() {
-        return Err(Outcome::Retry(format!(
-            "only {} of {} remote replicas written",
-            out.replicas.len(),
-            missing.len()
-        )));
-    }
-    Ok(task.len)
-}
 
-impl Node {
-    /// RPO figures of this node's replication log.
-    pub fn rpo(&self) -> Result<RpoStatus, ReplicationError> {
-        self.shared
-            .replicator
-            .as_ref()
-            .map(|r| r.status())
-            .ok_or(ReplicationError::NotConfigured)
+    #[test]
+    fn rpo_age_is_measured_from_the_oldest_task_at_the_given_time() {
+        let pending = [task(1, 100, 5_000), task(2, 50, 4_000)];
+        let s = rpo_of(&pending, 9_500, 7);
+        assert_eq!(s.pending_tasks, 2);
+        assert_eq!(s.pending_bytes, 150);
+        assert_eq!(s.oldest_age, Duration::from_millis(5_500));
+        assert_eq!(s.drained_bytes, 7);
+        // A clock behind a task's creation time reads as age zero, never negative.
+        assert_eq!(rpo_of(&pending, 1_000, 0).oldest_age, Duration::ZERO);
+        assert_eq!(rpo_of(&[], 9_500, 0), RpoStatus::default());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_bounded_jitter() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
+        let mut b = Backoff::new(min, max, 1);
+        let mut nominal = min;
+        for _ in 0..12 {
+            let d = b.next_delay();
+            assert!(
+                d >= nominal.mul_f64(0.75) && d <= nominal.mul_f64(1.25),
+                "{d:?} vs {nominal:?}"
+            );
+            nominal = (nominal * 2).min(max);
+        }
+        assert_eq!(nominal, max, "reached the cap");
+        // Same seed, same delays.
+        let (mut x, mut y) = (Backoff::new(min, max, 9), Backoff::new(min, max, 9));
+        assert!((0..5).all(|_| x.next_delay() == y.next_delay()));
     }
 }

@@ -11,9 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{RngExt, SeedableRng};
 use strait::block::{BlockId, GenStamp};
 use strait::node::{Node, NodeConfig};
-use strait::pipeline::{WriteParams, Writer};
+use strait::pipeline::WriteParams;
 use strait::placement::{self, NodeStates, ReplicationSpec};
-use strait::read::{ReadParams, Reader};
+use strait::read::ReadParams;
 use strait::topology::{Origin, Tier, Topology};
 use strait::transport::TlsIdentity;
 
@@ -126,7 +126,8 @@ pub async fn put(
         let block = BlockId(rng.random());
         let mut params = WriteParams::new(GenStamp(1));
         params.mode = mode;
-        let mut w = Writer::create(&node, block, p.targets(), params)
+        let mut w = node
+            .writer(block, p.targets(), params)
             .await
             .map_err(|e| e.to_string())?;
         w.write(Bytes::copy_from_slice(chunk))
@@ -211,7 +212,7 @@ pub async fn get(dir: &Path, manifest: &str, idc: &str) -> Result<GetResult, Str
             .iter()
             .filter_map(|n| topo.node_by_name(n))
             .collect();
-        let r = Reader::open(&node, e.block, e.genstamp, &replicas, ReadParams::default());
+        let r = node.reader(e.block, e.genstamp, &replicas, ReadParams::default());
         let bytes = r.read_all().await.map_err(|err| err.to_string())?;
         if bytes.len() as u64 != e.len {
             return Err(format!(

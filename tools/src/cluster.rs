@@ -1,4 +1,4 @@
-//! `strait cluster up|down`: a local multi-IDC cluster of replicator daemons (child
+//! `strait cluster up|down`: a local multi-IDC cluster of daemons (child
 //! processes running `strait node`) on 127.9.x.y, with every cross-IDC QUIC connection routed through a DCI
 //! emulator per node. Everything lives in one work directory: topology, certificates,
 //! node configurations, stores, logs and the list of processes started, so that `down`

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use strait::block::{BlockId, GenStamp};
 use strait::node::{Node, NodeConfig};
-use strait::pipeline::{WriteParams, Writer};
-use strait::read::{ReadParams, Reader};
+use strait::pipeline::WriteParams;
+use strait::read::ReadParams;
 use strait::topology::{Tier, Topology};
 use strait::transport::TlsIdentity;
 
@@ -75,18 +75,13 @@ async fn cluster_up_write_read_down() {
             .map(|n| topo.node_by_name(n).unwrap())
             .collect();
         let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
-        let mut w = Writer::create(&client, BlockId(1), &targets, WriteParams::new(GenStamp(1)))
+        let mut w = client
+            .writer(BlockId(1), &targets, WriteParams::new(GenStamp(1)))
             .await
             .unwrap();
         w.write(Bytes::from(data.clone())).await.unwrap();
         assert_eq!(w.close().await.unwrap().replicas, targets);
-        let r = Reader::open(
-            &client,
-            BlockId(1),
-            GenStamp(1),
-            &targets,
-            ReadParams::default(),
-        );
+        let r = client.reader(BlockId(1), GenStamp(1), &targets, ReadParams::default());
         assert_eq!(r.read_all().await.unwrap(), data);
         assert_eq!(
             client.metrics().read_bytes.get(Tier::Dci),

@@ -15,8 +15,8 @@ use serde_json::json;
 use strait::block::{BlockId, GenStamp};
 use strait::dci::governor::CLASSES;
 use strait::node::{Node, NodeConfig};
-use strait::pipeline::{WriteParams, Writer};
-use strait::read::{ReadParams, Reader};
+use strait::pipeline::WriteParams;
+use strait::read::ReadParams;
 use strait::topology::{Tier, Topology};
 use strait::transport::CertAuthority;
 use strait::wire::TrafficClass;
@@ -98,8 +98,7 @@ async fn run_phase(
             tasks.push(tokio::spawn(async move {
                 let mut n = r as u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let reader = Reader::open(
-                        &node,
+                    let reader = node.reader(
                         BlockId(n % 8),
                         GenStamp(1),
                         &[a1_id],
@@ -126,14 +125,14 @@ async fn run_phase(
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let data = text_or_random(b + 1, 1 << 20);
-                let mut w = Writer::create(
-                    &node,
-                    BlockId(b),
-                    &[a1_id, b1_id, b2_id],
-                    WriteParams::new(GenStamp(1)),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                let mut w = node
+                    .writer(
+                        BlockId(b),
+                        &[a1_id, b1_id, b2_id],
+                        WriteParams::new(GenStamp(1)),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
                 w.write(data).await.map_err(|e| e.to_string())?;
                 w.hflush().await.map_err(|e| e.to_string())?;
                 acks.add_hdr(w.ack_latency());
@@ -231,7 +230,8 @@ pub async fn run(p: &DciBenchParams) -> Result<serde_json::Value, String> {
     let b_nodes: Vec<Node> = nodes[1..].to_vec();
     // The read backlog's blocks live only in IDC A.
     for b in 0..8u64 {
-        let mut w = Writer::create(&a1, BlockId(b), &[a1.id()], WriteParams::new(GenStamp(1)))
+        let mut w = a1
+            .writer(BlockId(b), &[a1.id()], WriteParams::new(GenStamp(1)))
             .await
             .map_err(|e| e.to_string())?;
         w.write(text_or_random(b, 8 << 20))

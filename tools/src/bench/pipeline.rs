@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde_json::json;
 use strait::block::{BlockId, GenStamp};
 use strait::node::{Node, NodeConfig};
-use strait::pipeline::{AckHistogram, WriteParams, Writer};
+use strait::pipeline::{AckHistogram, WriteParams};
 use strait::placement::ReplicationSpec;
 use strait::topology::{NodeId, Topology};
 use strait::transport::{CertAuthority, LinkKind, TransportConfig};
@@ -207,7 +207,8 @@ async fn write_blocks(
         let t0 = std::time::Instant::now();
         let mut params = WriteParams::new(GenStamp(1));
         params.mode = mode;
-        let mut w = Writer::create(writer, block, targets, params)
+        let mut w = writer
+            .writer(block, targets, params)
             .await
             .map_err(|e| e.to_string())?;
         let mut left = block_size;

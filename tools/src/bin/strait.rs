@@ -121,14 +121,14 @@ enum Command {
         #[arg(long, default_value = "8MiB")]
         block_size: String,
     },
-    /// Run a storage node (the replicator daemon) from a TOML configuration file, until
-    /// SIGTERM or SIGINT. Same as `cargo run --example replicator -- --config FILE`.
+    /// Run a storage node (the daemon) from a TOML configuration file, until
+    /// SIGTERM or SIGINT. Same as `cargo run --example daemon -- --config FILE`.
     Node {
         /// The node's configuration file.
         #[arg(long)]
         config: PathBuf,
     },
-    /// Start or stop a local multi-IDC cluster of replicator daemons behind DCI emulators.
+    /// Start or stop a local multi-IDC cluster of daemons behind DCI emulators.
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,

@@ -1,7 +1,7 @@
-//! The replicator daemon: runs one strait node from a TOML configuration file.
+//! The daemon: runs one strait node from a TOML configuration file.
 //!
 //! ```text
-//! cargo run --release --example replicator -- --config node.toml
+//! cargo run --release --example daemon -- --config node.toml
 //! ```
 //!
 //! See `strait::config` for the file format. A bad file is refused at start with a
@@ -27,18 +27,18 @@ async fn main() -> ExitCode {
     let path = match (args.next().as_deref(), args.next()) {
         (Some("--config"), Some(p)) => PathBuf::from(p),
         _ => {
-            eprintln!("usage: replicator --config <node.toml>");
+            eprintln!("usage: daemon --config <node.toml>");
             return ExitCode::from(2);
         }
     };
     match daemon::run(&path).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ DaemonError::Config(_)) => {
-            eprintln!("replicator: {e}");
+            eprintln!("daemon: {e}");
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("replicator: {e}");
+            eprintln!("daemon: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,6 +1,9 @@
-//! The replicator daemon's main loop, shared by `examples/replicator.rs` and the
-//! `strait node` command: start a node from a [`DaemonConfig`], serve `/metrics`, print
-//! `ready <name>` on stdout, run until SIGTERM or SIGINT, shut down cleanly.
+//! The daemon: one node run from a TOML file, shared by `examples/daemon.rs` and the
+//! `strait node` command. [`run`] starts a node from a [`DaemonConfig`], serves
+//! `/metrics` and `/health` ([`http`]), prints `ready <name>` on stdout, runs until
+//! SIGTERM or SIGINT and shuts down cleanly.
+
+pub mod http;
 
 use std::path::Path;
 
@@ -31,7 +34,7 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     let (node, report) = Node::start(config.node).await?;
     tracing::info!(node = %name, backend = %report.backend, finalized = report.finalized, rbw = report.recovered_rbw.len(), "node started");
     let _metrics = match config.metrics_addr {
-        Some(addr) => match crate::metrics::serve(addr, node.clone()).await {
+        Some(addr) => match http::serve(addr, node.clone()).await {
             Ok(t) => Some(t),
             Err(e) => {
                 node.shutdown().await;

@@ -1,0 +1,306 @@
+//! The storage server a process embeds: its block store, its transport, the relay side of
+//! write pipelines, the read service and async replication.
+//!
+//! [`Node::start`] opens the store, binds the transport, builds the services and serves
+//! every stream peers open (see `dispatch.rs`): a `WriteBlock` or `CopyBlock` frame goes
+//! to the pipeline service, a `ReadBlock` to the read service. The node is also the handle
+//! a local client writes and reads through: [`Node::writer`] and [`Node::reader`] hand out
+//! a [`Writer`] and a [`Reader`] over the services, which never see the `Node` itself.
+//! Several nodes can run in one process (tests), each with its own address and store
+//! directory. The node does not decide placement or keep block metadata: the embedding
+//! server does, fed by [`NodeEvent`]s.
+
+mod dispatch;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::broadcast;
+
+pub use crate::context::NodeEvent;
+
+use crate::block::{BlockId, GenStamp};
+use crate::context::NodeContext;
+use crate::dci::{DciGovernors, Egress};
+use crate::metrics::NodeMetrics;
+use crate::pipeline::{PipelineConfig, Pipelines, WriteError, WriteParams, Writer};
+use crate::read::{ReadParams, Reader};
+use crate::replication::{ReplicationError, ReplicationQueue, RpoStatus};
+use crate::store::{BlockStore, OpenReport, StoreConfig, StoreError};
+use crate::topology::{NodeId, Topology};
+use crate::transfer::Transfers;
+use crate::transport::{TlsIdentity, Transport, TransportConfig, TransportError};
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's name in the topology.
+    pub name: String,
+    /// The cluster topology.
+    pub topology: Arc<Topology>,
+    /// TLS identity (cluster CA, node certificate and key).
+    pub identity: TlsIdentity,
+    /// Block store settings.
+    pub store: StoreConfig,
+    /// Link settings.
+    pub transport: TransportConfig,
+    /// Write pipeline settings.
+    pub pipeline: PipelineConfig,
+    /// How long [`Node::shutdown`] waits for in-flight work before aborting it.
+    pub shutdown_grace: Duration,
+    /// DCI protection settings.
+    pub dci: crate::dci::DciConfig,
+    /// Async replication (the durable log and its workers); `None` disables async writes
+    /// from this node.
+    pub replication: Option<crate::replication::ReplicationConfig>,
+}
+
+impl NodeConfig {
+    /// Defaults for node `name` with its store at `store_root`.
+    pub fn new(
+        name: impl Into<String>,
+        topology: Arc<Topology>,
+        identity: TlsIdentity,
+        store_root: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        NodeConfig {
+            name: name.into(),
+            topology,
+            identity,
+            store: StoreConfig::new(store_root),
+            transport: TransportConfig::default(),
+            pipeline: PipelineConfig::default(),
+            shutdown_grace: Duration::from_secs(5),
+            dci: crate::dci::DciConfig::default(),
+            replication: None,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The name is not a node of the topology.
+    #[error("node {0:?} is not in the topology")]
+    UnknownNode(String),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The transport could not start.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// The DCI governor settings are invalid.
+    #[error("dci governor: {0}")]
+    Dci(#[from] crate::dci::GovernorError),
+    /// The replication log could not be opened.
+    #[error("replication log: {0}")]
+    Replication(#[from] crate::replication::ReplicationError),
+}
+
+/// What a node holds open: the figures that must return to their baseline once the
+/// node is idle, whatever it has written and read before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct NodeResources {
+    /// Pipeline relays registered (one per block being written through this node).
+    pub relays: usize,
+    /// Replica files open in the store (two per open writer or reader).
+    pub open_replicas: usize,
+    /// Streams from peers being served.
+    pub handlers: usize,
+    /// QUIC connections of the transport (both directions).
+    pub quic_connections: usize,
+}
+
+type TaskSlot = Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>;
+
+/// A running storage node. Cheap to clone: clones are handles on the same node.
+#[derive(Clone)]
+pub struct Node {
+    ctx: Arc<NodeContext>,
+    pipelines: Arc<Pipelines>,
+    queue: Option<Arc<ReplicationQueue>>,
+    /// Streams from peers being served.
+    handlers: Arc<AtomicU64>,
+    serve_task: TaskSlot,
+    replication_task: TaskSlot,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.ctx.name(self.ctx.me))
+            .finish()
+    }
+}
+
+impl Node {
+    /// Opens the store, binds the transport and starts serving peers.
+    pub async fn start(config: NodeConfig) -> Result<(Node, OpenReport), NodeError> {
+        let me = config
+            .topology
+            .node_by_name(&config.name)
+            .ok_or_else(|| NodeError::UnknownNode(config.name.clone()))?;
+        let (store, report) = BlockStore::open(config.store.clone()).await?;
+        let (transport, incoming) = Transport::bind(
+            me,
+            config.topology.clone(),
+            &config.identity,
+            config.transport.clone(),
+        )
+        .await?;
+        let (events, _) = broadcast::channel(1024);
+        let queue = match &config.replication {
+            Some(rc) => Some(ReplicationQueue::open(rc.clone())?),
+            None => None,
+        };
+        let ctx = Arc::new(NodeContext {
+            me,
+            dci: Egress::new(config.topology.clone(), me, &config.dci)?,
+            topology: config.topology.clone(),
+            store,
+            transport,
+            metrics: NodeMetrics::default(),
+            events,
+        });
+        let pipelines = Pipelines::new(ctx.clone(), config.pipeline.clone(), queue.clone());
+        let handlers = Arc::new(AtomicU64::new(0));
+        let serve_task = tokio::spawn(dispatch::serve(
+            dispatch::Services {
+                ctx: ctx.clone(),
+                pipelines: pipelines.clone(),
+                handlers: handlers.clone(),
+            },
+            incoming,
+        ));
+        let replication_task = queue.clone().map(|q| {
+            // The log's pending tasks (after a restart, those not yet done) start now.
+            crate::replication::start(q, Transfers::new(ctx.clone(), pipelines.clone()))
+        });
+        let node = Node {
+            ctx,
+            pipelines,
+            queue,
+            handlers,
+            serve_task: Arc::new(std::sync::Mutex::new(Some(serve_task))),
+            replication_task: Arc::new(std::sync::Mutex::new(replication_task)),
+            grace: config.shutdown_grace,
+        };
+        Ok((node, report))
+    }
+
+    /// Sets up a pipeline through `targets` (in pipeline order, e.g. from
+    /// [`placement`](crate::placement)) for a new block written from this node. See
+    /// [`pipeline`](crate::pipeline).
+    pub async fn writer(
+        &self,
+        block: BlockId,
+        targets: &[NodeId],
+        params: WriteParams,
+    ) -> Result<Writer, WriteError> {
+        Writer::create(&self.pipelines, block, targets, params).await
+    }
+
+    /// Prepares reads of `block` at `genstamp` from `replicas`, nearest first. See
+    /// [`read`](crate::read).
+    pub fn reader(
+        &self,
+        block: BlockId,
+        genstamp: GenStamp,
+        replicas: &[NodeId],
+        params: ReadParams,
+    ) -> Reader {
+        Reader::open(self.ctx.clone(), block, genstamp, replicas, params)
+    }
+
+    /// RPO figures of this node's replication log.
+    pub fn rpo(&self) -> Result<RpoStatus, ReplicationError> {
+        self.queue
+            .as_ref()
+            .map(|q| q.status(SystemTime::now()))
+            .ok_or(ReplicationError::NotConfigured)
+    }
+
+    /// Replication tasks this node dropped without copying them (their block moved to a
+    /// newer generation stamp or is gone).
+    pub fn replication_dropped(&self) -> u64 {
+        self.queue.as_ref().map_or(0, |q| q.dropped())
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.ctx.me
+    }
+
+    /// The topology.
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.ctx.topology
+    }
+
+    /// The block store.
+    pub fn store(&self) -> &BlockStore {
+        &self.ctx.store
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Transport {
+        &self.ctx.transport
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.ctx.metrics
+    }
+
+    /// This node's DCI governors, by remote IDC.
+    pub fn governors(&self) -> &DciGovernors {
+        self.ctx.dci.governors()
+    }
+
+    /// What this node holds open now (for leak checks and metrics).
+    pub fn resources(&self) -> NodeResources {
+        NodeResources {
+            relays: self.pipelines.relay_count(),
+            open_replicas: self.ctx.store.open_files(),
+            handlers: self.handlers.load(Ordering::Relaxed) as usize,
+            quic_connections: self.ctx.transport.open_quic_connections(),
+        }
+    }
+
+    /// Subscribes to events (under-replicated blocks, corrupt replicas). Events sent while
+    /// nobody listens, or that a slow listener misses beyond 1024, are dropped.
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.ctx.events.subscribe()
+    }
+
+    /// Stops serving: closes the transport (in-flight pipelines through this node fail and
+    /// leave their replicas in `rbw`, recoverable), waits up to the grace period for the
+    /// handlers to finish, then aborts the rest.
+    pub async fn shutdown(&self) {
+        // Replication workers stop; their tasks stay in the log for the next start.
+        let replication = self
+            .replication_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = replication {
+            t.abort();
+            let _ = t.await;
+        }
+        let task = self
+            .serve_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.ctx.transport.shutdown().await;
+        if let Some(t) = task {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(self.grace, t).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
