@@ -61,6 +61,13 @@ macro_rules! id_index {
             pub fn index(self) -> usize {
                 self.0 as usize
             }
+
+            /// The id at position `i` (tests of the cores build ids without a topology).
+            #[cfg(test)]
+            #[allow(dead_code)] // not every id type is built this way
+            pub(crate) const fn from_index(i: usize) -> Self {
+                $t(i as u32)
+            }
         }
     )*};
 }

@@ -30,6 +30,7 @@
 
 mod copy;
 mod relay;
+mod window;
 mod writer;
 
 use std::future::Future;

@@ -1,20 +1,20 @@
 //! The writer side of a pipeline: [`Writer`] streams one block through the targets,
 //! keeps a window of packets in flight, and recovers when a node fails.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use super::window::{AckFault, IdcLost, Window};
 use super::{
     Pipelines, SetupFailure, WriteError, WriteOutcome, WriteParams, copy, open_hop, setup_exchange,
     window_for,
 };
 use crate::block::{BlockId, GenStamp};
 use crate::context::{NodeContext, NodeEvent};
-use crate::topology::{IdcId, NodeId};
+use crate::topology::NodeId;
 use crate::transport::{FrameWriter, Sink, Stream};
 use crate::wire::{
     self, Ack, Compression, Frame, Packet, PacketFlags, Status, TrafficClass, WriteBlock, WriteMode,
@@ -37,15 +37,6 @@ impl Drop for Pipe {
     }
 }
 
-struct Unacked {
-    seq: u64,
-    offset: u64,
-    flags: PacketFlags,
-    data: Bytes,
-    crcs: Vec<u32>,
-    sent: Instant,
-}
-
 /// Latency of packet acks, in microseconds.
 pub type AckHistogram = hdrhistogram::Histogram<u64>;
 
@@ -54,26 +45,18 @@ pub struct Writer {
     ctx: Arc<NodeContext>,
     svc: Arc<Pipelines>,
     block: BlockId,
-    genstamp: GenStamp,
     params: WriteParams,
-    /// Current pipeline, in order.
-    targets: Vec<NodeId>,
+    /// The pipeline, the packets in flight and what is acknowledged.
+    win: Window,
     /// Async mode: targets left to background replication.
     remote: Vec<NodeId>,
-    /// IDCs the write started in (each must keep a replica).
-    idcs: Vec<IdcId>,
-    failed: Vec<NodeId>,
     pipe: Option<Pipe>,
-    window: usize,
-    unacked: VecDeque<Unacked>,
-    unacked_bytes: usize,
-    next_seq: u64,
-    acked_len: u64,
     /// Bytes not yet sent; starts at `buf_offset` (a chunk boundary).
     buf: BytesMut,
     buf_offset: u64,
     /// Bytes of `buf` already sent by an hflush (the partial chunk is resent later).
     flushed_in_buf: usize,
+    window_bytes: usize,
     broken: bool,
     ack_us: AckHistogram,
 }
@@ -82,9 +65,9 @@ impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Writer")
             .field("block", &self.block)
-            .field("genstamp", &self.genstamp)
-            .field("targets", &self.targets)
-            .field("acked_len", &self.acked_len)
+            .field("genstamp", &self.win.genstamp())
+            .field("targets", &self.targets())
+            .field("acked_len", &self.win.acked_len())
             .finish()
     }
 }
@@ -151,26 +134,22 @@ impl Writer {
                 }
             }
         }
-        let targets = &targets[..];
-        let mut idcs: Vec<IdcId> = targets.iter().map(|&t| topo.location(t).idc).collect();
-        idcs.dedup();
-        let window = window_for(svc, shared.me, targets);
+        let window_bytes = window_for(svc, shared.me, &targets);
+        let win = Window::new(
+            targets.iter().map(|&t| (t, topo.location(t).idc)).collect(),
+            params.genstamp,
+            window_bytes,
+            svc.config.ack_timeout,
+        );
         let mut w = Writer {
             block,
-            genstamp: params.genstamp,
-            targets: targets.to_vec(),
+            win,
             remote,
-            idcs,
-            failed: Vec::new(),
             pipe: None,
-            window,
-            unacked: VecDeque::new(),
-            unacked_bytes: 0,
-            next_seq: 0,
-            acked_len: 0,
             buf: BytesMut::new(),
             buf_offset: 0,
             flushed_in_buf: 0,
+            window_bytes,
             broken: false,
             ack_us: AckHistogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("valid histogram bounds"),
@@ -189,22 +168,22 @@ impl Writer {
 
     /// The current generation stamp.
     pub fn genstamp(&self) -> GenStamp {
-        self.genstamp
+        self.win.genstamp()
     }
 
     /// The current pipeline.
-    pub fn targets(&self) -> &[NodeId] {
-        &self.targets
+    pub fn targets(&self) -> Vec<NodeId> {
+        self.win.targets().collect()
     }
 
     /// Bytes acknowledged by every node of the pipeline.
     pub fn acked_len(&self) -> u64 {
-        self.acked_len
+        self.win.acked_len()
     }
 
     /// Window of bytes in flight this writer uses.
     pub fn window_bytes(&self) -> usize {
-        self.window
+        self.window_bytes
     }
 
     /// Packet ack latencies so far (µs).
@@ -264,35 +243,28 @@ impl Writer {
         data: Bytes,
         flags: PacketFlags,
     ) -> Result<(), WriteError> {
-        while self.unacked_bytes + data.len() > self.window && !self.unacked.is_empty() {
+        while !self.win.has_room(data.len()) {
             self.wait_ack().await?;
         }
         let crcs = self.params.checksum.checksums(&data);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.unacked_bytes += data.len();
-        self.unacked.push_back(Unacked {
-            seq,
-            offset,
-            flags,
-            data: data.clone(),
-            crcs: crcs.clone(),
-            sent: Instant::now(),
-        });
-        let packet = Packet {
-            seq,
-            offset,
-            flags,
-            data_len: data.len() as u32,
-            crcs,
-            payload: data,
-        };
-        let first = self.targets[0];
+        let packet = self.win.push(offset, data, crcs, flags, Instant::now());
+        let sent = self.send_frame(packet).await;
+        if let Err(e) = sent {
+            // The first hop is gone; recovery resends everything unacked.
+            self.recover(0, &e).await?;
+        } else if flags.last || flags.sync || self.win.in_flight() == 1 {
+            self.flush_pipe().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one packet to the first hop (governed when it crosses the DCI), unflushed.
+    async fn send_frame(&mut self, packet: Packet) -> Result<(), String> {
         let frame = Frame::Packet(
             self.ctx
                 .dci
                 .govern_packet(
-                    first,
+                    self.win.first(),
                     self.params.class,
                     self.compression(),
                     packet,
@@ -300,17 +272,10 @@ impl Writer {
                 )
                 .await,
         );
-        let sent = match self.pipe.as_mut() {
+        match self.pipe.as_mut() {
             Some(p) => p.sink.feed(&frame).await.map_err(|e| e.to_string()),
             None => Err("no pipeline".into()),
-        };
-        if let Err(e) = sent {
-            // The first hop is gone; recovery resends everything unacked.
-            self.recover(0, &e).await?;
-        } else if flags.last || flags.sync || self.unacked.len() == 1 {
-            self.flush_pipe().await?;
         }
-        Ok(())
     }
 
     async fn flush_pipe(&mut self) -> Result<(), WriteError> {
@@ -326,48 +291,39 @@ impl Writer {
 
     /// Waits for the oldest unacked packet's ack (recovering on failure).
     async fn wait_ack(&mut self) -> Result<(), WriteError> {
-        let timeout = self.svc.config.ack_timeout;
-        let msg = match self.pipe.as_mut() {
-            Some(p) => match tokio::time::timeout(timeout, p.acks.recv()).await {
-                Ok(Some(m)) => m,
-                Ok(None) => AckMsg::Broken("ack stream ended".into()),
-                Err(_) => AckMsg::Broken(format!("no ack within {timeout:?}")),
-            },
-            None => AckMsg::Broken("no pipeline".into()),
+        let deadline = self.win.poll_timeout();
+        let msg = match (self.pipe.as_mut(), deadline) {
+            (Some(p), Some(at)) => tokio::time::timeout_at(at.into(), p.acks.recv()).await,
+            (Some(p), None) => Ok(p.acks.recv().await),
+            (None, _) => Ok(Some(AckMsg::Broken("no pipeline".into()))),
         };
-        match msg {
-            AckMsg::Ack(a) => {
-                let Some(front) = self.unacked.front() else {
+        let now = Instant::now();
+        let fault = match msg {
+            Ok(Some(AckMsg::Ack(a))) => match self.win.handle_ack(&a, now) {
+                Ok(Some(acked)) => {
+                    let us = acked.latency.as_micros().max(1) as u64;
+                    let _ = self.ack_us.record(us);
+                    self.ctx.metrics.pipeline_ack_us.record(acked.latency);
                     return Ok(());
-                };
-                if a.seq != front.seq {
-                    return self
-                        .recover(
-                            0,
-                            &format!("ack for {} while waiting for {}", a.seq, front.seq),
-                        )
-                        .await;
                 }
-                match a.statuses.iter().position(|s| *s != Status::Success) {
-                    None if a.statuses.len() >= self.targets.len() => {
-                        let p = self.unacked.pop_front().expect("front exists");
-                        self.unacked_bytes -= p.data.len();
-                        self.acked_len = self.acked_len.max(p.offset + p.data.len() as u64);
-                        let _ = self
-                            .ack_us
-                            .record(p.sent.elapsed().as_micros().max(1) as u64);
-                        self.ctx.metrics.pipeline_ack_us.record(p.sent.elapsed());
-                        Ok(())
-                    }
-                    None => self.recover(a.statuses.len(), "ack misses statuses").await,
-                    Some(i) => {
-                        let why = format!("{:?} at {}", a.statuses[i], self.name(self.targets[i]));
-                        self.recover(i, &why).await
-                    }
-                }
+                Ok(None) => return Ok(()),
+                Err(f) => f,
+            },
+            Ok(Some(AckMsg::Broken(why))) => return self.recover(0, &why).await,
+            Ok(None) => return self.recover(0, "ack stream ended").await,
+            Err(_) => match self.win.handle_timeout(now) {
+                Some(f) => f,
+                None => return Ok(()),
+            },
+        };
+        let why = match &fault {
+            AckFault::Refused { index, status } => {
+                let node = self.win.targets().nth(*index).map(|n| self.name(n));
+                format!("{status:?} at {}", node.unwrap_or_default())
             }
-            AckMsg::Broken(why) => self.recover(0, &why).await,
-        }
+            other => other.to_string(),
+        };
+        self.recover(fault.index(), &why).await
     }
 
     /// Sets up the pipeline to `self.targets`, resuming at `offset`. On a refusal from a
@@ -387,52 +343,46 @@ impl Writer {
                     // The block id is in use there: the caller's mistake, not a failed
                     // node. Going on without that node would silently lose a replica.
                     self.broken = true;
-                    let index = index.min(self.targets.len().saturating_sub(1));
+                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
                     return Err(WriteError::BlockExists {
                         block: self.block,
-                        node: self.name(self.targets[index]),
+                        node: self.name(node),
                         reason: why,
                     });
                 }
                 Err(SetupFailure { index, why, .. }) => {
                     self.drop_target(index, &why)?;
-                    if offset > 0 || !self.failed.is_empty() {
-                        self.genstamp = GenStamp(self.genstamp.0 + 1);
+                    if offset > 0 || !self.win.failed().is_empty() {
+                        self.win.bump_genstamp();
                     }
                 }
             }
         }
     }
 
-    /// Marks `targets[index]` failed; errors when an IDC has no replica left.
+    /// Drops `targets[index]`; errors when an IDC of the write has no replica left.
     fn drop_target(&mut self, index: usize, why: &str) -> Result<NodeId, WriteError> {
-        let index = index.min(self.targets.len().saturating_sub(1));
-        let failed = self.targets.remove(index);
-        tracing::warn!(block = %self.block, node = %self.name(failed), reason = why, "dropping node from pipeline");
-        self.failed.push(failed);
-        let topo = &self.ctx.topology;
-        for &idc in &self.idcs {
-            if !self.targets.iter().any(|&t| topo.location(t).idc == idc) {
-                self.broken = true;
-                return Err(WriteError::IdcLost {
-                    block: self.block,
-                    idc: topo.idc(idc).name.clone(),
-                    failed: self.failed.iter().map(|&f| self.name(f)).collect(),
-                });
+        let node = self.win.targets().nth(index).unwrap_or(self.win.first());
+        tracing::warn!(block = %self.block, node = %self.name(node), reason = why, "dropping node from pipeline");
+        self.win.drop_target(index).map_err(|IdcLost { idc }| {
+            self.broken = true;
+            WriteError::IdcLost {
+                block: self.block,
+                idc: self.ctx.topology.idc(idc).name.clone(),
+                failed: self.win.failed().iter().map(|&f| self.name(f)).collect(),
             }
-        }
-        Ok(failed)
+        })
     }
 
     /// Opens the first hop and sends the `WriteBlock`; on failure, says which node failed
     /// setup, and why.
     async fn try_establish(&mut self, offset: u64) -> Result<Pipe, SetupFailure> {
-        let first = self.targets[0];
+        let first = self.win.first();
         let req = WriteBlock {
             block: self.block,
-            genstamp: self.genstamp,
+            genstamp: self.win.genstamp(),
             offset,
-            targets: self.targets[1..].iter().map(|&t| self.name(t)).collect(),
+            targets: self.win.targets().skip(1).map(|t| self.name(t)).collect(),
             mode: self.params.mode,
             class: self.params.class,
             checksum: self.params.checksum,
@@ -455,10 +405,10 @@ impl Writer {
                 why: format!("setup refused: {:?}", statuses[i]),
             });
         }
-        if statuses.len() < self.targets.len() {
+        if statuses.len() < self.win.targets().len() {
             return Err((statuses.len(), "setup ack misses statuses".into()).into());
         }
-        let (tx, rx) = mpsc::channel(wire::MAX_PACKET_CHUNKS.min(self.window / 512 + 16));
+        let (tx, rx) = mpsc::channel(wire::MAX_PACKET_CHUNKS.min(self.window_bytes / 512 + 16));
         let Stream {
             mut reader, writer, ..
         } = s;
@@ -495,16 +445,11 @@ impl Writer {
         let failed = self.drop_target(index, why)?;
         let mut to_replace = vec![(index, failed)];
         loop {
-            let resume = self
-                .unacked
-                .front()
-                .map_or(self.acked_len.min(self.buf_offset), |p| {
-                    p.offset.min(self.acked_len)
-                });
+            let resume = self.win.resume_offset(self.buf_offset);
             for (at, failed) in std::mem::take(&mut to_replace) {
                 self.try_replace(at, failed, resume).await;
             }
-            self.genstamp = GenStamp(self.genstamp.0 + 1);
+            self.win.bump_genstamp();
             match self.try_establish(resume).await {
                 Err(SetupFailure { index: i, why, .. }) => {
                     let f = self.drop_target(i, &why)?;
@@ -514,45 +459,9 @@ impl Writer {
                 Ok(p) => self.pipe = Some(p),
             }
             // Resend everything unacknowledged, renumbered from 0 on the new pipeline.
-            let pending: Vec<Unacked> = self.unacked.drain(..).collect();
-            self.unacked_bytes = 0;
-            self.next_seq = 0;
             let mut ok = true;
-            for p in pending {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                let packet = Packet {
-                    seq,
-                    offset: p.offset,
-                    flags: p.flags,
-                    data_len: p.data.len() as u32,
-                    crcs: p.crcs.clone(),
-                    payload: p.data.clone(),
-                };
-                let first = self.targets[0];
-                let frame = Frame::Packet(
-                    self.ctx
-                        .dci
-                        .govern_packet(
-                            first,
-                            self.params.class,
-                            self.compression(),
-                            packet,
-                            &self.ctx.metrics,
-                        )
-                        .await,
-                );
-                self.unacked_bytes += p.data.len();
-                self.unacked.push_back(Unacked {
-                    seq,
-                    sent: Instant::now(),
-                    ..p
-                });
-                let r = match self.pipe.as_mut() {
-                    Some(pipe) => pipe.sink.feed(&frame).await,
-                    None => Ok(()),
-                };
-                if r.is_err() {
+            for packet in self.win.renumber(Instant::now()) {
+                if self.send_frame(packet).await.is_err() {
                     ok = false;
                     break;
                 }
@@ -567,11 +476,11 @@ impl Writer {
             }
             self.ctx.emit(NodeEvent::UnderReplicated {
                 block: self.block,
-                genstamp: self.genstamp,
-                replicas: self.targets.clone(),
-                failed: self.failed.clone(),
+                genstamp: self.win.genstamp(),
+                replicas: self.targets(),
+                failed: self.win.failed().to_vec(),
             });
-            tracing::info!(block = %self.block, genstamp = %self.genstamp, survivors = self.targets.len(), resume, "pipeline recovered");
+            tracing::info!(block = %self.block, genstamp = %self.win.genstamp(), survivors = self.win.targets().len(), resume, "pipeline recovered");
             return Ok(());
         }
     }
@@ -582,22 +491,20 @@ impl Writer {
         let topo = self.ctx.topology.clone();
         let idc = topo.location(failed).idc;
         let Some(pos) = self.params.spares.iter().position(|&s| {
-            topo.location(s).idc == idc && !self.targets.contains(&s) && !self.failed.contains(&s)
+            topo.location(s).idc == idc && !self.win.contains(s) && !self.win.failed().contains(&s)
         }) else {
             return;
         };
         let spare = self.params.spares.remove(pos);
         if resume > 0 {
             let source = self
-                .targets
-                .iter()
-                .copied()
+                .win
+                .targets()
                 .find(|&t| topo.location(t).idc == idc)
-                .or_else(|| self.targets.first().copied());
-            let Some(source) = source else { return };
+                .unwrap_or(self.win.first());
             let req = crate::wire::CopyBlock {
                 block: self.block,
-                genstamp: self.genstamp,
+                genstamp: self.win.genstamp(),
                 len: resume,
                 targets: vec![self.name(spare)],
                 class: TrafficClass::Repair,
@@ -609,16 +516,16 @@ impl Writer {
                 copied.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
             {
                 tracing::warn!(block = %self.block, spare = %self.name(spare), reason = why, "replacement failed");
-                self.failed.push(spare);
+                self.win.mark_failed(spare);
                 return;
             }
         }
         tracing::info!(block = %self.block, spare = %self.name(spare), replaces = %self.name(failed), resume, "replacement joins the pipeline");
-        self.targets.insert(at.min(self.targets.len()), spare);
+        self.win.insert_target(at, spare, idc);
     }
 
     async fn drain_acks(&mut self) -> Result<(), WriteError> {
-        while !self.unacked.is_empty() {
+        while self.win.in_flight() > 0 {
             self.wait_ack().await?;
         }
         Ok(())
@@ -705,10 +612,10 @@ impl Writer {
         }
         Ok(WriteOutcome {
             block: self.block,
-            genstamp: self.genstamp,
+            genstamp: self.win.genstamp(),
             len,
-            replicas: self.targets.clone(),
-            failed: self.failed.clone(),
+            replicas: self.targets(),
+            failed: self.win.failed().to_vec(),
             queued_remote: self.remote.clone(),
         })
     }
