@@ -101,6 +101,8 @@ impl Transfers {
         );
         let mut params = WriteParams::new(task.genstamp);
         params.class = TrafficClass::Async;
+        // A copy keeps the block's genstamp; a failed target fails this attempt.
+        params.recover = false;
         let mut w = Writer::create(&self.pipelines, task.block, &missing, params)
             .await
             .map_err(|e| CopyFailure::Retry(e.to_string()))?;

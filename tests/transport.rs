@@ -375,6 +375,7 @@ async fn malformed_frame_ends_only_its_stream() {
         let mut bad = a1.open(b1).await.unwrap();
         bad.writer
             .get_mut()
+            .expect("open stream")
             .send_bytes(Bytes::copy_from_slice(garbage))
             .await
             .unwrap();

@@ -84,6 +84,8 @@ async fn copy_prefix(svc: &Arc<Pipelines>, req: &CopyBlock) -> Result<(), (Statu
         .map_err(|e| (Status::from(&e), e.to_string()))?;
     let mut params = WriteParams::new(info.genstamp);
     params.class = req.class;
+    // A copy keeps the source's genstamp; a failed target fails it.
+    params.recover = false;
     params.checksum = reader.spec();
     let mut w = Writer::create(svc, req.block, &targets, params)
         .await

@@ -65,8 +65,13 @@ pub struct PipelineConfig {
     /// Smallest window of bytes in flight; the writer uses at least twice the
     /// bandwidth-delay product of the slowest DCI hop.
     pub min_window_bytes: usize,
-    /// A packet not acked within this time fails the pipeline.
+    /// How long the last node's upstream waits for its ack; each node further up the
+    /// pipeline (and the writer, first of all) waits [`ack_step`](Self::ack_step) more
+    /// per node below it, so that the node next to a silent hop gives up first and names
+    /// the node behind it.
     pub ack_timeout: Duration,
+    /// Extra ack wait per downstream node (see [`ack_timeout`](Self::ack_timeout)).
+    pub ack_step: Duration,
     /// Limit for setting up (or rebuilding) a pipeline.
     pub setup_timeout: Duration,
     /// How long a recovery waits for the old relay of the same block to finish.
@@ -79,6 +84,7 @@ impl Default for PipelineConfig {
             packet_bytes: 1 << 20,
             min_window_bytes: 16 << 20,
             ack_timeout: Duration::from_secs(30),
+            ack_step: Duration::from_secs(5),
             setup_timeout: Duration::from_secs(10),
             relay_handover_timeout: Duration::from_secs(10),
         }
@@ -102,6 +108,11 @@ pub struct WriteParams {
     /// IDC before the ack; the rest is queued in the node's replication log (subject to
     /// its RPO policy, which may turn the write into a sync one).
     pub mode: WriteMode,
+    /// On a node failure, drop the node and go on with the others at the next generation
+    /// stamp (the default). `false` for copies of a replica that is already final: those
+    /// keep their generation stamp, so a failed node fails the write
+    /// ([`WriteError::NodeFailed`]) and the copy is retried as a whole.
+    pub recover: bool,
 }
 
 impl WriteParams {
@@ -113,6 +124,7 @@ impl WriteParams {
             class: TrafficClass::Sync,
             spares: Vec::new(),
             mode: WriteMode::Sync,
+            recover: true,
         }
     }
 }
@@ -161,6 +173,16 @@ pub enum WriteError {
         /// The node that holds it.
         node: String,
         /// What the node said.
+        reason: String,
+    },
+    /// A node of a write that does not recover ([`WriteParams::recover`] false) failed.
+    #[error("{block}: {node} failed: {reason}")]
+    NodeFailed {
+        /// The block.
+        block: BlockId,
+        /// The node.
+        node: String,
+        /// What happened.
         reason: String,
     },
     /// The writer failed earlier and cannot be used.
@@ -289,7 +311,7 @@ fn open_hop(
         if peer != svc.ctx.me {
             return svc.ctx.transport.open(peer).await;
         }
-        let (ours, theirs) = crate::transport::local_pair(svc.ctx.me, 1 << 20);
+        let (ours, theirs) = svc.ctx.transport.local_pair(1 << 20);
         // Served like a stream a peer opens, without the network. Boxed: the service
         // reaches this function again (a relay opens hops), and the box breaks that
         // cycle for the compiler.

@@ -1,51 +1,219 @@
 //! The relay side of a pipeline: one per block being written through this node. It opens
 //! the local replica, sets up the downstream hop, verifies, forwards and writes each
 //! packet, and acks upstream once its own write and the downstream ack are in.
+//!
+//! Recovery meets a relay in three ways:
+//! - A new pipeline for a block arrives while an old relay of the block still runs (its
+//!   upstream died, or went silent without closing): the new one — at a higher
+//!   generation stamp, or starting the block afresh at the same one — cancels the old
+//!   relay and waits for it to wind down (its queued disk writes land first) before
+//!   touching the replica. An older pipeline is refused.
+//! - Each node waits for its downstream ack `ack_timeout` plus `ack_step` per node below
+//!   it, so the node next to a silent hop notices first and names the node behind it.
+//! - A recovery may find the replica already finalized (this node finalized on the last
+//!   packet before the failure downstream was known): the resent packets are then
+//!   checked against the stored checksums instead of rewritten, and the last one moves
+//!   the finalized replica to the new generation stamp.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
 use super::{Pipelines, SETUP_SEQ, setup_exchange, window_for};
-use crate::block::BlockId;
+use crate::block::{BlockId, ChecksumSpec, GenStamp};
 use crate::context::NodeContext;
 use crate::replication::ReplicationQueue;
-use crate::store::{Durability, ReplicaState, ReplicaWriter, StoreError};
-use crate::transport::{FrameWriter, Sink, Stream};
-use crate::wire::{Ack, ErrorFrame, Frame, Status, WriteBlock};
+use crate::store::{BlockStore, Durability, ReplicaState, ReplicaWriter, StoreError};
+use crate::transport::{FrameReader, FrameWriter, Sink, Source, Stream};
+use crate::wire::{Ack, ErrorFrame, Frame, Packet, Status, WriteBlock};
 
-/// Relays of the blocks being written through this node, so that a recovery pipeline
-/// waits for the old relay of the same block to finish before touching the replica.
-pub(super) type RelayRegistry = std::sync::Mutex<HashMap<BlockId, watch::Receiver<bool>>>;
+/// One relay registered for a block.
+pub(super) struct Registered {
+    genstamp: GenStamp,
+    cancel: watch::Sender<bool>,
+    done: watch::Receiver<bool>,
+}
 
-/// Registers this relay for `block`, waiting for an earlier relay of the same block (an
-/// old pipeline being torn down) to finish. Returns the sender to signal completion.
-async fn register_relay(svc: &Pipelines, block: BlockId) -> Result<watch::Sender<bool>, String> {
-    let (tx, rx) = watch::channel(false);
+/// The relays of the blocks being written through this node.
+pub(super) type RelayRegistry = std::sync::Mutex<HashMap<BlockId, Registered>>;
+
+/// A relay's own handles: it signals `done` when it has ended; `cancel` tells it to stop.
+struct Registration {
+    done: watch::Sender<bool>,
+    cancel: watch::Receiver<bool>,
+}
+
+/// Registers a relay for a `WriteBlock`. A relay of the same block still running is
+/// taken over — cancelled and waited for — when this one is newer: a higher generation
+/// stamp (a recovery), or a fresh start (offset 0) at the same stamp (an abandoned
+/// attempt started again). Otherwise this one is refused.
+async fn register(svc: &Pipelines, req: &WriteBlock) -> Result<Registration, (Status, String)> {
+    let (block, genstamp) = (req.block, req.genstamp);
+    let (done_tx, done_rx) = watch::channel(false);
+    let (cancel_tx, cancel_rx) = watch::channel(false);
     let previous = {
         let mut relays = svc.relays.lock().unwrap_or_else(|e| e.into_inner());
-        relays.insert(block, rx)
+        if let Some(r) = relays.get(&block)
+            && !*r.done.borrow()
+            && (r.genstamp > genstamp || (r.genstamp == genstamp && req.offset > 0))
+        {
+            return Err((
+                Status::Stale,
+                format!("a pipeline at {} is writing this block", r.genstamp),
+            ));
+        }
+        relays.insert(
+            block,
+            Registered {
+                genstamp,
+                cancel: cancel_tx,
+                done: done_rx,
+            },
+        )
     };
     if let Some(mut old) = previous {
-        let wait = old.wait_for(|done| *done);
+        let _ = old.cancel.send(true);
+        let wait = old.done.wait_for(|done| *done);
         if tokio::time::timeout(svc.config.relay_handover_timeout, wait)
             .await
             .is_err()
         {
-            return Err("previous relay of this block did not finish".into());
+            return Err((
+                Status::Rejected,
+                "previous relay of this block did not wind down".into(),
+            ));
         }
     }
-    Ok(tx)
+    Ok(Registration {
+        done: done_tx,
+        cancel: cancel_rx,
+    })
+}
+
+/// Runs `f` unless the relay is cancelled first.
+async fn unless_cancelled<T>(
+    cancel: &mut watch::Receiver<bool>,
+    f: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = cancel.wait_for(|c| *c) => None,
+        v = f => Some(v),
+    }
+}
+
+/// A replica this node finalized before a recovery reached it: the resent packets are
+/// checked against it, and the last one moves it to the recovery's generation stamp.
+struct Complete {
+    store: BlockStore,
+    block: BlockId,
+    genstamp: GenStamp,
+    target: GenStamp,
+    len: u64,
+    spec: ChecksumSpec,
+    crcs: Vec<u32>,
+}
+
+impl Complete {
+    fn check(&self, p: &Packet) -> Result<(), (Status, String)> {
+        let bpc = u64::from(self.spec.bytes_per_chunk());
+        let n = p.payload.len() as u64;
+        let end = p.offset + n;
+        let refuse = |why: String| Err((Status::Rejected, why));
+        if !p.offset.is_multiple_of(bpc) || end > self.len || (p.flags.last && end != self.len) {
+            return refuse(format!(
+                "packet {}+{n} does not fit the finalized replica of {} bytes",
+                p.offset, self.len
+            ));
+        }
+        let first = (p.offset / bpc) as usize;
+        let stored = self.crcs.get(first..first + p.crcs.len());
+        if p.crcs.len() as u64 != self.spec.chunks_for(n) || stored != Some(&p.crcs[..]) {
+            return refuse(format!(
+                "packet at {} differs from the finalized replica",
+                p.offset
+            ));
+        }
+        self.spec
+            .verify(p.offset / bpc, &p.payload, &p.crcs)
+            .map_err(|m| {
+                (
+                    Status::ChecksumError,
+                    format!("chunk {} fails its checksum", m.chunk),
+                )
+            })
+    }
+
+    async fn finish(&self) -> Result<(), StoreError> {
+        if self.genstamp < self.target {
+            self.store
+                .bump_genstamp(self.block, self.genstamp, self.target)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The local side of a relay.
+enum Local {
+    /// A replica being written.
+    Write(Arc<ReplicaWriter>),
+    /// A finalized replica a recovery checks its packets against.
+    Complete(Complete),
+}
+
+type WriteTask = tokio::task::JoinHandle<Result<(), StoreError>>;
+
+impl Local {
+    fn genstamp(&self) -> GenStamp {
+        match self {
+            Local::Write(w) => w.genstamp(),
+            Local::Complete(c) => c.target,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Local::Write(w) => w.len(),
+            Local::Complete(c) => c.len,
+        }
+    }
+
+    /// Takes one packet: verified (and, for a replica being written, its write started).
+    fn accept(&self, p: &Packet, durability: Durability) -> Result<Option<WriteTask>, Status> {
+        match self {
+            Local::Write(w) => {
+                match w.try_write_owned(p.offset, p.payload.clone(), p.crcs.clone(), durability) {
+                    Ok(fut) => Ok(Some(tokio::spawn(fut))),
+                    Err(e) => {
+                        tracing::warn!(block = %w.block(), seq = p.seq, error = %e, "packet refused");
+                        Err(Status::from(&e))
+                    }
+                }
+            }
+            Local::Complete(c) => c.check(p).map(|()| None).map_err(|(status, why)| {
+                tracing::warn!(block = %c.block, seq = p.seq, reason = why, "resent packet refused");
+                status
+            }),
+        }
+    }
+
+    /// After the last packet: the replica is final at the pipeline's stamp.
+    async fn finish(&self) -> Result<(), StoreError> {
+        match self {
+            Local::Write(w) => w.finalize().await.map(|_| ()),
+            Local::Complete(c) => c.finish().await,
+        }
+    }
 }
 
 /// Opens (or, for a resume, recovers) the local replica for a `WriteBlock`.
-async fn open_replica(
-    shared: &NodeContext,
-    req: &WriteBlock,
-) -> Result<Arc<ReplicaWriter>, (Status, String)> {
+async fn open_replica(shared: &NodeContext, req: &WriteBlock) -> Result<Local, (Status, String)> {
     let store = &shared.store;
     let existing = store.get(req.block);
+    let fail = |e: StoreError| (Status::from(&e), e.to_string());
     if req.offset == 0 {
         if let Some(r) = existing {
             if r.state == ReplicaState::Finalized && r.genstamp >= req.genstamp {
@@ -60,32 +228,47 @@ async fn open_replica(
                     format!("{} has newer {}", req.block, r.genstamp),
                 ));
             }
-            store
-                .delete(req.block, r.genstamp)
-                .await
-                .map_err(|e| (Status::from(&e), e.to_string()))?;
+            store.delete(req.block, r.genstamp).await.map_err(fail)?;
         }
         let w = store
             .create(req.block, req.genstamp, req.checksum)
             .await
-            .map_err(|e| (Status::from(&e), e.to_string()))?;
-        return Ok(Arc::new(w));
+            .map_err(fail)?;
+        return Ok(Local::Write(Arc::new(w)));
     }
-    // Resume after recovery: the rbw replica, cut to the resume offset, with the new stamp.
+    // Resume after recovery: the replica, cut to the resume offset, with the new stamp.
     let r = existing.ok_or((
         Status::NotFound,
         format!("{}: no replica to resume", req.block),
     ))?;
-    if r.state != ReplicaState::Rbw || r.genstamp > req.genstamp {
-        return Err((
-            Status::Rejected,
-            format!("{}: replica is {:?} at {}", req.block, r.state, r.genstamp),
-        ));
+    match r.state {
+        ReplicaState::Rbw if r.genstamp <= req.genstamp => {}
+        ReplicaState::Finalized if r.genstamp <= req.genstamp && r.len >= req.offset => {
+            let reader = store.reader(req.block, r.genstamp).await.map_err(fail)?;
+            return Ok(Local::Complete(Complete {
+                store: store.clone(),
+                block: req.block,
+                genstamp: r.genstamp,
+                target: req.genstamp,
+                len: r.len,
+                spec: reader.spec(),
+                crcs: reader.checksums(0, r.len).to_vec(),
+            }));
+        }
+        state => {
+            return Err((
+                Status::Rejected,
+                format!(
+                    "{}: replica is {state:?} at {} with {} bytes, resume at {}",
+                    req.block, r.genstamp, r.len, req.offset
+                ),
+            ));
+        }
     }
     let w = store
         .reopen_rbw(req.block, r.genstamp)
         .await
-        .map_err(|e| (Status::from(&e), e.to_string()))?;
+        .map_err(fail)?;
     if w.len() < req.offset {
         return Err((
             Status::Rejected,
@@ -97,15 +280,11 @@ async fn open_replica(
             ),
         ));
     }
-    w.truncate_to(req.offset)
-        .await
-        .map_err(|e| (Status::from(&e), e.to_string()))?;
+    w.truncate_to(req.offset).await.map_err(fail)?;
     if r.genstamp < req.genstamp {
-        w.bump_genstamp(req.genstamp)
-            .await
-            .map_err(|e| (Status::from(&e), e.to_string()))?;
+        w.bump_genstamp(req.genstamp).await.map_err(fail)?;
     }
-    Ok(Arc::new(w))
+    Ok(Local::Write(Arc::new(w)))
 }
 
 /// What an async pipeline's head queues for the remote IDC.
@@ -120,25 +299,24 @@ struct RemoteCopy {
 struct Pending {
     seq: u64,
     last: bool,
-    write: Result<tokio::task::JoinHandle<Result<(), StoreError>>, Status>,
+    write: Result<Option<WriteTask>, Status>,
 }
 
 /// The relay side of a pipeline, for one `WriteBlock` received from upstream.
-pub(super) async fn serve(svc: Arc<Pipelines>, up: Stream, req: WriteBlock) {
+pub(super) async fn serve(svc: Arc<Pipelines>, mut up: Stream, req: WriteBlock) {
     let block = req.block;
-    let done = match register_relay(&svc, block).await {
-        Ok(tx) => tx,
-        Err(why) => {
-            let mut up = up;
-            let _ = up.writer.send(&setup_ack(vec![Status::Rejected])).await;
+    let mut reg = match register(&svc, &req).await {
+        Ok(r) => r,
+        Err((status, why)) => {
+            let _ = up.writer.send(&setup_ack(vec![status])).await;
             tracing::warn!(%block, reason = why, "relay refused");
             return;
         }
     };
-    relay(&svc, up, req).await;
-    let _ = done.send(true);
+    relay(&svc, up, req, &mut reg.cancel).await;
+    let _ = reg.done.send(true);
     let mut relays = svc.relays.lock().unwrap_or_else(|e| e.into_inner());
-    if relays.get(&block).is_some_and(|rx| *rx.borrow()) {
+    if relays.get(&block).is_some_and(|r| *r.done.borrow()) {
         relays.remove(&block);
     }
 }
@@ -150,7 +328,12 @@ fn setup_ack(statuses: Vec<Status>) -> Frame {
     })
 }
 
-async fn relay(svc: &Arc<Pipelines>, mut up: Stream, req: WriteBlock) {
+async fn relay(
+    svc: &Arc<Pipelines>,
+    mut up: Stream,
+    req: WriteBlock,
+    cancel: &mut watch::Receiver<bool>,
+) {
     let shared = &svc.ctx;
     let topo = &shared.topology;
     let block = req.block;
@@ -196,8 +379,8 @@ async fn relay(svc: &Arc<Pipelines>, mut up: Stream, req: WriteBlock) {
             }
         }
     };
-    let writer = match open_replica(shared, &req).await {
-        Ok(w) => w,
+    let local = match open_replica(shared, &req).await {
+        Ok(l) => Arc::new(l),
         Err((status, why)) => {
             tracing::warn!(%block, reason = why, "cannot open replica for pipeline");
             let _ = up.writer.send(&setup_ack(vec![status])).await;
@@ -241,8 +424,8 @@ async fn relay(svc: &Arc<Pipelines>, mut up: Stream, req: WriteBlock) {
         // A new replica nobody will write to is removed again, before upstream hears of
         // the refusal (so the writer sees no leftovers); a resumed one stays for the
         // writer's next recovery attempt.
-        let gs = writer.genstamp();
-        drop(writer);
+        let gs = local.genstamp();
+        drop(local);
         if let Err(e) = shared.store.delete(block, gs).await {
             tracing::warn!(%block, error = %e, "cannot remove the replica of a refused pipeline");
         }
@@ -270,21 +453,22 @@ async fn relay(svc: &Arc<Pipelines>, mut up: Stream, req: WriteBlock) {
     let (tx, rx) = mpsc::channel::<Pending>(depth);
     let acker = tokio::spawn(ack_loop(
         svc.clone(),
-        writer.clone(),
+        local.clone(),
         rx,
         up_w,
         down_r,
         targets.len(),
         queue,
+        cancel.clone(),
     ));
 
     // Receive, verify, forward, write.
     let mut down_w = down_w;
     loop {
-        let p = match up_r.recv().await {
-            Ok(Some(Frame::Packet(p))) => p,
-            Ok(None) => break,
-            Ok(Some(_)) | Err(_) => break,
+        let p = match unless_cancelled(cancel, up_r.recv()).await {
+            Some(Ok(Some(Frame::Packet(p)))) => p,
+            // Upstream ended, broke, sent something else, or a newer pipeline took over.
+            _ => break,
         };
         shared
             .metrics
@@ -318,55 +502,77 @@ async fn relay(svc: &Arc<Pipelines>, mut up: Stream, req: WriteBlock) {
             }
         };
         // Checksums are verified here, before anything is forwarded or written.
-        let write =
-            match writer.try_write_owned(p.offset, p.payload.clone(), p.crcs.clone(), durability) {
-                Ok(fut) => Ok(tokio::spawn(fut)),
-                Err(e) => {
-                    tracing::warn!(%block, seq, error = %e, "packet refused");
-                    Err(Status::from(&e))
-                }
-            };
+        let write = local.accept(&p, durability);
         let bad = write.is_err();
         if !bad && let (Some(w), Some(&next)) = (down_w.as_mut(), targets.first()) {
             let len = p.payload.len() as u64;
             // Across the DCI: compressed when that pays, admitted by the governor.
-            let p = shared
-                .dci
-                .govern_packet(next, req.class, req.compression, p, &shared.metrics)
-                .await;
-            if w.send(&Frame::Packet(p)).await.is_err() {
-                down_w = None; // the ack loop sees the broken stream and reports it
-            } else if let Some(t) = down_tier {
-                shared.metrics.pipeline_sent_bytes.add(t, len);
-                shared.metrics.peers.sent(next, len);
+            let forwarded = unless_cancelled(cancel, async {
+                let p = shared
+                    .dci
+                    .govern_packet(next, req.class, req.compression, p, &shared.metrics)
+                    .await;
+                w.send(&Frame::Packet(p)).await
+            })
+            .await;
+            match forwarded {
+                Some(Ok(())) => {
+                    if let Some(t) = down_tier {
+                        shared.metrics.pipeline_sent_bytes.add(t, len);
+                        shared.metrics.peers.sent(next, len);
+                    }
+                }
+                // The ack loop sees the broken stream and reports it.
+                Some(Err(_)) => down_w = None,
+                None => {
+                    land(write).await;
+                    break;
+                }
             }
         }
-        if tx.send(Pending { seq, last, write }).await.is_err() || bad || last {
+        // Hand the packet to the ack loop; a write that cannot be handed over lands here,
+        // so that no write of this relay outlives it.
+        match unless_cancelled(cancel, tx.reserve()).await {
+            Some(Ok(slot)) => slot.send(Pending { seq, last, write }),
+            _ => {
+                land(write).await;
+                break;
+            }
+        }
+        if bad || last {
             break;
         }
     }
     drop(tx);
     if let Some(mut w) = down_w {
-        let _ = w.finish().await;
+        let _ = unless_cancelled(cancel, w.finish()).await;
     }
     let _ = acker.await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn ack_loop(
     svc: Arc<Pipelines>,
-    writer: Arc<ReplicaWriter>,
+    local: Arc<Local>,
     mut rx: mpsc::Receiver<Pending>,
     mut up_w: FrameWriter<Sink>,
-    mut down_r: Option<crate::transport::FrameReader<crate::transport::Source>>,
+    mut down_r: Option<FrameReader<Source>>,
     downstream: usize,
     queue: Option<RemoteCopy>,
+    mut cancel: watch::Receiver<bool>,
 ) {
     let shared = &svc.ctx;
-    let block = writer.block();
+    let block = req_block(&local);
+    // The node next to a silent hop gives up first: each node further up waits one more
+    // step.
+    let ack_wait = svc.config.ack_timeout + svc.config.ack_step * downstream as u32;
     let mut down_broken = false;
-    while let Some(p) = rx.recv().await {
-        let mut local = match p.write {
-            Ok(h) => match h.await {
+    loop {
+        let Some(Some(p)) = unless_cancelled(&mut cancel, rx.recv()).await else {
+            break;
+        };
+        let mut local_status = match p.write {
+            Ok(Some(h)) => match h.await {
                 Ok(Ok(())) => Status::Success,
                 Ok(Err(e)) => {
                     tracing::warn!(%block, error = %e, "local write failed");
@@ -374,25 +580,30 @@ async fn ack_loop(
                 }
                 Err(_) => Status::DiskError,
             },
+            Ok(None) => Status::Success,
             Err(s) => s,
         };
         if p.last
-            && local == Status::Success
-            && let Err(e) = writer.finalize().await
+            && local_status == Status::Success
+            && let Err(e) = local.finish().await
         {
             tracing::warn!(%block, error = %e, "finalize failed");
-            local = Status::from(&e);
+            local_status = Status::from(&e);
         }
-        let mut statuses = vec![local];
+        let mut statuses = vec![local_status];
         if downstream > 0 {
             let down = if down_broken {
                 None
             } else {
                 match down_r.as_mut() {
-                    Some(r) => match tokio::time::timeout(svc.config.ack_timeout, r.recv()).await {
-                        Ok(Ok(Some(Frame::Ack(a)))) if a.seq == p.seq => Some(a.statuses),
-                        _ => None,
-                    },
+                    Some(r) => {
+                        let ack = tokio::time::timeout(ack_wait, r.recv());
+                        match unless_cancelled(&mut cancel, ack).await {
+                            Some(Ok(Ok(Some(Frame::Ack(a))))) if a.seq == p.seq => Some(a.statuses),
+                            None => break,
+                            _ => None,
+                        }
+                    }
                     None => None,
                 }
             };
@@ -420,8 +631,8 @@ async fn ack_loop(
             let task = crate::replication::Task {
                 seq: 0,
                 block,
-                genstamp: writer.genstamp(),
-                len: writer.len(),
+                genstamp: local.genstamp(),
+                len: local.len(),
                 sources: q.sources.clone(),
                 target_idc,
                 targets: q.remote.clone(),
@@ -433,23 +644,36 @@ async fn ack_loop(
             }
         }
         let failed = statuses.iter().any(|s| *s != Status::Success);
-        if up_w
-            .send(&Frame::Ack(Ack {
-                seq: p.seq,
-                statuses,
-            }))
-            .await
-            .is_err()
-            || failed
+        let ack = Frame::Ack(Ack {
+            seq: p.seq,
+            statuses,
+        });
+        if !matches!(
+            unless_cancelled(&mut cancel, up_w.send(&ack)).await,
+            Some(Ok(()))
+        ) || failed
         {
             break;
         }
     }
     // Let any writes still queued land before the replica is handed over.
+    rx.close();
     while let Some(p) = rx.recv().await {
-        if let Ok(h) = p.write {
-            let _ = h.await;
-        }
+        land(p.write).await;
     }
-    let _ = up_w.finish().await;
+    let _ = unless_cancelled(&mut cancel, up_w.finish()).await;
+}
+
+/// Waits for a local write that no ack loop will see.
+async fn land(write: Result<Option<WriteTask>, Status>) {
+    if let Ok(Some(h)) = write {
+        let _ = h.await;
+    }
+}
+
+fn req_block(local: &Local) -> BlockId {
+    match local {
+        Local::Write(w) => w.block(),
+        Local::Complete(c) => c.block,
+    }
 }

@@ -139,7 +139,8 @@ impl Writer {
             targets.iter().map(|&t| (t, topo.location(t).idc)).collect(),
             params.genstamp,
             window_bytes,
-            svc.config.ack_timeout,
+            // The writer waits longest: every node below it gives up before it does.
+            svc.config.ack_timeout + svc.config.ack_step * targets.len() as u32,
         );
         let mut w = Writer {
             block,
@@ -360,9 +361,18 @@ impl Writer {
         }
     }
 
-    /// Drops `targets[index]`; errors when an IDC of the write has no replica left.
+    /// Drops `targets[index]`; errors when an IDC of the write has no replica left, or
+    /// when this write does not recover at all.
     fn drop_target(&mut self, index: usize, why: &str) -> Result<NodeId, WriteError> {
         let node = self.win.targets().nth(index).unwrap_or(self.win.first());
+        if !self.params.recover {
+            self.broken = true;
+            return Err(WriteError::NodeFailed {
+                block: self.block,
+                node: self.name(node),
+                reason: why.to_string(),
+            });
+        }
         tracing::warn!(block = %self.block, node = %self.name(node), reason = why, "dropping node from pipeline");
         self.win.drop_target(index).map_err(|IdcLost { idc }| {
             self.broken = true;

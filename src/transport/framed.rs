@@ -13,6 +13,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::filter::{Attached, FrameAction, park};
 use crate::wire::{self, Frame, WireError};
 
 /// Why a framed stream failed.
@@ -118,54 +119,117 @@ impl ByteSink for quinn::SendStream {
 /// Writes frames to a [`ByteSink`].
 #[derive(Debug)]
 pub struct FrameWriter<S> {
-    inner: S,
+    /// `None` once a test filter stalled (parked) or killed the stream.
+    inner: Option<S>,
     head: BytesMut,
+    filter: Option<Attached>,
+    stalled: bool,
 }
 
-impl<S: ByteSink> FrameWriter<S> {
+fn killed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "stream killed by a test filter")
+}
+
+impl<S: ByteSink + 'static> FrameWriter<S> {
     /// Wraps a sink.
     pub fn new(inner: S) -> Self {
         FrameWriter {
-            inner,
+            inner: Some(inner),
             head: BytesMut::with_capacity(4096),
+            filter: None,
+            stalled: false,
         }
+    }
+
+    /// Puts a test filter on this stream's frames.
+    pub(crate) fn with_filter(mut self, filter: Option<Attached>) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    fn sink(&mut self) -> io::Result<&mut S> {
+        self.inner.as_mut().ok_or_else(killed)
     }
 
     /// Sends one frame and flushes it.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), FramedError> {
         self.feed(frame).await?;
-        self.inner.flush_bytes().await?;
-        Ok(())
+        self.flush().await
     }
 
     /// Sends one frame without flushing (for a batch; call [`flush`](Self::flush) after).
     pub async fn feed(&mut self, frame: &Frame) -> Result<(), FramedError> {
+        if self.stalled {
+            return Ok(());
+        }
+        let mut altered = None;
+        if let Some(a) = &self.filter {
+            match a.filter.on_frame(a.hop, frame) {
+                FrameAction::Pass => {}
+                FrameAction::Delay(d) => tokio::time::sleep(d).await,
+                FrameAction::Drop => return Ok(()),
+                FrameAction::Corrupt => altered = corrupt(frame),
+                FrameAction::Stall => {
+                    self.stalled = true;
+                    if let Some(sink) = self.inner.take() {
+                        park(Box::new(sink));
+                    }
+                    return Ok(());
+                }
+                FrameAction::Kill => {
+                    self.inner = None;
+                    return Err(killed().into());
+                }
+            }
+        }
+        let frame = altered.as_ref().unwrap_or(frame);
         if self.head.capacity() < 4096 {
             self.head.reserve(4096);
         }
         let payload = frame.encode_head(&mut self.head);
         let head = self.head.split().freeze();
-        self.inner.send_bytes(head).await?;
+        let sink = self.sink()?;
+        sink.send_bytes(head).await?;
         if let Some(p) = payload.filter(|p| !p.is_empty()) {
-            self.inner.send_bytes(p).await?;
+            sink.send_bytes(p).await?;
         }
         Ok(())
     }
 
     /// Flushes frames fed so far.
     pub async fn flush(&mut self) -> Result<(), FramedError> {
-        Ok(self.inner.flush_bytes().await?)
+        if self.stalled {
+            return Ok(());
+        }
+        Ok(self.sink()?.flush_bytes().await?)
     }
 
     /// Ends the stream after the frames sent so far.
     pub async fn finish(&mut self) -> Result<(), FramedError> {
-        Ok(self.inner.finish().await?)
+        if self.stalled {
+            return Ok(());
+        }
+        Ok(self.sink()?.finish().await?)
     }
 
-    /// The underlying sink.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
+    /// The underlying sink; `None` once a test filter stalled or killed the stream.
+    pub fn get_mut(&mut self) -> Option<&mut S> {
+        self.inner.as_mut()
     }
+}
+
+/// A packet with one payload byte flipped; `None` for other frames.
+fn corrupt(frame: &Frame) -> Option<Frame> {
+    let Frame::Packet(p) = frame else { return None };
+    if p.payload.is_empty() {
+        return None;
+    }
+    let mut p = p.clone();
+    let mut data = p.payload.to_vec();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x5a;
+    p.payload = Bytes::from(data);
+    Some(Frame::Packet(p))
 }
 
 #[cfg(test)]

@@ -12,6 +12,12 @@
 //! product of the links in the topology, UDP and TCP socket buffers raised with socket2.
 //! This module moves frames; it does not interpret them (see `wire`, and the pipeline).
 
+// Test seam: public with the `fault-injection` feature, inert (never set) without.
+#[cfg(feature = "fault-injection")]
+pub mod filter;
+#[cfg(not(feature = "fault-injection"))]
+#[allow(dead_code, unreachable_pub)]
+mod filter;
 pub mod framed;
 pub mod tls;
 
@@ -259,6 +265,8 @@ struct Inner {
     pool: std::sync::Mutex<HashMap<NodeId, Arc<AsyncMutex<Option<quinn::Connection>>>>>,
     counters: LinkCounters,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Test seam: the filter put on the frames of streams opened from now on.
+    filter: std::sync::RwLock<Option<Arc<dyn filter::FrameFilter>>>,
 }
 
 /// A node's transport. Cheap to clone.
@@ -380,6 +388,7 @@ impl Transport {
             pool: std::sync::Mutex::new(HashMap::new()),
             counters: LinkCounters::default(),
             tasks: std::sync::Mutex::new(Vec::new()),
+            filter: std::sync::RwLock::new(None),
         });
         let t = Transport { inner };
         let quic_task = tokio::spawn(accept_quic(t.clone(), tx.clone()));
@@ -401,6 +410,42 @@ impl Transport {
     /// This node.
     pub fn me(&self) -> NodeId {
         self.inner.me
+    }
+
+    /// Tests only: puts `filter` on every frame sent by streams this transport opens or
+    /// accepts from now on (`None` removes it for new streams).
+    #[cfg(feature = "fault-injection")]
+    pub fn set_frame_filter(&self, filter: Option<Arc<dyn filter::FrameFilter>>) {
+        *self.inner.filter.write().unwrap_or_else(|e| e.into_inner()) = filter;
+    }
+
+    /// The filter for a stream to `peer`, if a test set one.
+    fn attach(&self, peer: NodeId) -> Option<filter::Attached> {
+        let f = self.inner.filter.read().unwrap_or_else(|e| e.into_inner());
+        f.as_ref().map(|filter| filter::Attached {
+            filter: filter.clone(),
+            hop: filter::Hop {
+                from: self.inner.me,
+                to: peer,
+            },
+        })
+    }
+
+    /// Two connected in-process streams (no network, no TLS) between this node and
+    /// itself, each direction with `buffer` bytes.
+    pub(crate) fn local_pair(&self, buffer: usize) -> (Stream, Stream) {
+        let me = self.inner.me;
+        let (a, b) = tokio::io::duplex(buffer);
+        let half = |s: tokio::io::DuplexStream| {
+            let (r, w) = tokio::io::split(s);
+            Stream {
+                peer: me,
+                kind: LinkKind::Local,
+                reader: FrameReader::new(Source::Local(r)),
+                writer: FrameWriter::new(Sink::Local(IoSink(w))).with_filter(self.attach(me)),
+            }
+        };
+        (half(a), half(b))
     }
 
     /// The topology the transport serves.
@@ -529,7 +574,7 @@ impl Transport {
                         peer,
                         kind: LinkKind::Quic,
                         reader: FrameReader::new(Source::Quic(recv)),
-                        writer: FrameWriter::new(Sink::Quic(send)),
+                        writer: FrameWriter::new(Sink::Quic(send)).with_filter(self.attach(peer)),
                     });
                 }
                 Ok(Err(e)) if attempt == 0 => {
@@ -565,7 +610,7 @@ impl Transport {
             let tcp = TcpStream::connect(node.addr)
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
-            tune_tcp(&tcp, self.inner.config.socket_buffer);
+            tune_tcp(&tcp, &self.inner.config);
             connector
                 .connect(server_name, tcp)
                 .await
@@ -585,7 +630,7 @@ impl Transport {
             peer,
             kind: LinkKind::TcpTls,
             reader: FrameReader::new(Source::Tcp(r)),
-            writer: FrameWriter::new(Sink::Tcp(IoSink(w))),
+            writer: FrameWriter::new(Sink::Tcp(IoSink(w))).with_filter(self.attach(peer)),
         })
     }
 
@@ -641,26 +686,19 @@ impl Transport {
     }
 }
 
-/// Two connected in-process streams (no network, no TLS) between a node and itself.
-pub(crate) fn local_pair(me: NodeId, buffer: usize) -> (Stream, Stream) {
-    let (a, b) = tokio::io::duplex(buffer);
-    let half = |s: tokio::io::DuplexStream| {
-        let (r, w) = tokio::io::split(s);
-        Stream {
-            peer: me,
-            kind: LinkKind::Local,
-            reader: FrameReader::new(Source::Local(r)),
-            writer: FrameWriter::new(Sink::Local(IoSink(w))),
-        }
-    };
-    (half(a), half(b))
-}
-
-fn tune_tcp(tcp: &TcpStream, buffer: usize) {
+fn tune_tcp(tcp: &TcpStream, config: &TransportConfig) {
     let _ = tcp.set_nodelay(true);
     let s = socket2::SockRef::from(tcp);
-    let _ = s.set_recv_buffer_size(buffer);
-    let _ = s.set_send_buffer_size(buffer);
+    let _ = s.set_recv_buffer_size(config.socket_buffer);
+    let _ = s.set_send_buffer_size(config.socket_buffer);
+    // A peer that loses power sends no FIN: keepalives end the connection within about
+    // the idle timeout, as QUIC's own idle timeout does on its links.
+    let idle = config.idle_timeout;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time((idle / 3).max(Duration::from_secs(1)))
+        .with_interval((idle / 9).max(Duration::from_secs(1)))
+        .with_retries(3);
+    let _ = s.set_tcp_keepalive(&keepalive);
 }
 
 fn log_offload(socket: &std::net::UdpSocket, addr: SocketAddr) {
@@ -700,7 +738,7 @@ async fn accept_quic(t: Transport, tx: mpsc::Sender<Stream>) {
                     peer,
                     kind: LinkKind::Quic,
                     reader: FrameReader::new(Source::Quic(recv)),
-                    writer: FrameWriter::new(Sink::Quic(send)),
+                    writer: FrameWriter::new(Sink::Quic(send)).with_filter(t.attach(peer)),
                 };
                 if tx.send(s).await.is_err() {
                     return;
@@ -725,7 +763,7 @@ async fn accept_tcp(
                 continue;
             }
         };
-        tune_tcp(&tcp, t.inner.config.socket_buffer);
+        tune_tcp(&tcp, &t.inner.config);
         let (t, tx, acceptor) = (t.clone(), tx.clone(), acceptor.clone());
         tokio::spawn(async move {
             let after = t.inner.config.connect_timeout;
@@ -753,7 +791,7 @@ async fn accept_tcp(
                     peer,
                     kind: LinkKind::TcpTls,
                     reader: FrameReader::new(Source::Tcp(r)),
-                    writer: FrameWriter::new(Sink::Tcp(IoSink(w))),
+                    writer: FrameWriter::new(Sink::Tcp(IoSink(w))).with_filter(t.attach(peer)),
                 })
                 .await;
         });

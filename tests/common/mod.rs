@@ -105,6 +105,7 @@ impl Cluster {
         };
         cfg.pipeline = PipelineConfig {
             ack_timeout: Duration::from_secs(5),
+            ack_step: Duration::from_secs(1),
             setup_timeout: Duration::from_secs(3),
             ..PipelineConfig::default()
         };

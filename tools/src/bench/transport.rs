@@ -179,7 +179,7 @@ async fn raw(t: &Transport, peer: NodeId, p: &TransportBenchParams) -> Result<Ph
     let payload = Bytes::from(vec![0x5au8; p.packet]);
     let n = p.bytes.div_ceil(p.packet as u64);
     let (phase, res) = Phase::measure(n * p.packet as u64, async {
-        let Sink::Quic(send) = s.writer.get_mut() else {
+        let Some(Sink::Quic(send)) = s.writer.get_mut() else {
             return Err("not QUIC".to_string());
         };
         for _ in 0..n {
