@@ -309,16 +309,8 @@ pub struct DciGovernors {
 
 impl DciGovernors {
     /// Governors for every DCI link of `idc` in `topology`, each at `share` (0..=1) of
-    /// the link's budget, with the default class split.
-    pub fn for_node(
-        topology: &crate::topology::Topology,
-        idc: crate::topology::IdcId,
-        share: f64,
-    ) -> Result<Self, GovernorError> {
-        Self::for_node_with(topology, idc, share, None)
-    }
-
-    /// Like [`for_node`](Self::for_node), with class (rate %, ceil %) of the node's share.
+    /// the link's budget, with class (rate %, ceil %) of the node's share (`None`: the
+    /// default split).
     pub fn for_node_with(
         topology: &crate::topology::Topology,
         idc: crate::topology::IdcId,

@@ -575,19 +575,6 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Truncates an `rbw` replica that has no open writer to `len` bytes.
-    pub async fn truncate_rbw(
-        &self,
-        block: BlockId,
-        genstamp: GenStamp,
-        len: u64,
-    ) -> Result<(), StoreError> {
-        self.reopen_rbw(block, genstamp)
-            .await?
-            .truncate_to(len)
-            .await
-    }
-
     /// Moves a replica to quarantine after a verification failure.
     async fn quarantine(&self, block: BlockId, genstamp: GenStamp) {
         let state = {
