@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde_json::json;
 use strait::block::{BlockId, GenStamp};
 use strait::node::{Node, NodeConfig};
@@ -31,6 +32,8 @@ pub struct PipelineBenchParams {
     pub block_size: usize,
     /// Bytes per `write` call of the client.
     pub write_size: usize,
+    /// Blocks written concurrently, each through its own pipeline.
+    pub in_flight: usize,
     /// Data bytes per pipeline packet.
     pub packet: usize,
     /// Smallest window of bytes in flight (0: the library default).
@@ -184,15 +187,23 @@ async fn run_blocks(
     let total = (p.blocks * p.block_size) as u64;
     let (phase, res) = Phase::measure(
         total,
-        write_blocks(writer, &ids, targets, WriteMode::Sync, &data, p.block_size),
+        write_blocks(
+            writer,
+            &ids,
+            targets,
+            WriteMode::Sync,
+            &data,
+            p.block_size,
+            p.in_flight,
+        ),
     )
     .await;
     Ok((phase, res?))
 }
 
 /// Writes each block of `ids` (`block_size` bytes of `data`, repeated) through
-/// `targets`; returns the merged packet-ack latencies and the per-block latencies. A sync
-/// block must keep every replica.
+/// `targets`, `in_flight` blocks at a time; returns the merged packet-ack latencies and
+/// the per-block latencies. A sync block must keep every replica.
 async fn write_blocks(
     writer: &Node,
     ids: &[BlockId],
@@ -200,10 +211,9 @@ async fn write_blocks(
     mode: WriteMode,
     data: &Bytes,
     block_size: usize,
+    in_flight: usize,
 ) -> Result<RunLatency, String> {
-    let mut acks: Option<AckHistogram> = None;
-    let mut blocks = Latency::default();
-    for &block in ids {
+    let one = |block: BlockId| async move {
         let t0 = std::time::Instant::now();
         let mut params = WriteParams::new(GenStamp(1));
         params.mode = mode;
@@ -219,10 +229,19 @@ async fn write_blocks(
         }
         let h = w.ack_latency().clone();
         let out = w.close().await.map_err(|e| e.to_string())?;
-        blocks.record(t0.elapsed());
         if mode == WriteMode::Sync && out.replicas.len() != targets.len() {
             return Err(format!("{block} lost replicas: {:?}", out.failed));
         }
+        Ok::<_, String>((h, t0.elapsed()))
+    };
+    let mut acks: Option<AckHistogram> = None;
+    let mut blocks = Latency::default();
+    let mut done = futures_util::stream::iter(ids.iter().copied())
+        .map(one)
+        .buffer_unordered(in_flight.max(1));
+    while let Some(r) = done.next().await {
+        let (h, took) = r?;
+        blocks.record(took);
         match acks.as_mut() {
             Some(a) => a.add(&h).map_err(|e| e.to_string())?,
             None => acks = Some(h),
@@ -252,10 +271,11 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
     }
     let unit = rows.first().map_or("ack", |r| r.4.headline(p).0);
     println!(
-        "pipeline: spec {} sync, {} blocks x {} per run, {} KiB packets, writer {} -> {} replicas, loopback, O_DIRECT + fsync at finalize",
+        "pipeline: spec {} sync, {} blocks x {} per run, {} in flight, {} KiB packets, writer {} -> {} replicas, loopback, O_DIRECT + fsync at finalize",
         p.spec,
         p.blocks,
         strait::units::fmt_bytes(p.block_size as u64),
+        p.in_flight,
         p.packet >> 10,
         if p.writer_on_first {
             "on the first replica's node"
@@ -310,6 +330,7 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         "intra_idc_link": link.to_string(),
         "blocks": p.blocks,
         "block_bytes": p.block_size,
+        "in_flight": p.in_flight,
         "packet_bytes": p.packet,
         "writer": if p.writer_on_first { "first-replica" } else { "client" },
         "mb_s": r3(full.mb_s()),
@@ -371,7 +392,15 @@ pub async fn run_async(p: &PipelineBenchParams) -> Result<serde_json::Value, Str
         .collect();
     let (write, acks) = Phase::measure(
         total,
-        write_blocks(&head, &ids, &targets, WriteMode::Async, &data, p.block_size),
+        write_blocks(
+            &head,
+            &ids,
+            &targets,
+            WriteMode::Async,
+            &data,
+            p.block_size,
+            p.in_flight,
+        ),
     )
     .await;
     let acks = acks?.acks;

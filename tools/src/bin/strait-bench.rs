@@ -67,6 +67,10 @@ enum Scenario {
         /// Bytes per client write call.
         #[arg(long, default_value = "1MiB", value_parser = parse_size)]
         write_size: usize,
+        /// Blocks written at the same time, each through its own pipeline (a client with
+        /// several files open, or one that streams a file block after block).
+        #[arg(long, default_value_t = 1)]
+        in_flight: usize,
         /// Data bytes per pipeline packet (default: the library's, 1 MiB).
         #[arg(long, default_value = "0", value_parser = parse_size)]
         packet: usize,
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
                 blocks,
                 block_size,
                 write_size,
+                in_flight,
                 packet,
                 window,
                 writer,
@@ -217,6 +222,7 @@ fn main() -> ExitCode {
                     blocks,
                     block_size,
                     write_size,
+                    in_flight: in_flight.max(1),
                     packet,
                     window,
                     writer_on_first: writer_on_first || mode == strait::wire::WriteMode::Async,
