@@ -134,11 +134,9 @@ async fn failed_sync_at_finalize_leaves_the_replica_unfinalized() {
     let dir = tempfile::tempdir().unwrap();
     let plan = FaultPlan::new();
     let store = open(dir.path(), Some(&plan)).await;
-    plan.add(
-        FaultRule::new(FaultOp::Sync, Fault::Eio)
-            .on_files("blk_5_1")
-            .times(1),
-    );
+    // Finalize makes data and meta durable through the store's group commit (a syncfs
+    // of its filesystem): fail that sync.
+    plan.add(FaultRule::new(FaultOp::Sync, Fault::Eio).times(1));
     let err = write_block(&store, BlockId(5), &pattern(5, MIB))
         .await
         .unwrap_err();

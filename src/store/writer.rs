@@ -8,10 +8,8 @@ use bytes::Bytes;
 use tokio::sync::RwLock;
 
 use super::aligned::{self, round_up};
-use super::engine::FileRef;
-use super::{
-    BlockStore, Durability, MAX_IO, ReplicaState, StoreError, blocking, fsync_dir, io_err, meta,
-};
+use super::engine::{FileRef, SyncKind};
+use super::{BlockStore, Durability, MAX_IO, ReplicaState, StoreError, blocking, io_err, meta};
 use crate::block::{BlockId, ChecksumSpec, GenStamp, MAX_BLOCK_SIZE};
 
 struct WriterState {
@@ -294,7 +292,10 @@ impl ReplicaWriter {
             .await?;
         }
         if durability == Durability::Sync {
-            let (d, m) = tokio::join!(engine.sync(&self.data, true), engine.sync(&self.meta, true));
+            let (d, m) = tokio::join!(
+                engine.sync(&self.data, SyncKind::Data),
+                engine.sync(&self.meta, SyncKind::Data)
+            );
             d.map_err(|e| io_err("fdatasync", &self.data.path, e))?;
             m.map_err(|e| io_err("fdatasync", &self.meta.path, e))?;
         }
@@ -347,8 +348,9 @@ impl ReplicaWriter {
         Ok(())
     }
 
-    /// Makes the replica durable and complete: waits for writes in flight, fsyncs data
-    /// and meta, moves both into `finalized` (meta first), fsyncs the directories.
+    /// Makes the replica durable and complete: waits for writes in flight, makes data and
+    /// meta durable, moves both into `finalized` (meta first) and makes that durable —
+    /// both through the store's group commit.
     /// Returns the length. Later writes are refused.
     pub async fn finalize(&self) -> Result<u64, StoreError> {
         let _guard = self.tail.write().await;
@@ -370,13 +372,12 @@ impl ReplicaWriter {
                 needed: ReplicaState::Rbw,
             });
         }
-        let engine = &self.store.inner.engine;
-        let (d, m) = tokio::join!(
-            engine.sync(&self.data, false),
-            engine.sync(&self.meta, false)
-        );
-        d.map_err(|e| io_err("fsync", &self.data.path, e))?;
-        m.map_err(|e| io_err("fsync", &self.meta.path, e))?;
+        // Data and meta durable (group commit), then the renames, then those durable.
+        let committer = &self.store.inner.committer;
+        committer
+            .commit()
+            .await
+            .map_err(|e| io_err("fsync", &self.data.path, e))?;
         let len = self.state().len;
         let inner = self.store.inner.clone();
         let block = self.block;
@@ -386,11 +387,13 @@ impl ReplicaWriter {
             let fdir = inner.dir(ReplicaState::Finalized, block);
             fs::create_dir_all(&fdir).map_err(|e| io_err("create", &fdir, e))?;
             fs::rename(&rm, &fm).map_err(|e| io_err("rename", &rm, e))?;
-            fs::rename(&rd, &fd).map_err(|e| io_err("rename", &rd, e))?;
-            fsync_dir(&fdir)?;
-            fsync_dir(&inner.dir(ReplicaState::Rbw, block))
+            fs::rename(&rd, &fd).map_err(|e| io_err("rename", &rd, e))
         })
         .await?;
+        committer
+            .commit()
+            .await
+            .map_err(|e| io_err("syncfs", &self.store.inner.root, e))?;
         if let Some(e) = self.store.index().get_mut(&block) {
             e.state = ReplicaState::Finalized;
             e.len = len;

@@ -108,15 +108,24 @@ enum Op {
         buf: AlignedBuf,
         reply: BufReply<usize>,
     },
-    /// fdatasync (or fsync when `data_only` is false).
+    /// Makes `file` (or its whole filesystem) durable.
     Sync {
         file: Arc<FileRef>,
-        data_only: bool,
+        kind: SyncKind,
         reply: oneshot::Sender<io::Result<()>>,
     },
     /// Reply once every close message sent before this op has been handled.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Barrier { reply: oneshot::Sender<()> },
+}
+
+/// What a sync makes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncKind {
+    /// The file's data (fdatasync).
+    Data,
+    /// Everything on the file's filesystem: data, metadata, directory entries (syncfs).
+    FileSystem,
 }
 
 /// Tuning of the engine threads.
@@ -310,12 +319,12 @@ impl Engine {
         res.map(|_| buf)
     }
 
-    /// fdatasync (`data_only`) or fsync.
-    pub(crate) async fn sync(&self, file: &Arc<FileRef>, data_only: bool) -> io::Result<()> {
+    /// fdatasync, fsync or syncfs, as `kind` says.
+    pub(crate) async fn sync(&self, file: &Arc<FileRef>, kind: SyncKind) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Sync {
             file: file.clone(),
-            data_only,
+            kind,
             reply,
         };
         self.worker(file).send(op).await.map_err(|_| stopped())?;

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::FileExt;
 
-use super::Op;
+use super::{Op, SyncKind};
 
 pub(super) fn execute(op: Op) {
     match op {
@@ -40,15 +40,10 @@ pub(super) fn execute(op: Op) {
             buf.set_len(done);
             let _ = reply.send((res, buf));
         }
-        Op::Sync {
-            file,
-            data_only,
-            reply,
-        } => {
-            let res = if data_only {
-                file.file.sync_data()
-            } else {
-                file.file.sync_all()
+        Op::Sync { file, kind, reply } => {
+            let res = match kind {
+                SyncKind::Data => file.file.sync_data(),
+                SyncKind::FileSystem => rustix::fs::syncfs(&file.file).map_err(Into::into),
             };
             let _ = reply.send(res);
         }

@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::fs::File as UringFile;
 
-use super::{FileRef, Op};
+use super::{FileRef, Op, SyncKind};
 
 type Cache = Rc<RefCell<HashMap<u64, Rc<UringFile>>>>;
 
@@ -146,12 +146,24 @@ async fn execute(cache: &Cache, op: Op) {
         }
         Op::Sync {
             file,
-            data_only,
+            kind: SyncKind::FileSystem,
+            reply,
+        } => {
+            // io_uring has no syncfs: a blocking thread does it, off the ring's thread.
+            let res = tokio::task::spawn_blocking(move || {
+                rustix::fs::syncfs(&file.file).map_err(io::Error::from)
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+            let _ = reply.send(res);
+        }
+        Op::Sync {
+            file,
+            kind: SyncKind::Data,
             reply,
         } => {
             let res = match handle(cache, &file) {
-                Ok(f) if data_only => f.sync_data().await,
-                Ok(f) => f.sync_all().await,
+                Ok(f) => f.sync_data().await,
                 Err(e) => Err(e),
             };
             let _ = reply.send(res);
