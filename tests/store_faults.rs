@@ -257,16 +257,20 @@ async fn kill_9_mid_write_recovers() {
             finalized.insert(b, n);
         }
     };
-    // Let it finalize a dozen replicas and get well into the next ones, then kill it.
+    // Let it finalize a dozen replicas and get well into the next ones, then kill it
+    // right after an ACK of a block not yet finalized (so one is surely mid-write).
     let mut lines = 0;
     let mut fin_lines = 0;
-    while fin_lines < 12 || lines < 200 {
+    loop {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("child makes progress");
         lines += 1;
         fin_lines += usize::from(line.contains("FIN "));
         record(&line);
+        if fin_lines >= 12 && lines >= 200 && line.contains("ACK ") {
+            break;
+        }
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::engine::{Engine, FileRef, SyncKind};
+use super::engine::{Engine, FileRef};
 
 type Reply = oneshot::Sender<Result<(), (io::ErrorKind, Option<i32>, String)>>;
 
@@ -35,7 +35,7 @@ impl Committer {
                     batch.push(more);
                 }
                 let res = engine
-                    .sync(&anchor, SyncKind::FileSystem)
+                    .sync(&anchor)
                     .await
                     .map_err(|e| (e.kind(), e.raw_os_error(), e.to_string()));
                 for waiter in batch {

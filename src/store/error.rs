@@ -45,6 +45,22 @@ pub enum StoreError {
         /// The data file.
         path: PathBuf,
     },
+    /// A replica being written does not verify where it was read: the range may still
+    /// be changing (its last chunk being rewritten longer). It is not quarantined; read
+    /// another replica.
+    #[error(
+        "{block} {genstamp}: replica being written does not verify at chunk {chunk} (offset {offset}); not quarantined"
+    )]
+    Unsettled {
+        /// The block.
+        block: BlockId,
+        /// Its generation stamp.
+        genstamp: GenStamp,
+        /// Chunk index.
+        chunk: u64,
+        /// Byte offset of the chunk in the block.
+        offset: u64,
+    },
     /// Data handed to `write` does not match the checksums handed with it.
     #[error("{block}: incoming chunk {chunk} at offset {offset} does not match its checksum")]
     DataChecksum {
@@ -186,6 +202,7 @@ impl From<&StoreError> for Status {
             StoreError::NotFound { .. } => Status::NotFound,
             StoreError::GenStampMismatch { .. } => Status::Stale,
             StoreError::OutOfRange { .. }
+            | StoreError::Unsettled { .. }
             | StoreError::WrongState { .. }
             | StoreError::Invalid { .. }
             | StoreError::Locked { .. } => Status::Rejected,

@@ -251,11 +251,10 @@ impl BlockStore {
         if config.direct_io && !direct_io {
             tracing::warn!(root = %root.display(), "filesystem refuses O_DIRECT, data files use the page cache");
         }
-        let anchor = lock
-            .try_clone()
-            .map_err(|e| io_err("open", &root.join("LOCK"), e))?;
-        let committer =
-            commit::Committer::start(engine.clone(), engine.file(anchor, root.join("LOCK")));
+        // The group commit syncs the filesystem through a descriptor of the root
+        // directory (not a dup of LOCK, which would share its flock).
+        let anchor = File::open(&root).map_err(|e| io_err("open", &root, e))?;
+        let committer = commit::Committer::start(engine.clone(), engine.file(anchor, root.clone()));
         let inner = Arc::new(Inner {
             root,
             engine,
@@ -474,7 +473,8 @@ impl BlockStore {
     }
 
     /// Opens a replica for verified reads. Finalized and `rbw` replicas can be read (an
-    /// `rbw` one up to the length it had when opened); corrupt ones cannot.
+    /// `rbw` one up to the length that had landed when it was opened); corrupt ones
+    /// cannot.
     pub async fn reader(
         &self,
         block: BlockId,
@@ -505,6 +505,12 @@ impl BlockStore {
             Ok(((data, data_path), spec, crcs, len))
         })
         .await?;
+        // A replica being written is readable up to what has landed, not to the size its
+        // data file has grown to (later writes may land before earlier ones).
+        let len = match state {
+            ReplicaState::Rbw => len.min(e.len),
+            _ => len,
+        };
         let data = self.inner.engine.file(data.0, data.1);
         Ok(ReplicaReader {
             store: self.clone(),
@@ -514,6 +520,7 @@ impl BlockStore {
             data,
             crcs: Arc::new(crcs),
             len,
+            in_progress: state == ReplicaState::Rbw,
         })
     }
 

@@ -19,6 +19,9 @@ pub struct ReplicaReader {
     pub(super) data: Arc<FileRef>,
     pub(super) crcs: Arc<Vec<u32>>,
     pub(super) len: u64,
+    /// The replica was being written when the reader opened: a range that does not
+    /// verify may still be changing, so it is reported, never quarantined.
+    pub(super) in_progress: bool,
 }
 
 impl std::fmt::Debug for ReplicaReader {
@@ -57,7 +60,9 @@ impl ReplicaReader {
     }
 
     /// Reads `len` bytes at `offset`, verifying every chunk they touch. A checksum
-    /// mismatch quarantines the replica and returns [`StoreError::ChecksumMismatch`].
+    /// mismatch quarantines a finalized replica and returns
+    /// [`StoreError::ChecksumMismatch`]; on a replica being written it returns
+    /// [`StoreError::Unsettled`] and leaves the replica alone.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
         let block = self.block;
         if len > MAX_IO {
@@ -114,6 +119,14 @@ impl ReplicaReader {
             }
         };
         if let Err((chunk, coff)) = verified {
+            if self.in_progress {
+                return Err(StoreError::Unsettled {
+                    block,
+                    genstamp: self.genstamp,
+                    chunk,
+                    offset: coff,
+                });
+            }
             self.store.quarantine(block, self.genstamp).await;
             return Err(StoreError::ChecksumMismatch {
                 block,

@@ -1,23 +1,59 @@
 //! [`ReplicaWriter`]: appends to one `rbw` replica, truncation and genstamp bumps during
 //! recovery, and finalize.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::RwLock;
+use tokio::sync::{Notify, RwLock};
 
 use super::aligned::{self, round_up};
-use super::engine::{FileRef, SyncKind};
+use super::engine::FileRef;
 use super::{BlockStore, Durability, MAX_IO, ReplicaState, StoreError, blocking, io_err, meta};
 use crate::block::{BlockId, ChecksumSpec, GenStamp, MAX_BLOCK_SIZE};
 
 struct WriterState {
     /// End of the bytes reserved by writes so far (the replica's length once they land).
     len: u64,
+    /// End of the longest prefix whose writes have all landed: what readers may see.
+    landed: u64,
+    /// Writes that landed beyond `landed` (start -> end), waiting for the gap before them.
+    ahead: BTreeMap<u64, u64>,
+    /// Tickets of writes issued and not yet landed (tickets number writes in issue order).
+    in_flight: BTreeSet<u64>,
+    next_ticket: u64,
     failed: Option<String>,
     genstamp: GenStamp,
     finalized: bool,
+}
+
+impl WriterState {
+    /// Records that the write `[offset, end)` landed; returns the new landed length.
+    fn land(&mut self, offset: u64, end: u64) -> u64 {
+        self.ahead
+            .entry(offset)
+            .and_modify(|e| *e = (*e).max(end))
+            .or_insert(end);
+        // Writes at or before the landed end extend it (a rewrite of the partial last
+        // chunk starts before it); the rest wait for their gap to fill.
+        while let Some((&start, &stop)) = self.ahead.first_key_value() {
+            if start > self.landed {
+                break;
+            }
+            self.ahead.pop_first();
+            self.landed = self.landed.max(stop);
+        }
+        self.landed
+    }
+}
+
+/// A write's place among the writes of its replica.
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    /// It changes the replica's tail (a short last chunk, a rewrite): it runs alone.
+    exclusive: bool,
+    ticket: u64,
 }
 
 /// Writes one `rbw` replica. Appends may run concurrently (each reserves its range
@@ -32,6 +68,8 @@ pub struct ReplicaWriter {
     state: Mutex<WriterState>,
     /// Appends of whole chunks share it; anything that changes the tail takes it alone.
     tail: RwLock<()>,
+    /// Signalled whenever a write lands (or fails).
+    landed: Notify,
 }
 
 impl std::fmt::Debug for ReplicaWriter {
@@ -62,11 +100,16 @@ impl ReplicaWriter {
             meta,
             state: Mutex::new(WriterState {
                 len,
+                landed: len,
+                ahead: BTreeMap::new(),
+                in_flight: BTreeSet::new(),
+                next_ticket: 0,
                 failed: None,
                 genstamp,
                 finalized: false,
             }),
             tail: RwLock::new(()),
+            landed: Notify::new(),
         }
     }
 
@@ -113,7 +156,12 @@ impl ReplicaWriter {
     ///
     /// The checks and the reservation of the range happen when `write` is called, not
     /// when the returned future is first polled: appends issued back to back are ordered
-    /// by their calls and may then complete in any order.
+    /// by their calls and may then complete in any order. Readers see a range once it and
+    /// everything before it have landed.
+    ///
+    /// With [`Durability::Sync`] (`data` may be empty), the call returns once this write
+    /// and every write issued before it have landed and all of them, with the replica's
+    /// meta and its directory entry, are durable.
     pub fn write<'a>(
         &'a self,
         offset: u64,
@@ -121,19 +169,16 @@ impl ReplicaWriter {
         crcs: &'a [u32],
         durability: Durability,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'a {
-        let reserved = if data.is_empty() {
-            Ok(None)
-        } else {
-            self.reserve(offset, data, crcs).map(Some)
-        };
+        let reserved = self.issue(offset, data, crcs);
         async move {
-            match reserved? {
-                Some(exclusive) => {
-                    self.run_write(exclusive, offset, data, crcs, durability)
-                        .await
-                }
-                None => Ok(()),
+            let (write, limit) = reserved?;
+            if let Some(r) = write {
+                self.run_write(r, offset, data, crcs).await?;
             }
+            if durability == Durability::Sync {
+                self.make_durable(limit).await?;
+            }
+            Ok(())
         }
     }
 
@@ -151,49 +196,103 @@ impl ReplicaWriter {
         impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
         StoreError,
     > {
-        let reserved = if data.is_empty() {
-            None
-        } else {
-            Some(self.reserve(offset, &data, &crcs)?)
-        };
+        let (write, limit) = self.issue(offset, &data, &crcs)?;
         let this = self.clone();
         Ok(async move {
-            match reserved {
-                Some(exclusive) => {
-                    this.run_write(exclusive, offset, &data, &crcs, durability)
-                        .await
-                }
-                None => Ok(()),
+            if let Some(r) = write {
+                this.run_write(r, offset, &data, &crcs).await?;
             }
+            if durability == Durability::Sync {
+                this.make_durable(limit).await?;
+            }
+            Ok(())
         })
+    }
+
+    /// Reserves a write (none for empty data) and says which writes a sync after it must
+    /// wait for: every ticket below the returned limit.
+    fn issue(
+        &self,
+        offset: u64,
+        data: &[u8],
+        crcs: &[u32],
+    ) -> Result<(Option<Reservation>, u64), StoreError> {
+        if data.is_empty() {
+            return Ok((None, self.state().next_ticket));
+        }
+        let r = self.reserve(offset, data, crcs)?;
+        Ok((Some(r), r.ticket + 1))
     }
 
     async fn run_write(
         &self,
-        exclusive: bool,
+        r: Reservation,
         offset: u64,
         data: &[u8],
         crcs: &[u32],
-        durability: Durability,
     ) -> Result<(), StoreError> {
         // A write that changes the tail waits for the appends before it to land.
-        let _guard = if exclusive {
+        let _guard = if r.exclusive {
             Guard::Write(self.tail.write().await)
         } else {
             Guard::Read(self.tail.read().await)
         };
         let short_end = !(data.len() as u64).is_multiple_of(u64::from(self.spec.bytes_per_chunk()));
-        let result = self
-            .do_write(offset, data, crcs, durability, short_end)
-            .await;
-        if let Err(e) = &result {
-            self.state().failed.get_or_insert_with(|| e.to_string());
+        let result = self.do_write(offset, data, crcs, short_end).await;
+        {
+            let mut st = self.state();
+            st.in_flight.remove(&r.ticket);
+            match &result {
+                Ok(()) => {
+                    let landed = st.land(offset, offset + data.len() as u64);
+                    if let Some(e) = self.store.index().get_mut(&self.block) {
+                        e.len = landed;
+                    }
+                }
+                Err(e) => {
+                    st.failed.get_or_insert_with(|| e.to_string());
+                }
+            }
         }
+        self.landed.notify_waiters();
         result
     }
 
-    /// Validates a write and reserves its range; returns whether it must run alone.
-    fn reserve(&self, offset: u64, data: &[u8], crcs: &[u32]) -> Result<bool, StoreError> {
+    /// Waits until every write with a ticket below `limit` has landed, then makes the
+    /// replica durable (data, meta, directory entry) through the store's group commit.
+    async fn make_durable(&self, limit: u64) -> Result<(), StoreError> {
+        self.wait_landed(limit).await?;
+        self.store
+            .inner
+            .committer
+            .commit()
+            .await
+            .map_err(|e| io_err("fsync", &self.data.path, e))
+    }
+
+    /// Waits until every write with a ticket below `limit` has landed; an error if one of
+    /// them failed.
+    async fn wait_landed(&self, limit: u64) -> Result<(), StoreError> {
+        loop {
+            let notified = self.landed.notified();
+            {
+                let st = self.state();
+                if let Some(reason) = &st.failed {
+                    return Err(StoreError::WriterFailed {
+                        block: self.block,
+                        reason: reason.clone(),
+                    });
+                }
+                if st.in_flight.range(..limit).next().is_none() {
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Validates a write and reserves its range and its ticket.
+    fn reserve(&self, offset: u64, data: &[u8], crcs: &[u32]) -> Result<Reservation, StoreError> {
         let bpc = u64::from(self.spec.bytes_per_chunk());
         let n = data.len() as u64;
         if data.len() > MAX_IO {
@@ -249,7 +348,13 @@ impl ReplicaWriter {
             return Err(self.invalid("rewrite of the last chunk must not shorten it"));
         }
         st.len = offset + n;
-        Ok(rewrite || !n.is_multiple_of(bpc))
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        st.in_flight.insert(ticket);
+        Ok(Reservation {
+            exclusive: rewrite || !n.is_multiple_of(bpc),
+            ticket,
+        })
     }
 
     async fn do_write(
@@ -257,7 +362,6 @@ impl ReplicaWriter {
         offset: u64,
         data: &[u8],
         crcs: &[u32],
-        durability: Durability,
         short_end: bool,
     ) -> Result<(), StoreError> {
         let inner = &self.store.inner;
@@ -291,17 +395,6 @@ impl ReplicaWriter {
             })
             .await?;
         }
-        if durability == Durability::Sync {
-            let (d, m) = tokio::join!(
-                engine.sync(&self.data, SyncKind::Data),
-                engine.sync(&self.meta, SyncKind::Data)
-            );
-            d.map_err(|e| io_err("fdatasync", &self.data.path, e))?;
-            m.map_err(|e| io_err("fdatasync", &self.meta.path, e))?;
-        }
-        if let Some(e) = self.store.index().get_mut(&self.block) {
-            e.len = e.len.max(end);
-        }
         Ok(())
     }
 
@@ -332,6 +425,8 @@ impl ReplicaWriter {
         .await?;
         let mut st = self.state();
         st.len = len;
+        st.landed = len;
+        st.ahead.clear();
         st.failed = None;
         if let Some(e) = self.store.index().get_mut(&self.block) {
             e.len = len;
@@ -353,6 +448,9 @@ impl ReplicaWriter {
     /// both through the store's group commit.
     /// Returns the length. Later writes are refused.
     pub async fn finalize(&self) -> Result<u64, StoreError> {
+        // Writes reserved but not yet started hold no lock: wait for them by ticket
+        // first (they need the lock to start), then take the tail alone.
+        self.wait_landed(u64::MAX).await?;
         let _guard = self.tail.write().await;
         let gs = {
             let st = self.state();

@@ -38,6 +38,9 @@ pub enum Fault {
     /// nothing and fail with EIO. What reached the disk before the cut stays; a test then
     /// drops the store and reopens the directory to see what recovery makes of it.
     Crash,
+    /// The operation runs normally, this long after it was issued: a slow disk, which
+    /// lets later operations on other IO threads overtake it.
+    Delay(std::time::Duration),
 }
 
 /// One rule of a plan: which operations it matches and what it does to them.
@@ -180,7 +183,7 @@ impl FaultPlan {
 fn error(fault: Fault) -> io::Error {
     match fault {
         Fault::NoSpace | Fault::ShortWrite(_) => io::Error::from_raw_os_error(libc::ENOSPC),
-        Fault::Eio | Fault::Crash => io::Error::from_raw_os_error(libc::EIO),
+        Fault::Eio | Fault::Crash | Fault::Delay(_) => io::Error::from_raw_os_error(libc::EIO),
     }
 }
 
@@ -192,8 +195,13 @@ pub(super) fn execute(plan: &FaultPlan, op: Op) {
         Op::Sync { file, .. } => (FaultOp::Sync, file.path.as_path()),
         Op::Barrier { .. } => return super::psync::execute(op),
     };
-    let Some(fault) = plan.check(kind, path) else {
-        return super::psync::execute(op);
+    let fault = match plan.check(kind, path) {
+        None => return super::psync::execute(op),
+        Some(Fault::Delay(d)) => {
+            std::thread::sleep(d);
+            return super::psync::execute(op);
+        }
+        Some(f) => f,
     };
     match op {
         Op::Write {

@@ -108,24 +108,15 @@ enum Op {
         buf: AlignedBuf,
         reply: BufReply<usize>,
     },
-    /// Makes `file` (or its whole filesystem) durable.
+    /// Makes everything on `file`'s filesystem durable: data, metadata, directory
+    /// entries (syncfs).
     Sync {
         file: Arc<FileRef>,
-        kind: SyncKind,
         reply: oneshot::Sender<io::Result<()>>,
     },
     /// Reply once every close message sent before this op has been handled.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Barrier { reply: oneshot::Sender<()> },
-}
-
-/// What a sync makes durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SyncKind {
-    /// The file's data (fdatasync).
-    Data,
-    /// Everything on the file's filesystem: data, metadata, directory entries (syncfs).
-    FileSystem,
 }
 
 /// Tuning of the engine threads.
@@ -319,12 +310,11 @@ impl Engine {
         res.map(|_| buf)
     }
 
-    /// fdatasync, fsync or syncfs, as `kind` says.
-    pub(crate) async fn sync(&self, file: &Arc<FileRef>, kind: SyncKind) -> io::Result<()> {
+    /// syncfs of the filesystem that holds `file`.
+    pub(crate) async fn sync(&self, file: &Arc<FileRef>) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Sync {
             file: file.clone(),
-            kind,
             reply,
         };
         self.worker(file).send(op).await.map_err(|_| stopped())?;

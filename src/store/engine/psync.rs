@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::FileExt;
 
-use super::{Op, SyncKind};
+use super::Op;
 
 pub(super) fn execute(op: Op) {
     match op {
@@ -40,12 +40,8 @@ pub(super) fn execute(op: Op) {
             buf.set_len(done);
             let _ = reply.send((res, buf));
         }
-        Op::Sync { file, kind, reply } => {
-            let res = match kind {
-                SyncKind::Data => file.file.sync_data(),
-                SyncKind::FileSystem => rustix::fs::syncfs(&file.file).map_err(Into::into),
-            };
-            let _ = reply.send(res);
+        Op::Sync { file, reply } => {
+            let _ = reply.send(rustix::fs::syncfs(&file.file).map_err(Into::into));
         }
         Op::Barrier { reply } => {
             let _ = reply.send(());

@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::fs::File as UringFile;
 
-use super::{FileRef, Op, SyncKind};
+use super::{FileRef, Op};
 
 type Cache = Rc<RefCell<HashMap<u64, Rc<UringFile>>>>;
 
@@ -144,28 +144,13 @@ async fn execute(cache: &Cache, op: Op) {
             };
             let _ = reply.send((res, buf));
         }
-        Op::Sync {
-            file,
-            kind: SyncKind::FileSystem,
-            reply,
-        } => {
+        Op::Sync { file, reply } => {
             // io_uring has no syncfs: a blocking thread does it, off the ring's thread.
             let res = tokio::task::spawn_blocking(move || {
                 rustix::fs::syncfs(&file.file).map_err(io::Error::from)
             })
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
-            let _ = reply.send(res);
-        }
-        Op::Sync {
-            file,
-            kind: SyncKind::Data,
-            reply,
-        } => {
-            let res = match handle(cache, &file) {
-                Ok(f) => f.sync_data().await,
-                Err(e) => Err(e),
-            };
             let _ = reply.send(res);
         }
         Op::Barrier { reply } => {
