@@ -150,6 +150,25 @@ impl ChecksumSpec {
         out
     }
 
+    /// The longest non-empty prefix of `chunk` whose checksum is `crc`, if any: how much
+    /// of a last chunk an older checksum still covers after the chunk was rewritten
+    /// longer (the rewrite keeps the bytes it had).
+    pub fn longest_prefix_matching(&self, chunk: &[u8], crc: u32) -> Option<usize> {
+        match self.kind {
+            ChecksumKind::Crc32c => {
+                let mut running = 0u32;
+                let mut best = None;
+                for (i, b) in chunk.iter().enumerate() {
+                    running = crc32c::crc32c_append(running, std::slice::from_ref(b));
+                    if running == crc {
+                        best = Some(i + 1);
+                    }
+                }
+                best
+            }
+        }
+    }
+
     /// Verifies `data`, which starts at chunk `first_chunk` of the block, against `crcs`
     /// (one per chunk of `data`, the last chunk possibly short). The caller checks that
     /// `crcs` has the right count.
@@ -186,6 +205,11 @@ mod tests {
         let crcs = s.checksums(&data);
         assert_eq!(crcs.len(), 3);
         assert_eq!(crcs[2], crc32c::crc32c(&data[8192..]));
+        // A shorter checksum still covers a prefix of a chunk rewritten longer.
+        let spec = ChecksumSpec::crc32c(4096).unwrap();
+        let old = spec.checksum(&data[..100]);
+        assert_eq!(spec.longest_prefix_matching(&data[..3000], old), Some(100));
+        assert_eq!(spec.longest_prefix_matching(&data[1..3000], old), None);
         s.verify(0, &data, &crcs).unwrap();
         s.verify(1, &data[4096..], &crcs[1..]).unwrap();
         let mut bad = data.clone();

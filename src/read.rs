@@ -436,11 +436,12 @@ fn clamp_len(offset: u64, len: u64, replica_len: u64) -> Result<u64, ReplicaFail
     Ok(len)
 }
 
-fn response(status: Status, replica_len: u64, checksum: ChecksumSpec) -> Frame {
+fn response(status: Status, replica_len: u64, checksum: ChecksumSpec, finalized: bool) -> Frame {
     Frame::ReadResponse(ReadResponse {
         status,
         replica_len,
         checksum,
+        finalized,
     })
 }
 
@@ -451,7 +452,12 @@ pub(crate) async fn serve(shared: Arc<NodeContext>, mut s: Stream, req: ReadBloc
         Err(e) => {
             let _ = s
                 .writer
-                .send(&response(Status::from(&e), 0, ChecksumSpec::default()))
+                .send(&response(
+                    Status::from(&e),
+                    0,
+                    ChecksumSpec::default(),
+                    false,
+                ))
                 .await;
             return;
         }
@@ -461,13 +467,13 @@ pub(crate) async fn serve(shared: Arc<NodeContext>, mut s: Stream, req: ReadBloc
         Err(_) => {
             let _ = s
                 .writer
-                .send(&response(Status::Rejected, r.len(), r.spec()))
+                .send(&response(Status::Rejected, r.len(), r.spec(), r.is_final()))
                 .await;
             return;
         }
     };
     if s.writer
-        .send(&response(Status::Success, r.len(), r.spec()))
+        .send(&response(Status::Success, r.len(), r.spec(), r.is_final()))
         .await
         .is_err()
     {

@@ -57,7 +57,9 @@ impl Transfers {
         });
         s.writer.send(&probe).await.map_err(|e| e.to_string())?;
         match s.reader.recv().await.map_err(|e| e.to_string())? {
-            Some(Frame::ReadResponse(r)) => Ok(r.status == Status::Success && r.replica_len == len),
+            Some(Frame::ReadResponse(r)) => {
+                Ok(r.status == Status::Success && r.finalized && r.replica_len == len)
+            }
             _ => Ok(false),
         }
     }
@@ -103,31 +105,45 @@ impl Transfers {
         params.class = TrafficClass::Async;
         // A copy keeps the block's genstamp; a failed target fails this attempt.
         params.recover = false;
-        let mut w = Writer::create(&self.pipelines, task.block, &missing, params)
-            .await
-            .map_err(|e| CopyFailure::Retry(e.to_string()))?;
+        // The pipeline to the targets opens only once the source has answered, so that an
+        // obsolete task leaves nothing behind on them.
+        let mut w: Option<Writer> = None;
         let mut off = 0u64;
-        while off < task.len {
+        while off < task.len || w.is_none() {
             let n = (task.len - off).min(4 << 20);
             let data = match reader.read(off, n).await {
                 Ok(d) => d,
+                // Every source answered, and none holds this genstamp any more: the block
+                // moved on or was deleted. (A source that cannot be reached is a retry.)
                 Err(ReadError::NoReplica { tried, .. })
                     if !tried.is_empty()
-                        && tried
-                            .iter()
-                            .all(|(_, f)| matches!(f, ReplicaFailure::Stale { .. })) =>
+                        && tried.iter().all(|(_, f)| {
+                            matches!(f, ReplicaFailure::Stale { .. } | ReplicaFailure::Missing)
+                        }) =>
                 {
                     return Err(CopyFailure::Obsolete(
-                        "no source has this genstamp any more".into(),
+                        "no source holds the block at this genstamp any more".into(),
                     ));
                 }
                 Err(e) => return Err(CopyFailure::Retry(e.to_string())),
             };
-            w.write(data)
+            let writer = match w.as_mut() {
+                Some(writer) => writer,
+                None => w.insert(
+                    Writer::create(&self.pipelines, task.block, &missing, params.clone())
+                        .await
+                        .map_err(|e| CopyFailure::Retry(e.to_string()))?,
+                ),
+            };
+            writer
+                .write(data)
                 .await
                 .map_err(|e| CopyFailure::Retry(e.to_string()))?;
             off += n;
         }
+        let Some(w) = w else {
+            return Err(CopyFailure::Retry("nothing copied".into()));
+        };
         let out = w
             .close()
             .await

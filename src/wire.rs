@@ -277,10 +277,12 @@ pub struct ReadBlock {
 pub struct ReadResponse {
     /// Outcome.
     pub status: Status,
-    /// Length of the replica.
+    /// Length of the replica (for one being written: what has landed).
     pub replica_len: u64,
     /// Chunking of the replica (packets start on chunk boundaries).
     pub checksum: ChecksumSpec,
+    /// The replica is finalized (complete and durable), not still being written.
+    pub finalized: bool,
 }
 
 /// Asks a node to copy the first `len` bytes of a replica it holds to `targets` (a
@@ -426,6 +428,7 @@ impl Frame {
                 dst.put_u8(r.status as u8);
                 dst.put_u64_le(r.replica_len);
                 put_spec(dst, r.checksum);
+                dst.put_u8(u8::from(r.finalized));
             }
             Frame::CopyBlock(r) => {
                 dst.put_u8(T_COPY);
@@ -651,6 +654,16 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
             status: Status::from_u8(r.u8("status")?)?,
             replica_len: r.block_offset("replica length")?,
             checksum: r.spec()?,
+            finalized: match r.u8("finalized")? {
+                0 => false,
+                1 => true,
+                v => {
+                    return Err(WireError::BadValue {
+                        what: "finalized",
+                        value: u64::from(v),
+                    });
+                }
+            },
         }),
         T_COPY => Frame::CopyBlock(CopyBlock {
             block: BlockId(r.u64("block")?),
@@ -766,6 +779,7 @@ mod tests {
                 status: Status::Corrupt,
                 replica_len: 99,
                 checksum: ChecksumSpec::crc32c(512).unwrap(),
+                finalized: true,
             }),
             Frame::CopyBlock(CopyBlock {
                 block: BlockId(5),
@@ -979,13 +993,16 @@ mod tests {
                         },
                     })
                 }),
-            (arb_status(), off.clone(), arb_spec()).prop_map(|(status, replica_len, checksum)| {
-                Frame::ReadResponse(ReadResponse {
-                    status,
-                    replica_len,
-                    checksum,
-                })
-            }),
+            (arb_status(), off.clone(), arb_spec(), any::<bool>()).prop_map(
+                |(status, replica_len, checksum, finalized)| {
+                    Frame::ReadResponse(ReadResponse {
+                        status,
+                        replica_len,
+                        checksum,
+                        finalized,
+                    })
+                }
+            ),
             (
                 any::<u64>(),
                 any::<u64>(),

@@ -343,3 +343,27 @@ async fn a_spare_replaces_the_failed_node_after_copying_the_acked_prefix() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ranged_read_that_meets_a_stale_replica_fails_over() {
+    let c = Cluster::start().await;
+    let block = BlockId(19);
+    let data = pattern(19, 300_000);
+    let targets = c.ids(&["a2", "b1"]);
+    let out = write(c.node("a2"), block, &targets, &data).await.unwrap();
+    assert_eq!(out.genstamp, GenStamp(1));
+    // a2's replica moves to another genstamp (a recovery this reader has not heard of).
+    c.node("a2")
+        .store()
+        .bump_genstamp(block, GenStamp(1), GenStamp(2))
+        .await
+        .unwrap();
+    // From a3, a2 (same IDC) is asked first; it holds gs 2, not gs 1: the read goes on to
+    // b1 instead of ending with "out of range".
+    let r = c
+        .node("a3")
+        .reader(block, GenStamp(1), &targets, ReadParams::default());
+    assert_eq!(r.order()[0], c.id("a2"));
+    let got = r.read(100, 1000).await.expect("fails over to b1");
+    assert_eq!(&got[..], &data[100..1100]);
+}

@@ -137,3 +137,34 @@ async fn a_corrupted_packet_is_caught_by_the_next_node() {
     assert_eq!(out.failed, vec![b1]);
     check_replicas(&c, BlockId(23), &out, &data).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_after_an_hflush_keeps_the_flushed_partial_chunk() {
+    let c = Cluster::start().await;
+    let targets = c.ids(&["a1", "a2", "b1", "b2"]);
+    let (a2, b1) = (c.id("a2"), c.id("b1"));
+    let data = pattern(24, 3 * 4096 + 100 + 5000);
+    let flushed = 3 * 4096 + 100;
+    // The first packet is the hflush; the second (it rewrites the flushed partial chunk
+    // longer) kills a2 -> b1: the pipeline resumes inside that chunk, at the flushed
+    // length.
+    c.node("a2")
+        .transport()
+        .set_frame_filter(Some(on_nth_packet(a2, b1, 2, FrameAction::Kill)));
+    let mut w = c
+        .node("a3")
+        .writer(BlockId(24), &targets, WriteParams::new(GenStamp(1)))
+        .await
+        .unwrap();
+    w.write(Bytes::copy_from_slice(&data[..flushed]))
+        .await
+        .unwrap();
+    w.hflush().await.unwrap();
+    assert_eq!(w.acked_len(), flushed as u64);
+    w.write(Bytes::copy_from_slice(&data[flushed..]))
+        .await
+        .unwrap();
+    let out = w.close().await.unwrap();
+    assert_eq!(out.failed, vec![b1]);
+    check_replicas(&c, BlockId(24), &out, &data).await;
+}

@@ -221,3 +221,67 @@ async fn async_mode_needs_a_log() {
         .unwrap_err();
     assert!(matches!(e, WriteError::Replication { .. }), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_block_is_gone_everywhere_is_dropped_not_retried_forever() {
+    let mut c = Cluster::start_full(125_000_000, 1.0, Some(config(None, RpoPolicy::Warn))).await;
+    let targets = c.ids(&["a1", "a3", "b2", "b4"]);
+    // The remote IDC is down: the task stays queued.
+    c.stop("b2").await;
+    c.stop("b4").await;
+    let block = BlockId(70);
+    let data = pattern(70, 300_000);
+    write_async(c.node("a1"), block, &targets, &data)
+        .await
+        .unwrap();
+    assert_eq!(c.node("a1").rpo().unwrap().pending_tasks, 1);
+    // The block is deleted where it lives (the embedding server removed the file).
+    for n in ["a1", "a3"] {
+        c.node(n).store().delete(block, GenStamp(1)).await.unwrap();
+    }
+    c.start_node("b2").await;
+    c.start_node("b4").await;
+    // Nothing can be copied any more: the task is dropped and counted, not retried.
+    wait_drained(c.node("a1"), Duration::from_secs(10)).await;
+    assert_eq!(c.node("a1").replication_dropped(), 1);
+    for n in ["b2", "b4"] {
+        assert!(c.node(n).store().get(block).is_none(), "{n} got a copy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_replica_left_unfinalized_is_copied_again() {
+    let c = Cluster::start_full(125_000_000, 1.0, Some(config(None, RpoPolicy::Warn))).await;
+    let targets = c.ids(&["a1", "a3", "b2", "b4"]);
+    let block = BlockId(71);
+    let data = pattern(71, 200_000);
+    // b2 holds the whole block at the right genstamp, but never finalized it (an earlier
+    // copy died before its last packet was acknowledged).
+    {
+        let spec = strait::block::ChecksumSpec::default();
+        let w = c
+            .node("b2")
+            .store()
+            .create(block, GenStamp(1), spec)
+            .await
+            .unwrap();
+        w.write(
+            0,
+            &data,
+            &spec.checksums(&data),
+            strait::store::Durability::Buffered,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        c.node("b2").store().get(block).unwrap().state,
+        ReplicaState::Rbw
+    );
+    write_async(c.node("a1"), block, &targets, &data)
+        .await
+        .unwrap();
+    wait_drained(c.node("a1"), Duration::from_secs(10)).await;
+    // Done means finalized on every remote target.
+    wait_replicated(&c, &["b2", "b4"], block, &data, Duration::from_secs(5)).await;
+}

@@ -299,15 +299,12 @@ impl Window {
         self.genstamp
     }
 
-    /// Where a rebuilt pipeline resumes: the start of the oldest packet in flight, or,
-    /// with nothing in flight, the acknowledged length — never beyond `unsent`, the
-    /// offset of the first byte not yet sent (a chunk boundary: a partial chunk sent by
-    /// an hflush is sent again, longer, from there).
-    pub(crate) fn resume_offset(&self, unsent: u64) -> u64 {
-        match self.in_flight.front() {
-            Some(p) => p.packet.offset.min(self.acked_len),
-            None => self.acked_len.min(unsent),
-        }
+    /// Where a rebuilt pipeline resumes: the acknowledged length — never below it, so
+    /// bytes an hflush or hsync confirmed stay on every survivor. It may fall inside a
+    /// chunk (an hflushed partial chunk); the packets resent from [`renumber`]
+    /// (Self::renumber) start at that chunk's beginning and rewrite it longer.
+    pub(crate) fn resume_offset(&self) -> u64 {
+        self.acked_len
     }
 
     /// Every packet still in flight, numbered again from 0 for a rebuilt pipeline and
@@ -465,7 +462,7 @@ mod tests {
         w.handle_ack(&ok(0, 4), t0).unwrap();
         w.drop_target(1).unwrap();
         assert_eq!(w.bump_genstamp(), GenStamp(2));
-        assert_eq!(w.resume_offset(300), 100);
+        assert_eq!(w.resume_offset(), 100);
         let t1 = t0 + Duration::from_secs(1);
         let again = w.renumber(t1);
         assert_eq!(
@@ -476,7 +473,7 @@ mod tests {
         // The rebuilt pipeline has three nodes; its acks carry three statuses.
         w.handle_ack(&ok(0, 3), t1).unwrap();
         assert_eq!(push(&mut w, 300, 50, t1).seq, 2, "numbering goes on");
-        assert_eq!(w.resume_offset(350), 200);
+        assert_eq!(w.resume_offset(), 200);
     }
 
     #[test]
@@ -489,8 +486,30 @@ mod tests {
         w.handle_ack(&ok(0, 4), t0).unwrap();
         w.handle_ack(&ok(1, 4), t0).unwrap();
         assert_eq!(w.acked_len(), 150);
-        assert_eq!(w.resume_offset(100), 100, "at the partial chunk's start");
+        assert_eq!(
+            w.resume_offset(),
+            150,
+            "keeps the acknowledged partial chunk"
+        );
         assert!(w.renumber(t0).is_empty());
+    }
+
+    #[test]
+    fn recovery_never_resumes_below_what_was_acknowledged() {
+        let mut w = two_plus_two();
+        let t0 = Instant::now();
+        // An hflush sent and got acked 100 bytes of a partial chunk at 4096..4196.
+        push(&mut w, 0, 4096, t0);
+        push(&mut w, 4096, 100, t0);
+        w.handle_ack(&ok(0, 4), t0).unwrap();
+        w.handle_ack(&ok(1, 4), t0).unwrap();
+        assert_eq!(w.acked_len(), 4196);
+        // The next packet rewrites that chunk longer; then a node fails.
+        push(&mut w, 4096, 1000, t0);
+        w.drop_target(3).unwrap();
+        // Survivors keep the 100 acknowledged bytes: resume at 4196, not at 4096.
+        assert_eq!(w.resume_offset(), 4196);
+        assert_eq!(w.renumber(t0)[0].offset, 4096, "the rewrite is resent");
     }
 
     #[derive(Debug, Clone)]
@@ -577,11 +596,12 @@ mod tests {
                     }
                     let gs = w.genstamp();
                     prop_assert_eq!(w.bump_genstamp(), GenStamp(gs.0 + 1));
-                    let resume = w.resume_offset(end);
+                    let resume = w.resume_offset();
                     prop_assert!(resume <= w.acked_len());
+                    prop_assert_eq!(resume, w.acked_len());
                     let again = w.renumber(now);
                     if let Some(p) = again.first() {
-                        prop_assert_eq!(p.offset, resume);
+                        prop_assert!(p.offset <= resume, "a gap before the resent packets");
                     }
                 }
                 prop_assert!(w.acked_len() >= before, "acked length went back");

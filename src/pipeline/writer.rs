@@ -455,7 +455,7 @@ impl Writer {
         let failed = self.drop_target(index, why)?;
         let mut to_replace = vec![(index, failed)];
         loop {
-            let resume = self.win.resume_offset(self.buf_offset);
+            let resume = self.win.resume_offset();
             for (at, failed) in std::mem::take(&mut to_replace) {
                 self.try_replace(at, failed, resume).await;
             }

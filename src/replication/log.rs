@@ -3,8 +3,11 @@
 //! covers them with one `fdatasync` (group commit). An append returns only once its
 //! record is durable.
 //!
-//! Segments are named `seg-<first seq, 20 digits>.log`; the current one rolls after
-//! `segment_bytes`, and a segment is deleted once every task in it is done. On open the
+//! Segments are named `seg-<number, 20 digits>.log`, numbered in creation order (a new
+//! segment is created with `create_new`, so it can never truncate a live one); the
+//! current one rolls after `segment_bytes`, and a segment is deleted once every task in
+//! it is done. A batch whose write fails is cut off again before anything else is
+//! appended, so no acknowledged record ever sits behind a partial one. On open the
 //! segments are replayed in order; a torn tail of the last segment (a crash in the middle
 //! of a write) is cut; damage inside an older segment is an error.
 
@@ -20,7 +23,7 @@ use super::ReplicationError;
 use super::record::{Record, Task, decode_all};
 
 struct Segment {
-    first_seq: u64,
+    number: u64,
     path: PathBuf,
     /// Tasks in this segment not yet done.
     open: HashSet<u64>,
@@ -31,6 +34,15 @@ struct State {
     segments: Vec<Segment>,
     pending: BTreeMap<u64, Task>,
     next_seq: u64,
+    /// Number of the next segment file: one more than any that exists, so a new segment
+    /// never takes the name of a live one.
+    next_segment: u64,
+    /// A failed write could not be undone: appending behind its partial record would
+    /// hide later records from the next open, so the log refuses appends.
+    broken: Option<String>,
+    /// Tests: the next batch write puts only this many bytes on disk, then fails.
+    #[cfg(test)]
+    short_write: Option<usize>,
 }
 
 enum Op {
@@ -52,8 +64,8 @@ fn io(path: &Path, e: std::io::Error) -> ReplicationError {
     }
 }
 
-fn seg_name(first_seq: u64) -> String {
-    format!("seg-{first_seq:020}.log")
+fn seg_name(number: u64) -> String {
+    format!("seg-{number:020}.log")
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), ReplicationError> {
@@ -88,7 +100,7 @@ impl ReplicationLog {
         let mut segments = Vec::new();
         let mut next_seq = 0;
         let last = names.len().saturating_sub(1);
-        for (i, (first_seq, path)) in names.into_iter().enumerate() {
+        for (i, (number, path)) in names.into_iter().enumerate() {
             let bytes = fs::read(&path).map_err(|e| io(&path, e))?;
             let (records, valid) = decode_all(&bytes);
             if valid < bytes.len() {
@@ -126,21 +138,19 @@ impl ReplicationLog {
                     }
                 }
             }
-            segments.push(Segment {
-                first_seq,
-                path,
-                open,
-            });
+            segments.push(Segment { number, path, open });
         }
+        let mut next_segment = segments.last().map_or(0, |s| s.number + 1);
         if segments.is_empty() {
-            let path = dir.join(seg_name(next_seq));
-            File::create(&path).map_err(|e| io(&path, e))?;
+            let path = dir.join(seg_name(next_segment));
+            create_segment(&path)?;
             fsync_dir(dir)?;
             segments.push(Segment {
-                first_seq: next_seq,
+                number: next_segment,
                 path,
                 open: HashSet::new(),
             });
+            next_segment += 1;
         }
         let tasks: Vec<Task> = pending.values().cloned().collect();
         let state = Arc::new(Mutex::new(State {
@@ -148,6 +158,10 @@ impl ReplicationLog {
             segments,
             pending,
             next_seq,
+            next_segment,
+            broken: None,
+            #[cfg(test)]
+            short_write: None,
         }));
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(commit_loop(state.clone(), rx, segment_bytes));
@@ -237,6 +251,31 @@ async fn commit_loop(state: Arc<Mutex<State>>, mut rx: mpsc::Receiver<Op>, segme
     }
 }
 
+/// Creates an empty segment file; an existing file is an error, never truncated.
+fn create_segment(path: &Path) -> Result<(), ReplicationError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map(drop)
+        .map_err(|e| io(path, e))
+}
+
+/// Writes one batch at the end of the segment and makes it durable.
+fn append(
+    #[cfg_attr(not(test), allow(unused_variables))] st: &mut State,
+    f: &mut File,
+    buf: &[u8],
+) -> std::io::Result<()> {
+    #[cfg(test)]
+    if let Some(n) = st.short_write.take() {
+        f.write_all(&buf[..n.min(buf.len())])?;
+        return Err(std::io::Error::other("injected short write"));
+    }
+    f.write_all(buf)?;
+    f.sync_data()
+}
+
 fn write_batch(
     state: &Mutex<State>,
     records: &[Record],
@@ -247,6 +286,12 @@ fn write_batch(
     for r in records {
         r.encode(&mut buf);
     }
+    if let Some(why) = &st.broken {
+        return Err(ReplicationError::Io {
+            path: st.dir.clone(),
+            source: std::io::Error::other(format!("log refuses appends: {why}")),
+        });
+    }
     // Roll the segment first if this batch would overflow it (and it has content).
     let cur_path = st
         .segments
@@ -255,18 +300,13 @@ fn write_batch(
         .unwrap_or_default();
     let cur_len = fs::metadata(&cur_path).map(|m| m.len()).unwrap_or(0);
     if cur_len > 0 && cur_len + buf.len() as u64 > segment_bytes {
-        let first = records
-            .iter()
-            .find_map(|r| match r {
-                Record::Task(t) => Some(t.seq),
-                Record::Done { .. } => None,
-            })
-            .unwrap_or(st.next_seq);
-        let path = st.dir.join(seg_name(first));
-        File::create(&path).map_err(|e| io(&path, e))?;
+        let number = st.next_segment;
+        let path = st.dir.join(seg_name(number));
+        create_segment(&path)?;
         fsync_dir(&st.dir.clone())?;
+        st.next_segment += 1;
         st.segments.push(Segment {
-            first_seq: first,
+            number,
             path,
             open: HashSet::new(),
         });
@@ -280,8 +320,15 @@ fn write_batch(
         .append(true)
         .open(&path)
         .map_err(|e| io(&path, e))?;
-    f.write_all(&buf).map_err(|e| io(&path, e))?;
-    f.sync_data().map_err(|e| io(&path, e))?;
+    let before = f.metadata().map_err(|e| io(&path, e))?.len();
+    if let Err(e) = append(&mut st, &mut f, &buf) {
+        // Nothing of a failed batch may stay: later batches would sit behind a partial
+        // record, and the next open would cut them with it.
+        if let Err(undo) = f.set_len(before).and_then(|()| f.sync_all()) {
+            st.broken = Some(format!("a failed write could not be undone: {undo}"));
+        }
+        return Err(io(&path, e));
+    }
     // Durable: apply to the in-memory state.
     for r in records {
         match r {
@@ -305,7 +352,7 @@ fn write_batch(
     for (i, s) in std::mem::take(&mut st.segments).into_iter().enumerate() {
         if i + 1 < n && s.open.is_empty() {
             let _ = fs::remove_file(&s.path);
-            tracing::debug!(segment = s.first_seq, "reclaimed replication log segment");
+            tracing::debug!(segment = s.number, "reclaimed replication log segment");
         } else {
             keep.push(s);
         }
@@ -402,6 +449,55 @@ mod tests {
         drop(log);
         let (_, pending) = ReplicationLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(pending.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn rolls_made_of_done_records_never_reuse_a_live_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 150 bytes hold one task record (~90 bytes) or ~8 Done records.
+        let (log, _) = ReplicationLog::open(dir.path(), 150).unwrap();
+        let mut seqs = Vec::new();
+        for b in 0..30 {
+            seqs.push(log.append(task(b)).await.unwrap().seq);
+        }
+        // Completing them one by one fills segments with Done records only: several rolls
+        // in a row with no new task in between.
+        for &s in &seqs {
+            log.complete(s).await.unwrap();
+        }
+        assert!(log.pending().is_empty());
+        drop(log);
+        let (log, pending) = ReplicationLog::open(dir.path(), 150).unwrap();
+        assert!(
+            pending.is_empty(),
+            "done tasks came back after a restart: {:?}",
+            pending.iter().map(|t| t.seq).collect::<Vec<_>>()
+        );
+        // And the log still works.
+        let t = log.append(task(42)).await.unwrap();
+        log.complete(t.seq).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_append_leaves_nothing_that_hides_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = ReplicationLog::open(dir.path(), 1 << 20).unwrap();
+        log.append(task(1)).await.unwrap();
+        // The next write puts 7 bytes on disk, then fails (a disk that filled up).
+        log.lock().short_write = Some(7);
+        assert!(log.append(task(2)).await.is_err());
+        // Later appends are acknowledged...
+        let t3 = log.append(task(3)).await.unwrap();
+        drop(log);
+        // ...and must survive a restart.
+        let (_, pending) = ReplicationLog::open(dir.path(), 1 << 20).unwrap();
+        let blocks: Vec<u64> = pending.iter().map(|t| t.block.0).collect();
+        assert_eq!(
+            blocks,
+            vec![1, 3],
+            "an acknowledged task was lost (seq {})",
+            t3.seq
+        );
     }
 
     #[tokio::test]

@@ -45,6 +45,11 @@ impl ReplicaReader {
         self.len == 0
     }
 
+    /// Whether the replica was finalized (complete and durable) when the reader opened.
+    pub fn is_final(&self) -> bool {
+        !self.in_progress
+    }
+
     /// The checksum spec.
     pub fn spec(&self) -> ChecksumSpec {
         self.spec

@@ -118,6 +118,15 @@ fn verified_prefix(data_path: &Path, spec: ChecksumSpec, crcs: &[u32]) -> Result
                         return Ok(verified);
                     }
                 }
+                // The last checksum may be older than its chunk: a crash while the last
+                // chunk was rewritten longer (data lands before meta). The bytes it
+                // covered are still there, unchanged.
+                Some(&c) if chunk + 1 == crcs.len() => {
+                    return Ok(verified
+                        + spec
+                            .longest_prefix_matching(piece, c)
+                            .map_or(0, |l| l as u64));
+                }
                 _ => return Ok(verified),
             }
         }
@@ -191,6 +200,38 @@ fn check_finalized(
     Ok(Ok(len))
 }
 
+/// Rolls forward genstamp bumps interrupted between their renames: a meta file without
+/// data at a stamp, beside a data file without meta at the next older stamp of the same
+/// block in the same state.
+fn finish_bumps(
+    inner: &Inner,
+    state: ReplicaState,
+    files: &mut BTreeMap<(BlockId, GenStamp), Found>,
+) -> Result<(), StoreError> {
+    let lone_meta: Vec<(BlockId, GenStamp)> = files
+        .iter()
+        .filter(|(_, f)| f.meta && !f.data)
+        .map(|(&k, _)| k)
+        .collect();
+    for (block, new) in lone_meta {
+        let old = files
+            .range((block, GenStamp(0))..(block, new))
+            .rev()
+            .find(|(_, f)| f.data && !f.meta)
+            .map(|(&(_, gs), _)| gs);
+        let Some(old) = old else { continue };
+        let (od, _) = inner.paths(state, block, old);
+        let (nd, _) = inner.paths(state, block, new);
+        fs::rename(&od, &nd).map_err(|e| io_err("rename", &od, e))?;
+        files.remove(&(block, old));
+        if let Some(f) = files.get_mut(&(block, new)) {
+            f.data = true;
+        }
+        tracing::info!(%block, from = %old, to = %new, ?state, "finished an interrupted genstamp bump");
+    }
+    Ok(())
+}
+
 pub(super) fn scan(inner: &Inner, verify: bool) -> Result<OpenReport, StoreError> {
     let mut report = OpenReport::default();
     let mut found: HashMap<ReplicaState, BTreeMap<(BlockId, GenStamp), Found>> = HashMap::new();
@@ -210,6 +251,13 @@ pub(super) fn scan(inner: &Inner, verify: bool) -> Result<OpenReport, StoreError
         Ok(())
     };
 
+    // A genstamp bump renames meta, then data: one interrupted in between left the meta
+    // under the new stamp and the data under an older one. Finish it.
+    for state in [ReplicaState::Finalized, ReplicaState::Rbw] {
+        if let Some(files) = found.get_mut(&state) {
+            finish_bumps(inner, state, files)?;
+        }
+    }
     // Finalized replicas; a finalize interrupted between its two renames is finished.
     let finalized = found.remove(&ReplicaState::Finalized).unwrap_or_default();
     let mut rbw = found.remove(&ReplicaState::Rbw).unwrap_or_default();

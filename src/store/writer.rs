@@ -238,7 +238,9 @@ impl ReplicaWriter {
             Guard::Read(self.tail.read().await)
         };
         let short_end = !(data.len() as u64).is_multiple_of(u64::from(self.spec.bytes_per_chunk()));
-        let result = self.do_write(offset, data, crcs, short_end).await;
+        let result = self
+            .do_write(offset, data, crcs, short_end, r.exclusive)
+            .await;
         {
             let mut st = self.state();
             st.in_flight.remove(&r.ticket);
@@ -357,12 +359,17 @@ impl ReplicaWriter {
         })
     }
 
+    /// Writes data and checksums. `ordered`: the write changes the replica's tail (its
+    /// last chunk rewritten or cut short), so the data lands (and is cut to length)
+    /// before the checksum changes: a crash in between leaves the old checksum over an
+    /// unchanged prefix of the chunk, which recovery keeps.
     async fn do_write(
         &self,
         offset: u64,
         data: &[u8],
         crcs: &[u32],
         short_end: bool,
+        ordered: bool,
     ) -> Result<(), StoreError> {
         let inner = &self.store.inner;
         let engine = &inner.engine;
@@ -378,22 +385,41 @@ impl ReplicaWriter {
         let mut mbuf = aligned::AlignedBuf::new(crcs.len() * 4);
         mbuf.set_len(crcs.len() * 4);
         meta::encode_crcs(crcs, &mut mbuf);
-        let (dres, mres) = tokio::join!(
-            engine.write_at(&self.data, offset, dbuf),
-            engine.write_at(&self.meta, meta::crc_offset(first_chunk), mbuf),
-        );
-        dres.0.map_err(|e| io_err("write", &self.data.path, e))?;
-        mres.0.map_err(|e| io_err("write", &self.meta.path, e))?;
         let end = offset + data.len() as u64;
-        if short_end && direct {
-            // The padded tail went to disk; cut the file to the true length.
-            let data = self.data.clone();
-            blocking(move || {
-                data.file
-                    .set_len(end)
-                    .map_err(|e| io_err("truncate", &data.path, e))
-            })
-            .await?;
+        let cut = async {
+            if short_end && direct {
+                // The padded tail went to disk; cut the file to the true length.
+                let data = self.data.clone();
+                blocking(move || {
+                    data.file
+                        .set_len(end)
+                        .map_err(|e| io_err("truncate", &data.path, e))
+                })
+                .await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        let meta_at = meta::crc_offset(first_chunk);
+        if ordered {
+            engine
+                .write_at(&self.data, offset, dbuf)
+                .await
+                .0
+                .map_err(|e| io_err("write", &self.data.path, e))?;
+            cut.await?;
+            engine
+                .write_at(&self.meta, meta_at, mbuf)
+                .await
+                .0
+                .map_err(|e| io_err("write", &self.meta.path, e))?;
+        } else {
+            let (dres, mres) = tokio::join!(
+                engine.write_at(&self.data, offset, dbuf),
+                engine.write_at(&self.meta, meta_at, mbuf),
+            );
+            dres.0.map_err(|e| io_err("write", &self.data.path, e))?;
+            mres.0.map_err(|e| io_err("write", &self.meta.path, e))?;
+            cut.await?;
         }
         Ok(())
     }
@@ -407,11 +433,37 @@ impl ReplicaWriter {
             return Err(self.invalid(format!("truncate to {len} beyond length {cur}")));
         }
         let chunks = self.spec.chunks_for(len);
+        let (spec, block) = (self.spec, self.block);
         let (data, meta) = (self.data.clone(), self.meta.clone());
         blocking(move || {
             data.file
                 .set_len(len)
                 .map_err(|e| io_err("truncate", &data.path, e))?;
+            // Cut inside a chunk (a resume at an hflushed length): that chunk's checksum
+            // now covers only the bytes kept.
+            let bpc = u64::from(spec.bytes_per_chunk());
+            if !len.is_multiple_of(bpc) {
+                let start = len / bpc * bpc;
+                let mut buf = aligned::AlignedBuf::new(bpc as usize);
+                buf.set_len(bpc as usize);
+                let n = read_full_at(&data.file, &mut buf, start)
+                    .map_err(|e| io_err("read", &data.path, e))?;
+                let kept = (len - start) as usize;
+                if n < kept {
+                    return Err(StoreError::Invalid {
+                        block,
+                        reason: format!("truncate to {len}: only {} bytes there", start + n as u64),
+                    });
+                }
+                let mut crc = [0u8; 4];
+                meta::encode_crcs(&[spec.checksum(&buf[..kept])], &mut crc);
+                std::os::unix::fs::FileExt::write_all_at(
+                    &meta.file,
+                    &crc,
+                    meta::crc_offset(start / bpc),
+                )
+                .map_err(|e| io_err("write", &meta.path, e))?;
+            }
             meta.file
                 .set_len(meta::crc_offset(chunks))
                 .map_err(|e| io_err("truncate", &meta.path, e))?;
@@ -504,4 +556,18 @@ impl ReplicaWriter {
 enum Guard<'a> {
     Read(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
     Write(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+}
+
+/// Reads into `buf` at `offset` until it is full or the file ends; returns the count.
+fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match std::os::unix::fs::FileExt::read_at(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
