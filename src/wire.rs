@@ -144,6 +144,9 @@ pub enum Status {
     Exists = 8,
     /// The node holds the block at another generation stamp than the one asked for.
     Stale = 9,
+    /// The peer's certificate does not allow the request (a client asking for what only
+    /// nodes may do).
+    Denied = 10,
 }
 
 macro_rules! u8_enum {
@@ -171,7 +174,8 @@ u8_enum!(
     NotFound,
     Corrupt,
     Exists,
-    Stale
+    Stale,
+    Denied
 );
 
 /// Opens a write pipeline on the receiving node.
@@ -196,6 +200,10 @@ pub struct WriteBlock {
     /// Async mode, to the pipeline head only: the remote-IDC targets the head queues in
     /// its replication log once the block is final in the local IDC.
     pub remote_targets: Vec<String>,
+    /// The client whose write this is, when a client wrote it: set by the pipeline head
+    /// from the client's certificate (never taken from the client), forwarded by relays.
+    /// Lets every node of the pipeline recognise that client's recovery of its own write.
+    pub origin: Option<String>,
 }
 
 /// Packet flags.
@@ -389,6 +397,7 @@ impl Frame {
                 put_spec(dst, w.checksum);
                 dst.put_u8(w.compression as u8);
                 put_names(dst, &w.remote_targets);
+                put_names(dst, w.origin.as_slice());
             }
             Frame::Packet(p) => {
                 dst.put_u8(T_PACKET);
@@ -581,6 +590,16 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
             checksum: r.spec()?,
             compression: Compression::from_u8(r.u8("compression")?)?,
             remote_targets: r.names()?,
+            origin: {
+                let mut o = r.names()?;
+                if o.len() > 1 {
+                    return Err(WireError::BadValue {
+                        what: "origin count",
+                        value: o.len() as u64,
+                    });
+                }
+                o.pop()
+            },
         }),
         T_PACKET => {
             let seq = r.u64("seq")?;
@@ -760,6 +779,7 @@ mod tests {
                 checksum: ChecksumSpec::default(),
                 compression: Compression::Zstd,
                 remote_targets: vec!["b3".into()],
+                origin: Some("client-a".into()),
             }),
             packet(0),
             packet(10_000),
@@ -903,7 +923,7 @@ mod tests {
         ]
     }
     fn arb_status() -> impl Strategy<Value = Status> {
-        (0u8..10).prop_map(|b| Status::from_u8(b).unwrap())
+        (0u8..11).prop_map(|b| Status::from_u8(b).unwrap())
     }
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let off = 0..=MAX_BLOCK_SIZE;
@@ -917,10 +937,11 @@ mod tests {
                 arb_class(),
                 arb_spec(),
                 any::<bool>(),
-                proptest::collection::vec(arb_name(), 0..=MAX_TARGETS)
+                proptest::collection::vec(arb_name(), 0..=MAX_TARGETS),
+                proptest::option::of(arb_name())
             )
                 .prop_map(
-                    |(b, g, o, targets, sync, class, checksum, z, remote_targets)| {
+                    |(b, g, o, targets, sync, class, checksum, z, remote_targets, origin)| {
                         Frame::WriteBlock(WriteBlock {
                             block: BlockId(b),
                             genstamp: GenStamp(g),
@@ -939,6 +960,7 @@ mod tests {
                                 Compression::None
                             },
                             remote_targets,
+                            origin,
                         })
                     }
                 ),

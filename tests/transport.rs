@@ -429,8 +429,28 @@ async fn unreachable_peer_fails_in_bounded_time() {
 async fn identity_files_round_trip_and_bad_files_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let ca = CertAuthority::generate("test CA").unwrap();
+    // An a1.key left world-readable by someone: writing it again makes it 0600.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(dir.path().join("a1.key"), "old").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("a1.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let files = ca.write_files(dir.path(), ["a1", "b1"]).unwrap();
-    assert_eq!(files.len(), 6);
+    assert_eq!(
+        files.len(),
+        5,
+        "ca.pem and two identities; no CA key among them"
+    );
+    assert!(
+        !dir.path().join("ca.key").exists(),
+        "the CA key stays out of node directories"
+    );
+    let key_dir = tempfile::tempdir().unwrap();
+    let ca_key = ca.write_ca_key(&key_dir.path().join("ca.key")).unwrap();
+    let mode = std::fs::metadata(&ca_key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
     TlsIdentity::from_pem_files(
         &dir.path().join("ca.pem"),
         &dir.path().join("a1.pem"),
@@ -453,12 +473,27 @@ async fn identity_files_round_trip_and_bad_files_are_errors() {
         )
         .is_err()
     );
-    use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir.path().join("a1.key"))
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    // A key others can read is refused at load, with the file and its mode named.
+    std::fs::set_permissions(
+        dir.path().join("b1.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let e = TlsIdentity::from_pem_files(
+        &dir.path().join("ca.pem"),
+        &dir.path().join("b1.pem"),
+        &dir.path().join("b1.key"),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("b1.key") && e.to_string().contains("644"),
+        "{e}"
+    );
 }
 
 use rustls::pki_types::pem::PemObject;

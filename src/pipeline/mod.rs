@@ -41,9 +41,10 @@ use std::time::Duration;
 use crate::block::{BlockId, ChecksumSpec, GenStamp};
 use crate::context::NodeContext;
 use crate::replication::ReplicationQueue;
+use crate::store::ReplicaState;
 use crate::topology::NodeId;
-use crate::transport::{Stream, TransportError};
-use crate::wire::{ErrorFrame, Frame, Status, TrafficClass, WriteBlock, WriteMode};
+use crate::transport::{PeerRole, Stream, TransportError};
+use crate::wire::{CopyBlock, ErrorFrame, Frame, Status, TrafficClass, WriteBlock, WriteMode};
 
 pub use writer::{AckHistogram, Writer};
 
@@ -175,6 +176,17 @@ pub enum WriteError {
         /// What the node said.
         reason: String,
     },
+    /// A node refused the request because this node's certificate does not allow it (a
+    /// client replacing a finalized replica, or recovering a write that is not its own).
+    #[error("{block}: {node} refused: {reason}")]
+    Denied {
+        /// The block.
+        block: BlockId,
+        /// The node that refused.
+        node: String,
+        /// What it said.
+        reason: String,
+    },
     /// A node of a write that does not recover ([`WriteParams::recover`] false) failed.
     #[error("{block}: {node} failed: {reason}")]
     NodeFailed {
@@ -211,8 +223,8 @@ pub enum WriteError {
 /// failed, and why.
 struct SetupFailure {
     index: usize,
-    /// The node answered [`Status::Exists`].
-    exists: bool,
+    /// What the node answered, when it answered.
+    status: Option<Status>,
     why: String,
 }
 
@@ -220,7 +232,7 @@ impl From<(usize, String)> for SetupFailure {
     fn from((index, why): (usize, String)) -> Self {
         SetupFailure {
             index,
-            exists: false,
+            status: None,
             why,
         }
     }
@@ -234,6 +246,35 @@ pub(crate) struct Pipelines {
     /// This node's replication queue: where an async pipeline headed here queues the
     /// remote copy, and whose RPO policy admits async writes from here.
     pub(crate) queue: Option<Arc<ReplicationQueue>>,
+    /// Which client wrote each block written here by a client (bounded, oldest forgotten
+    /// first): that client, and only it, may recover the write.
+    origins: std::sync::Mutex<Origins>,
+}
+
+/// Blocks written here by clients, and by which; at most [`Origins::CAP`] of them.
+#[derive(Default)]
+struct Origins {
+    by_block: std::collections::HashMap<BlockId, NodeId>,
+    order: std::collections::VecDeque<BlockId>,
+}
+
+impl Origins {
+    const CAP: usize = 1 << 16;
+
+    fn get(&self, block: BlockId) -> Option<NodeId> {
+        self.by_block.get(&block).copied()
+    }
+
+    fn record(&mut self, block: BlockId, writer: NodeId) {
+        if self.by_block.insert(block, writer).is_none() {
+            self.order.push_back(block);
+            while self.order.len() > Self::CAP {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_block.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 impl Pipelines {
@@ -247,7 +288,65 @@ impl Pipelines {
             config,
             relays: Default::default(),
             queue,
+            origins: Default::default(),
         })
+    }
+
+    fn origins(&self) -> std::sync::MutexGuard<'_, Origins> {
+        self.origins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the peer of `s` may open this pipeline. A node may; a client may create a
+    /// block that has no finalized replica here, and resume only its own write. Fills in
+    /// the request's origin for the nodes downstream: the client itself, or (from a
+    /// node) what that node said.
+    fn authorize_write(&self, s: &Stream, req: &mut WriteBlock) -> Result<(), String> {
+        let topo = &self.ctx.topology;
+        let origin = match s.role {
+            PeerRole::Client => Some(s.peer),
+            PeerRole::Node => req.origin.as_deref().and_then(|n| topo.node_by_name(n)),
+        };
+        req.origin = origin.map(|o| self.ctx.name(o).to_string());
+        if s.role == PeerRole::Client {
+            let own = self.origins().get(req.block) == Some(s.peer);
+            match self.ctx.store.get(req.block) {
+                Some(r) if req.offset == 0 && r.state == ReplicaState::Finalized => {
+                    return Err(format!(
+                        "a client may not replace the finalized replica at {}",
+                        r.genstamp
+                    ));
+                }
+                Some(_) if !own => {
+                    return Err("the replica here is another writer's".into());
+                }
+                None if req.offset > 0 => {
+                    return Err("a client may only resume its own write".into());
+                }
+                _ => {}
+            }
+        }
+        if let Some(o) = origin {
+            self.origins().record(req.block, o);
+        }
+        Ok(())
+    }
+
+    /// Whether the peer of `s` may have this node copy a replica: a node may; a client
+    /// only the prefix of its own write in progress (to bring a spare into it).
+    fn authorize_copy(&self, s: &Stream, req: &CopyBlock) -> Result<(), String> {
+        if s.role == PeerRole::Node {
+            return Ok(());
+        }
+        let in_progress = self
+            .ctx
+            .store
+            .get(req.block)
+            .is_some_and(|r| r.state == ReplicaState::Rbw);
+        if in_progress && self.origins().get(req.block) == Some(s.peer) {
+            Ok(())
+        } else {
+            Err("a client may only copy its own write in progress".into())
+        }
     }
 
     /// Relays registered now (blocks being written through this node).
@@ -255,11 +354,36 @@ impl Pipelines {
         self.relays.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Serves a stream whose first frame was `first`, if it is one of the pipeline's.
-    pub(crate) async fn serve(self: Arc<Self>, s: Stream, first: Frame) {
+    /// Serves a stream whose first frame was `first`, if it is one of the pipeline's and
+    /// the peer's role allows it.
+    pub(crate) async fn serve(self: Arc<Self>, mut s: Stream, first: Frame) {
         match first {
-            Frame::WriteBlock(req) => relay::serve(self, s, req).await,
-            Frame::CopyBlock(req) => copy::serve(self, s, req).await,
+            Frame::WriteBlock(mut req) => match self.authorize_write(&s, &mut req) {
+                Ok(()) => relay::serve(self, s, req).await,
+                Err(why) => {
+                    tracing::warn!(block = %req.block, peer = %self.ctx.name(s.peer), reason = why, "write refused");
+                    let _ = s
+                        .writer
+                        .send(&Frame::Ack(crate::wire::Ack {
+                            seq: SETUP_SEQ,
+                            statuses: vec![Status::Denied],
+                        }))
+                        .await;
+                }
+            },
+            Frame::CopyBlock(req) => match self.authorize_copy(&s, &req) {
+                Ok(()) => copy::serve(self, s, req).await,
+                Err(message) => {
+                    tracing::warn!(block = %req.block, peer = %self.ctx.name(s.peer), reason = message, "copy refused");
+                    let _ = s
+                        .writer
+                        .send(&Frame::Error(ErrorFrame {
+                            status: Status::Denied,
+                            message,
+                        }))
+                        .await;
+                }
+            },
             other => refuse(s, &other).await,
         }
     }

@@ -338,7 +338,7 @@ impl Writer {
                 }
                 Err(SetupFailure {
                     index,
-                    exists: true,
+                    status: Some(Status::Exists),
                     why,
                 }) if offset == 0 => {
                     // The block id is in use there: the caller's mistake, not a failed
@@ -346,6 +346,19 @@ impl Writer {
                     self.broken = true;
                     let node = self.win.targets().nth(index).unwrap_or(self.win.first());
                     return Err(WriteError::BlockExists {
+                        block: self.block,
+                        node: self.name(node),
+                        reason: why,
+                    });
+                }
+                Err(SetupFailure {
+                    index,
+                    status: Some(Status::Denied),
+                    why,
+                }) => {
+                    self.broken = true;
+                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
+                    return Err(WriteError::Denied {
                         block: self.block,
                         node: self.name(node),
                         reason: why,
@@ -399,6 +412,8 @@ impl Writer {
             compression: self.compression(),
             // Async: the head queues the remote copy once the block is final locally.
             remote_targets: self.remote.iter().map(|&t| self.name(t)).collect(),
+            // Set by the head from this node's certificate when it is a client.
+            origin: None,
         };
         let timeout = self.svc.config.setup_timeout;
         let mut s = tokio::time::timeout(timeout, open_hop(&self.svc, first))
@@ -411,7 +426,7 @@ impl Writer {
         if let Some(i) = statuses.iter().position(|s| *s != Status::Success) {
             return Err(SetupFailure {
                 index: i,
-                exists: statuses[i] == Status::Exists,
+                status: Some(statuses[i]),
                 why: format!("setup refused: {:?}", statuses[i]),
             });
         }
@@ -461,6 +476,19 @@ impl Writer {
             }
             self.win.bump_genstamp();
             match self.try_establish(resume).await {
+                Err(SetupFailure {
+                    index,
+                    status: Some(Status::Denied),
+                    why,
+                }) => {
+                    self.broken = true;
+                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
+                    return Err(WriteError::Denied {
+                        block: self.block,
+                        node: self.name(node),
+                        reason: why,
+                    });
+                }
                 Err(SetupFailure { index: i, why, .. }) => {
                     let f = self.drop_target(i, &why)?;
                     to_replace.push((i, f));

@@ -35,7 +35,7 @@ use tokio::sync::{Mutex as AsyncMutex, mpsc};
 
 use crate::topology::{NodeId, Tier, Topology};
 pub use framed::{ByteSink, FrameReader, FrameWriter, FramedError, IoSink};
-pub use tls::{CertAuthority, TlsIdentity};
+pub use tls::{CertAuthority, PeerRole, TlsIdentity};
 
 /// How a hop is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
@@ -169,6 +169,9 @@ impl Default for TransportConfig {
 pub struct Stream {
     /// The peer.
     pub peer: NodeId,
+    /// What the peer's certificate lets it do (for streams a peer opened; streams this
+    /// node opens go to nodes it chose).
+    pub role: PeerRole,
     /// How it is carried.
     pub kind: LinkKind,
     /// Frames from the peer.
@@ -440,6 +443,7 @@ impl Transport {
             let (r, w) = tokio::io::split(s);
             Stream {
                 peer: me,
+                role: PeerRole::Node,
                 kind: LinkKind::Local,
                 reader: FrameReader::new(Source::Local(r)),
                 writer: FrameWriter::new(Sink::Local(IoSink(w))).with_filter(self.attach(me)),
@@ -572,6 +576,7 @@ impl Transport {
                 Ok(Ok((send, recv))) => {
                     return Ok(Stream {
                         peer,
+                        role: PeerRole::Node,
                         kind: LinkKind::Quic,
                         reader: FrameReader::new(Source::Quic(recv)),
                         writer: FrameWriter::new(Sink::Quic(send)).with_filter(self.attach(peer)),
@@ -628,6 +633,7 @@ impl Transport {
         let (r, w) = tokio::io::split(tokio_rustls::TlsStream::Client(tls));
         Ok(Stream {
             peer,
+            role: PeerRole::Node,
             kind: LinkKind::TcpTls,
             reader: FrameReader::new(Source::Tcp(r)),
             writer: FrameWriter::new(Sink::Tcp(IoSink(w))).with_filter(self.attach(peer)),
@@ -638,11 +644,12 @@ impl Transport {
     fn identify(
         &self,
         certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
-    ) -> Result<NodeId, TransportError> {
+    ) -> Result<(NodeId, PeerRole), TransportError> {
         let cert = certs
             .and_then(|c| c.first())
             .ok_or_else(|| TransportError::PeerIdentity("no client certificate".into()))?;
         let name = tls::peer_name(cert)?;
+        let role = tls::peer_role(cert);
         let id = self.inner.topology.node_by_name(&name).ok_or_else(|| {
             TransportError::PeerIdentity(format!(
                 "certificate names {name:?}, which is not a node of the topology"
@@ -653,7 +660,7 @@ impl Transport {
                 "peer claims to be this node ({name})"
             )));
         }
-        Ok(id)
+        Ok((id, role))
     }
 
     /// Stops accepting, closes every connection and releases the sockets (within the
@@ -725,7 +732,7 @@ async fn accept_quic(t: Transport, tx: mpsc::Sender<Stream>) {
                 id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                     .ok()
             });
-            let peer = match t.identify(certs.as_deref().map(Vec::as_slice)) {
+            let (peer, role) = match t.identify(certs.as_deref().map(Vec::as_slice)) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(remote = %conn.remote_address(), error = %e, "refusing QUIC peer");
@@ -736,6 +743,7 @@ async fn accept_quic(t: Transport, tx: mpsc::Sender<Stream>) {
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let s = Stream {
                     peer,
+                    role,
                     kind: LinkKind::Quic,
                     reader: FrameReader::new(Source::Quic(recv)),
                     writer: FrameWriter::new(Sink::Quic(send)).with_filter(t.attach(peer)),
@@ -778,7 +786,7 @@ async fn accept_tcp(
                     return;
                 }
             };
-            let peer = match t.identify(tls.get_ref().1.peer_certificates()) {
+            let (peer, role) = match t.identify(tls.get_ref().1.peer_certificates()) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "refusing TCP peer");
@@ -789,6 +797,7 @@ async fn accept_tcp(
             let _ = tx
                 .send(Stream {
                     peer,
+                    role,
                     kind: LinkKind::TcpTls,
                     reader: FrameReader::new(Source::Tcp(r)),
                     writer: FrameWriter::new(Sink::Tcp(IoSink(w))).with_filter(t.attach(peer)),

@@ -49,8 +49,21 @@ fn tls_err(what: impl Into<String>) -> TransportError {
 }
 
 impl TlsIdentity {
-    /// Loads PEM files: the CA certificate, the node's certificate (chain), its key.
+    /// Loads PEM files: the CA certificate, the node's certificate (chain), its key. A key
+    /// file that its group or other users may read is refused.
     pub fn from_pem_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TransportError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(key)
+            .map_err(|e| tls_err(format!("{}: {e}", key.display())))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(tls_err(format!(
+                "{}: private key is readable by others (mode {:o}); chmod 600 it",
+                key.display(),
+                mode & 0o777
+            )));
+        }
         let read =
             |p: &Path| std::fs::read(p).map_err(|e| tls_err(format!("{}: {e}", p.display())));
         Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?).map_err(|e| {
@@ -138,6 +151,57 @@ pub fn peer_name(cert: &CertificateDer<'_>) -> Result<String, TransportError> {
         .ok_or_else(|| TransportError::PeerIdentity("peer certificate names no node".into()))
 }
 
+/// What a certificate lets its holder do, read from a subject-alternative-name URI
+/// (`urn:strait:role:node` or `urn:strait:role:client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerRole {
+    /// A storage node: relays, copies, recovers any block.
+    Node,
+    /// A client: reads, writes new blocks, and recovers its own writes in progress. A
+    /// certificate that names no role is a client's.
+    Client,
+}
+
+impl PeerRole {
+    fn uri(self) -> &'static str {
+        match self {
+            PeerRole::Node => "urn:strait:role:node",
+            PeerRole::Client => "urn:strait:role:client",
+        }
+    }
+}
+
+impl std::fmt::Display for PeerRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerRole::Node => "node",
+            PeerRole::Client => "client",
+        })
+    }
+}
+
+/// The role a verified peer certificate grants: the role URI among its subject
+/// alternative names; none (or an unparsable certificate) is [`PeerRole::Client`].
+pub fn peer_role(cert: &CertificateDer<'_>) -> PeerRole {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return PeerRole::Client;
+    };
+    let node = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value.general_names.iter().any(|n| {
+                matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == PeerRole::Node.uri())
+            })
+        });
+    if node {
+        PeerRole::Node
+    } else {
+        PeerRole::Client
+    }
+}
+
 /// A cluster certificate authority that issues node certificates (for `strait certs`,
 /// the local cluster and tests).
 pub struct CertAuthority {
@@ -189,12 +253,20 @@ impl CertAuthority {
         &self.key_pem
     }
 
-    /// Issues a certificate for node `name`, usable as TLS server and client.
+    /// Issues a node certificate for `name`, usable as TLS server and client.
     pub fn issue(&self, name: &str) -> Result<IssuedCert, TransportError> {
+        self.issue_as(name, PeerRole::Node)
+    }
+
+    /// Issues a certificate for `name` with `role`.
+    pub fn issue_as(&self, name: &str, role: PeerRole) -> Result<IssuedCert, TransportError> {
         let key =
             rcgen::KeyPair::generate().map_err(|e| tls_err(format!("key for {name}: {e}")))?;
         let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
             .map_err(|e| tls_err(format!("certificate for {name:?}: {e}")))?;
+        let uri = rcgen::string::Ia5String::try_from(role.uri())
+            .map_err(|e| tls_err(format!("role URI: {e}")))?;
+        params.subject_alt_names.push(rcgen::SanType::URI(uri));
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
@@ -213,7 +285,12 @@ impl CertAuthority {
 
     /// The identity of node `name`, in memory.
     pub fn identity(&self, name: &str) -> Result<TlsIdentity, TransportError> {
-        let c = self.issue(name)?;
+        self.identity_as(name, PeerRole::Node)
+    }
+
+    /// The identity of `name` with `role`, in memory.
+    pub fn identity_as(&self, name: &str, role: PeerRole) -> Result<TlsIdentity, TransportError> {
+        let c = self.issue_as(name, role)?;
         TlsIdentity::from_pem(
             self.cert_pem.as_bytes(),
             c.cert_pem.as_bytes(),
@@ -221,36 +298,61 @@ impl CertAuthority {
         )
     }
 
-    /// Writes `ca.pem`, `ca.key` and `<node>.pem` / `<node>.key` for every name into `dir`;
-    /// returns the files written. Keys are written with mode 0600.
+    /// Writes `ca.pem` and `<name>.pem` / `<name>.key` for every node name into `dir`
+    /// (node certificates); returns the files written. The CA key is not among them: it
+    /// does not belong beside node keys ([`write_ca_key`](Self::write_ca_key)).
     pub fn write_files<'a>(
         &self,
         dir: &Path,
         nodes: impl IntoIterator<Item = &'a str>,
     ) -> Result<Vec<PathBuf>, TransportError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let io = |p: &Path, e: std::io::Error| tls_err(format!("{}: {e}", p.display()));
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let write = |name: String, text: &str, secret: bool| -> Result<PathBuf, TransportError> {
-            let p = dir.join(name);
-            let mut o = std::fs::OpenOptions::new();
-            o.write(true)
-                .create(true)
-                .truncate(true)
-                .mode(if secret { 0o600 } else { 0o644 });
-            let mut f = o.open(&p).map_err(|e| io(&p, e))?;
-            std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io(&p, e))?;
-            Ok(p)
-        };
-        let mut out = vec![
-            write("ca.pem".into(), &self.cert_pem, false)?,
-            write("ca.key".into(), &self.key_pem, true)?,
-        ];
-        for n in nodes {
-            let c = self.issue(n)?;
-            out.push(write(format!("{n}.pem"), &c.cert_pem, false)?);
-            out.push(write(format!("{n}.key"), &c.key_pem, true)?);
+        self.write_files_as(dir, nodes.into_iter().map(|n| (n, PeerRole::Node)))
+    }
+
+    /// Like [`write_files`](Self::write_files), each identity with its role.
+    pub fn write_files_as<'a>(
+        &self,
+        dir: &Path,
+        identities: impl IntoIterator<Item = (&'a str, PeerRole)>,
+    ) -> Result<Vec<PathBuf>, TransportError> {
+        std::fs::create_dir_all(dir).map_err(|e| tls_err(format!("{}: {e}", dir.display())))?;
+        let mut out = vec![write_pem(&dir.join("ca.pem"), &self.cert_pem, false)?];
+        for (n, role) in identities {
+            let c = self.issue_as(n, role)?;
+            out.push(write_pem(
+                &dir.join(format!("{n}.pem")),
+                &c.cert_pem,
+                false,
+            )?);
+            out.push(write_pem(&dir.join(format!("{n}.key")), &c.key_pem, true)?);
         }
         Ok(out)
     }
+
+    /// Writes the CA key to `path` (mode 0600), for issuing more certificates later.
+    pub fn write_ca_key(&self, path: &Path) -> Result<PathBuf, TransportError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| tls_err(format!("{}: {e}", dir.display())))?;
+        }
+        write_pem(path, &self.key_pem, true)
+    }
+}
+
+/// Writes PEM text to `path`; a secret ends up mode 0600 whether or not the file existed.
+fn write_pem(path: &Path, text: &str, secret: bool) -> Result<PathBuf, TransportError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| tls_err(format!("{}: {e}", path.display()));
+    let mode = if secret { 0o600 } else { 0o644 };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    // `mode` applies only to a file created now; an existing one keeps its own.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io)?;
+    Ok(path.to_path_buf())
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strait::transport::CertAuthority;
+use strait::transport::{CertAuthority, PeerRole};
 
 /// Shape of the local cluster.
 #[derive(Debug, Clone)]
@@ -163,8 +163,23 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
     std::fs::create_dir_all(dir.join("logs")).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("topology.toml"), topology_toml(spec, &nodes))
         .map_err(|e| e.to_string())?;
+    // Node and client identities in certs/ (what daemons and clients read); the CA key
+    // apart from them.
     CertAuthority::generate("strait local cluster CA")
-        .and_then(|ca| ca.write_files(&dir.join("certs"), nodes.iter().map(|n| n.name.as_str())))
+        .and_then(|ca| {
+            ca.write_files_as(
+                &dir.join("certs"),
+                nodes.iter().map(|n| {
+                    let role = if n.client {
+                        PeerRole::Client
+                    } else {
+                        PeerRole::Node
+                    };
+                    (n.name.as_str(), role)
+                }),
+            )?;
+            ca.write_ca_key(&dir.join("ca").join("ca.key"))
+        })
         .map_err(|e| e.to_string())?;
     let senders = spec.racks * spec.nodes_per_rack;
     for n in &nodes {

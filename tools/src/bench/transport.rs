@@ -173,6 +173,7 @@ async fn raw(t: &Transport, peer: NodeId, p: &TransportBenchParams) -> Result<Ph
         checksum: ChecksumSpec::default(),
         compression: Compression::None,
         remote_targets: vec![],
+        origin: None,
     });
     s.writer.send(&hello).await.map_err(|e| e.to_string())?;
     s.reader.recv().await.map_err(|e| e.to_string())?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use strait::placement::ReplicationSpec;
 use strait::topology::Topology;
-use strait::transport::CertAuthority;
+use strait::transport::{CertAuthority, PeerRole};
 use strait_tools::plan::{self, PlanParams, Summary};
 
 #[derive(Parser)]
@@ -148,9 +148,17 @@ enum Command {
         /// Topology file (TOML).
         #[arg(long, default_value = "examples/two-idc.toml")]
         topology: PathBuf,
-        /// Output directory.
+        /// Output directory for the CA certificate and the node (and client) identities.
         #[arg(long)]
         out: PathBuf,
+        /// Where the CA key goes (default: `ca.key` beside the output directory, not in
+        /// it, so that the directory can be handed to nodes).
+        #[arg(long)]
+        ca_key: Option<PathBuf>,
+        /// Names (in the topology) that get a client certificate: they may read, write new
+        /// blocks and recover their own writes, but not relay, copy or replace replicas.
+        #[arg(long, value_delimiter = ',')]
+        clients: Vec<String>,
     },
 }
 
@@ -339,13 +347,39 @@ fn run(cli: Cli) -> Result<(), String> {
                 Err(format!("{} corrupt replica(s)", report.corrupt.len()))
             }
         }
-        Command::Certs { topology, out } => {
+        Command::Certs {
+            topology,
+            out,
+            ca_key,
+            clients,
+        } => {
             let topo = Topology::from_file(&topology)
                 .map_err(|e| format!("{}: {e}", topology.display()))?;
+            if let Some(c) = clients.iter().find(|c| topo.node_by_name(c).is_none()) {
+                return Err(format!("--clients: {c:?} is not in the topology"));
+            }
             let ca = CertAuthority::generate("strait cluster CA").map_err(|e| e.to_string())?;
-            let files = ca
-                .write_files(&out, topo.nodes().iter().map(|n| n.name.as_str()))
+            let role = |n: &str| {
+                if clients.iter().any(|c| c == n) {
+                    PeerRole::Client
+                } else {
+                    PeerRole::Node
+                }
+            };
+            let mut files = ca
+                .write_files_as(
+                    &out,
+                    topo.nodes()
+                        .iter()
+                        .map(|n| (n.name.as_str(), role(&n.name))),
+                )
                 .map_err(|e| e.to_string())?;
+            let ca_key = ca_key.unwrap_or_else(|| {
+                out.parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join("ca.key")
+            });
+            files.push(ca.write_ca_key(&ca_key).map_err(|e| e.to_string())?);
             println!("wrote {} files to {}:", files.len(), out.display());
             for f in files {
                 println!("  {}", f.display());
