@@ -148,6 +148,10 @@ pub struct TransportConfig {
     /// any path (it falls back to 1200); jumbo-frame DCI links (9000) cut QUIC's
     /// per-packet CPU by ~6x compared with 1500-byte frames.
     pub quic_max_mtu: u16,
+    /// Handshakes with peers not yet authenticated, at most, per link kind: a connection
+    /// beyond this is closed at once, so that unauthenticated connections cannot take the
+    /// descriptors the store needs. Each handshake has `connect_timeout`.
+    pub max_handshakes: usize,
 }
 
 impl Default for TransportConfig {
@@ -161,6 +165,7 @@ impl Default for TransportConfig {
             min_stream_window: 8 << 20,
             accept_queue: 1024,
             quic_max_mtu: 8952,
+            max_handshakes: 256,
         }
     }
 }
@@ -367,6 +372,7 @@ impl Transport {
                 .map_err(|e| TransportError::Tls(format!("QUIC server config: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_server_crypto));
         server.transport_config(Arc::new(quic_transport(widest, &config)));
+        server.max_incoming(config.max_handshakes.max(1));
 
         let socket = udp_socket(addr, config.socket_buffer)
             .map_err(|source| TransportError::Bind { addr, source })?;
@@ -718,16 +724,30 @@ fn log_offload(socket: &std::net::UdpSocket, addr: SocketAddr) {
 }
 
 async fn accept_quic(t: Transport, tx: mpsc::Sender<Stream>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        t.inner.config.max_handshakes.max(1),
+    ));
     while let Some(incoming) = t.inner.endpoint.accept().await {
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "too many QUIC handshakes, refusing");
+            incoming.refuse();
+            continue;
+        };
         let (t, tx) = (t.clone(), tx.clone());
         tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
+            let after = t.inner.config.connect_timeout;
+            let conn = match tokio::time::timeout(after, incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "QUIC handshake from a peer failed");
                     return;
                 }
+                Err(_) => {
+                    tracing::warn!("QUIC handshake from a peer timed out");
+                    return;
+                }
             };
+            drop(permit);
             let certs = conn.peer_identity().and_then(|id| {
                 id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                     .ok()
@@ -762,6 +782,10 @@ async fn accept_tcp(
     acceptor: Arc<tokio_rustls::TlsAcceptor>,
     tx: mpsc::Sender<Stream>,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        t.inner.config.max_handshakes.max(1),
+    ));
+    let mut refused = 0u64;
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(x) => x,
@@ -770,6 +794,15 @@ async fn accept_tcp(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            // Unauthenticated connections may not hold more descriptors than this.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%remote, refused, "too many TLS handshakes, closing new connections");
+            }
+            drop(tcp);
+            continue;
         };
         tune_tcp(&tcp, &t.inner.config);
         let (t, tx, acceptor) = (t.clone(), tx.clone(), acceptor.clone());
@@ -786,6 +819,7 @@ async fn accept_tcp(
                     return;
                 }
             };
+            drop(permit);
             let (peer, role) = match t.identify(tls.get_ref().1.peer_certificates()) {
                 Ok(p) => p,
                 Err(e) => {
