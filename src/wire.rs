@@ -204,6 +204,10 @@ pub struct WriteBlock {
     /// from the client's certificate (never taken from the client), forwarded by relays.
     /// Lets every node of the pipeline recognise that client's recovery of its own write.
     pub origin: Option<String>,
+    /// A recovery of this block's pipeline (at a new generation stamp), resuming at
+    /// `offset` — which may be 0 when nothing was acknowledged yet: the replica is
+    /// resumed (or, if already finalized, checked), never created afresh.
+    pub resume: bool,
 }
 
 /// Packet flags.
@@ -398,6 +402,7 @@ impl Frame {
                 dst.put_u8(w.compression as u8);
                 put_names(dst, &w.remote_targets);
                 put_names(dst, w.origin.as_slice());
+                dst.put_u8(u8::from(w.resume));
             }
             Frame::Packet(p) => {
                 dst.put_u8(T_PACKET);
@@ -600,6 +605,16 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
                 }
                 o.pop()
             },
+            resume: match r.u8("resume")? {
+                0 => false,
+                1 => true,
+                v => {
+                    return Err(WireError::BadValue {
+                        what: "resume",
+                        value: u64::from(v),
+                    });
+                }
+            },
         }),
         T_PACKET => {
             let seq = r.u64("seq")?;
@@ -780,6 +795,7 @@ mod tests {
                 compression: Compression::Zstd,
                 remote_targets: vec!["b3".into()],
                 origin: Some("client-a".into()),
+                resume: true,
             }),
             packet(0),
             packet(10_000),
@@ -938,10 +954,23 @@ mod tests {
                 arb_spec(),
                 any::<bool>(),
                 proptest::collection::vec(arb_name(), 0..=MAX_TARGETS),
-                proptest::option::of(arb_name())
+                proptest::option::of(arb_name()),
+                any::<bool>()
             )
                 .prop_map(
-                    |(b, g, o, targets, sync, class, checksum, z, remote_targets, origin)| {
+                    |(
+                        b,
+                        g,
+                        o,
+                        targets,
+                        sync,
+                        class,
+                        checksum,
+                        z,
+                        remote_targets,
+                        origin,
+                        resume,
+                    )| {
                         Frame::WriteBlock(WriteBlock {
                             block: BlockId(b),
                             genstamp: GenStamp(g),
@@ -961,6 +990,7 @@ mod tests {
                             },
                             remote_targets,
                             origin,
+                            resume,
                         })
                     }
                 ),

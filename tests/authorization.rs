@@ -203,6 +203,7 @@ async fn a_client_cannot_order_copies_or_recover_a_write_that_is_not_its_own() {
             // What a client claims here is ignored: the head takes the origin from its
             // certificate.
             origin: Some("n2".into()),
+            resume: true,
         });
         match ask(&s.client, s.id(target), resume).await {
             Some(Frame::Ack(a)) => assert_eq!(a.statuses, vec![Status::Denied], "{via}"),
@@ -212,6 +213,46 @@ async fn a_client_cannot_order_copies_or_recover_a_write_that_is_not_its_own() {
         assert_eq!((info.genstamp, info.len), (GenStamp(1), 8192), "{via}");
     }
     w.close().await.unwrap();
+}
+
+/// A client's one-packet block whose last hop (back into idc-a) dies before any ack comes back: the two
+/// survivors have finalized it, the writer holds no ack and recovers at offset 0. That
+/// recovery is the client's own write (a resume), not a replacement of finalized
+/// replicas, so it is allowed and keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_its_own_write_at_offset_zero() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use strait::transport::filter::{FrameAction, Hop};
+    let s = setup(4).await;
+    let targets = [s.id("n1"), s.id("n3"), s.id("n2")];
+    let (n2, n3) = (s.id("n2"), s.id("n3"));
+    let killed = AtomicBool::new(false);
+    s.node("n3")
+        .transport()
+        .set_frame_filter(Some(Arc::new(move |hop: Hop, frame: &Frame| {
+            if hop == (Hop { from: n3, to: n2 })
+                && matches!(frame, Frame::Packet(_))
+                && !killed.swap(true, Ordering::Relaxed)
+            {
+                FrameAction::Kill
+            } else {
+                FrameAction::Pass
+            }
+        })));
+    let data = vec![9u8; 100];
+    let out = write(&s.client, BlockId(4), &targets, GenStamp(1), &data)
+        .await
+        .expect("the client's recovery at offset 0 is allowed");
+    assert_eq!(out.failed, vec![n2]);
+    assert_eq!(out.replicas, vec![s.id("n1"), n3]);
+    for name in ["n1", "n3"] {
+        let info = s.node(name).store().get(BlockId(4)).unwrap();
+        assert_eq!(
+            (info.state, info.genstamp, info.len),
+            (ReplicaState::Finalized, out.genstamp, 100),
+            "{name}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

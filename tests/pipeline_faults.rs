@@ -168,3 +168,23 @@ async fn recovery_after_an_hflush_keeps_the_flushed_partial_chunk() {
     assert_eq!(out.failed, vec![b1]);
     check_replicas(&c, BlockId(24), &out, &data).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_packet_block_whose_hop_dies_before_any_ack_resumes_at_zero() {
+    let c = Cluster::start().await;
+    let targets = c.ids(&["a1", "a2", "b1", "b2"]);
+    let (a2, b1) = (c.id("a2"), c.id("b1"));
+    // The only packet is also the last: a1 and a2 finalize it, the stream to b1 dies
+    // when a2 forwards it, and the writer has no ack at all. Recovery resumes at offset
+    // 0, which must be read as "resume" (keep the finalized survivors), not "create".
+    c.node("a2")
+        .transport()
+        .set_frame_filter(Some(on_nth_packet(a2, b1, 1, FrameAction::Kill)));
+    let data = pattern(23, 100);
+    let out = write(c.node("a3"), BlockId(23), &targets, &data)
+        .await
+        .expect("recovery at offset 0 keeps the survivors");
+    assert_eq!(out.failed, vec![b1]);
+    assert_eq!(out.replicas, c.ids(&["a1", "a2", "b2"]));
+    check_replicas(&c, BlockId(23), &out, &data).await;
+}

@@ -310,7 +310,7 @@ impl Pipelines {
         if s.role == PeerRole::Client {
             let own = self.origins().get(req.block) == Some(s.peer);
             match self.ctx.store.get(req.block) {
-                Some(r) if req.offset == 0 && r.state == ReplicaState::Finalized => {
+                Some(r) if !req.resume && r.state == ReplicaState::Finalized => {
                     return Err(format!(
                         "a client may not replace the finalized replica at {}",
                         r.genstamp
@@ -319,7 +319,7 @@ impl Pipelines {
                 Some(_) if !own => {
                     return Err("the replica here is another writer's".into());
                 }
-                None if req.offset > 0 => {
+                None if req.resume => {
                     return Err("a client may only resume its own write".into());
                 }
                 _ => {}

@@ -47,7 +47,7 @@ struct Registration {
 
 /// Registers a relay for a `WriteBlock`. A relay of the same block still running is
 /// taken over — cancelled and waited for — when this one is newer: a higher generation
-/// stamp (a recovery), or a fresh start (offset 0) at the same stamp (an abandoned
+/// stamp (a recovery), or a fresh start (not a resume) at the same stamp (an abandoned
 /// attempt started again). Otherwise this one is refused.
 async fn register(svc: &Pipelines, req: &WriteBlock) -> Result<Registration, (Status, String)> {
     let (block, genstamp) = (req.block, req.genstamp);
@@ -57,7 +57,7 @@ async fn register(svc: &Pipelines, req: &WriteBlock) -> Result<Registration, (St
         let mut relays = svc.relays.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = relays.get(&block)
             && !*r.done.borrow()
-            && (r.genstamp > genstamp || (r.genstamp == genstamp && req.offset > 0))
+            && (r.genstamp > genstamp || (r.genstamp == genstamp && req.resume))
         {
             return Err((
                 Status::Stale,
@@ -214,7 +214,7 @@ async fn open_replica(shared: &NodeContext, req: &WriteBlock) -> Result<Local, (
     let store = &shared.store;
     let existing = store.get(req.block);
     let fail = |e: StoreError| (Status::from(&e), e.to_string());
-    if req.offset == 0 {
+    if !req.resume {
         if let Some(r) = existing {
             if r.state == ReplicaState::Finalized && r.genstamp >= req.genstamp {
                 return Err((
@@ -420,7 +420,7 @@ async fn relay(
         }
     }
     let setup_ok = statuses.iter().all(|s| *s == Status::Success);
-    if !setup_ok && req.offset == 0 {
+    if !setup_ok && !req.resume {
         // A new replica nobody will write to is removed again, before upstream hears of
         // the refusal (so the writer sees no leftovers); a resumed one stays for the
         // writer's next recovery attempt.

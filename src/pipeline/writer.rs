@@ -331,7 +331,9 @@ impl Writer {
     /// node, drops it and tries again with the rest.
     async fn establish(&mut self, offset: u64) -> Result<(), WriteError> {
         loop {
-            match self.try_establish(offset).await {
+            // A first setup creates the replicas (a retry after a refusal too: the refused
+            // attempt's replicas were removed); only a recovery resumes them.
+            match self.try_establish(offset, offset > 0).await {
                 Ok(p) => {
                     self.pipe = Some(p);
                     return Ok(());
@@ -399,7 +401,7 @@ impl Writer {
 
     /// Opens the first hop and sends the `WriteBlock`; on failure, says which node failed
     /// setup, and why.
-    async fn try_establish(&mut self, offset: u64) -> Result<Pipe, SetupFailure> {
+    async fn try_establish(&mut self, offset: u64, resume: bool) -> Result<Pipe, SetupFailure> {
         let first = self.win.first();
         let req = WriteBlock {
             block: self.block,
@@ -414,6 +416,7 @@ impl Writer {
             remote_targets: self.remote.iter().map(|&t| self.name(t)).collect(),
             // Set by the head from this node's certificate when it is a client.
             origin: None,
+            resume,
         };
         let timeout = self.svc.config.setup_timeout;
         let mut s = tokio::time::timeout(timeout, open_hop(&self.svc, first))
@@ -475,7 +478,7 @@ impl Writer {
                 self.try_replace(at, failed, resume).await;
             }
             self.win.bump_genstamp();
-            match self.try_establish(resume).await {
+            match self.try_establish(resume, true).await {
                 Err(SetupFailure {
                     index,
                     status: Some(Status::Denied),

@@ -55,7 +55,9 @@ fn parse_manifest(text: &str) -> Result<Vec<ManifestEntry>, String> {
         .collect()
 }
 
-async fn client(dir: &Path, idc: &str) -> Result<(Node, Arc<Topology>), String> {
+/// An in-process client node of the local cluster in `dir`, with the client identity of
+/// `idc` (`client-a` for `idc-a`, …), and the cluster's topology.
+pub async fn client(dir: &Path, idc: &str) -> Result<(Node, Arc<Topology>), String> {
     let topo = Arc::new(Topology::from_file(dir.join("topology.toml")).map_err(|e| e.to_string())?);
     let id = topo
         .idc_by_name(idc)

@@ -6,6 +6,7 @@
 //! - [`client`]: `put` and `get` against a running local cluster.
 //! - [`dciemu`]: the DCI emulator (UDP relay with delay, rate cap, loss).
 //! - [`fsck`]: verify every replica of a stopped store.
+//! - [`helpers`]: the daemon and DCI-emulator subcommands a cluster is made of.
 //! - [`demo`]: the main job: a local cluster through sync, async, an IDC outage and back.
 
 pub mod bench;
@@ -14,4 +15,5 @@ pub mod cluster;
 pub mod dciemu;
 pub mod demo;
 pub mod fsck;
+pub mod helpers;
 pub mod plan;

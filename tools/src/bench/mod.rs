@@ -2,6 +2,7 @@
 //! disk, raw QUIC stream) in the same run. Each prints a human table, then one JSON object
 //! as its last line so results can be compared across commits.
 
+pub mod chaos;
 pub mod dci;
 pub mod pipeline;
 pub mod store;

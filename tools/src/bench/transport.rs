@@ -174,6 +174,7 @@ async fn raw(t: &Transport, peer: NodeId, p: &TransportBenchParams) -> Result<Ph
         compression: Compression::None,
         remote_targets: vec![],
         origin: None,
+        resume: false,
     });
     s.writer.send(&hello).await.map_err(|e| e.to_string())?;
     s.reader.recv().await.map_err(|e| e.to_string())?;

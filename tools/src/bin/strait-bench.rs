@@ -23,6 +23,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Faults on real processes: a local cluster of daemons (2 IDCs x 4) with sync and
+    /// async writers, while a seeded schedule kill -9s and restarts daemons and freezes
+    /// one now and then; then every acknowledged block is read back from both IDCs.
+    Chaos {
+        /// Work directory of the cluster (emptied first).
+        #[arg(long, default_value = "target/strait-bench-chaos")]
+        dir: PathBuf,
+        /// Seconds of writing under chaos.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// kill -9 + restart events.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// SIGSTOP/SIGCONT (3 s) events: a daemon that goes silent without closing.
+        #[arg(long, default_value_t = 3)]
+        stalls: usize,
+        /// Concurrent writers (half sync, half async; from both IDCs).
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        /// Bytes per block.
+        #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+        block_size: usize,
+        /// Seed of the schedule.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Rate of the emulated DCI (async writers keep to it between them).
+        #[arg(long, default_value = "200mbit", value_parser = parse_rate)]
+        dci_rate: u64,
+    },
+    /// A daemon of a bench cluster (the chaos scenario starts these).
+    #[command(hide = true)]
+    Node(strait_tools::helpers::NodeArgs),
+    /// A DCI emulator of a bench cluster.
+    #[command(hide = true)]
+    DciEmu(strait_tools::helpers::DciEmuArgs),
     /// Block store: write then verified read of N replicas, per backend, against raw
     /// io_uring O_DIRECT.
     Store {
@@ -141,6 +176,24 @@ fn parse_size(s: &str) -> Result<usize, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The processes of a bench cluster run with runtimes of their own.
+    let helper = match cli.scenario {
+        Scenario::Node(args) => Some(strait_tools::helpers::run_node(args)),
+        Scenario::DciEmu(args) => Some(strait_tools::helpers::run_dci_emu(args)),
+        scenario => {
+            return bench(scenario);
+        }
+    };
+    match helper {
+        Some(Err(e)) => {
+            eprintln!("strait-bench: {e}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn bench(scenario: Scenario) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -152,7 +205,30 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        match cli.scenario {
+        match scenario {
+            Scenario::Chaos {
+                dir,
+                seconds,
+                kills,
+                stalls,
+                writers,
+                block_size,
+                seed,
+                dci_rate,
+            } => {
+                strait_tools::bench::chaos::run(&strait_tools::bench::chaos::ChaosParams {
+                    dir,
+                    seconds,
+                    kills,
+                    stalls,
+                    writers,
+                    block_size,
+                    seed,
+                    dci_rate,
+                })
+                .await
+            }
+            Scenario::Node(_) | Scenario::DciEmu(_) => Err("not a benchmark".to_string()),
             Scenario::Store {
                 dir,
                 replicas,

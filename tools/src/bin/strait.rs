@@ -49,26 +49,7 @@ enum Command {
     },
     /// Emulate a WAN DCI link: relay UDP from --listen to --target with a one-way delay, a
     /// rate cap with a bounded queue, and random loss, in both directions.
-    DciEmu {
-        /// Address to receive on.
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        /// Address to forward to.
-        #[arg(long)]
-        target: std::net::SocketAddr,
-        /// Rate cap per direction (0: none).
-        #[arg(long, default_value = "1gbit")]
-        rate: String,
-        /// One-way delay.
-        #[arg(long, default_value = "5ms")]
-        delay: String,
-        /// Queue limit per direction.
-        #[arg(long, default_value = "4MiB")]
-        queue: String,
-        /// Loss probability, 0..=1.
-        #[arg(long, default_value_t = 0.0)]
-        loss: f64,
-    },
+    DciEmu(strait_tools::helpers::DciEmuArgs),
     /// Write a file into the local cluster (blocks placed by spec); prints the manifest.
     Put {
         /// The file.
@@ -123,11 +104,7 @@ enum Command {
     },
     /// Run a storage node (the daemon) from a TOML configuration file, until
     /// SIGTERM or SIGINT. Same as `cargo run --example daemon -- --config FILE`.
-    Node {
-        /// The node's configuration file.
-        #[arg(long)]
-        config: PathBuf,
-    },
+    Node(strait_tools::helpers::NodeArgs),
     /// Start or stop a local multi-IDC cluster of daemons behind DCI emulators.
     Cluster {
         #[command(subcommand)]
@@ -206,43 +183,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::DciEmu {
-            listen,
-            target,
-            rate,
-            delay,
-            queue,
-            loss,
-        } => {
-            use strait::units;
-            let rate = if rate == "0" {
-                0
-            } else {
-                units::parse_rate(&rate).map_err(|e| format!("--rate: {e}"))?
-            };
-            let params = strait_tools::dciemu::LinkParams {
-                rate,
-                delay: units::parse_duration(&delay).map_err(|e| format!("--delay: {e}"))?,
-                queue_bytes: units::parse_bytes(&queue).map_err(|e| format!("--queue: {e}"))?,
-                loss: if (0.0..=1.0).contains(&loss) {
-                    loss
-                } else {
-                    return Err("--loss must be within 0..=1".into());
-                },
-            };
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            println!(
-                "dci-emu: {listen} -> {target}, {} per direction, +{delay}, queue {queue}, loss {loss}",
-                units::fmt_rate(rate)
-            );
-            rt.block_on(strait_tools::dciemu::run(
-                listen,
-                target,
-                params,
-                Default::default(),
-            ))
-            .map_err(|e| format!("dci-emu: {e}"))
-        }
+        Command::DciEmu(args) => strait_tools::helpers::run_dci_emu(args),
         Command::Put {
             file,
             dir,
@@ -296,18 +237,7 @@ fn run(cli: Cli) -> Result<(), String> {
             print!("{report}");
             Ok(())
         }
-        Command::Node { config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            rt.block_on(strait::daemon::run(&config))
-                .map_err(|e| e.to_string())
-        }
+        Command::Node(args) => strait_tools::helpers::run_node(args),
         Command::Cluster { action } => match action {
             ClusterAction::Up {
                 dir,
