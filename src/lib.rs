@@ -40,6 +40,7 @@ pub mod pipeline;
 pub mod placement;
 pub mod read;
 pub mod replication;
+pub mod scheduler;
 pub mod store;
 pub mod topology;
 pub mod transfer;

@@ -161,6 +161,16 @@ macro_rules! u8_enum {
 }
 u8_enum!(WriteMode, "write mode", Sync, Async);
 u8_enum!(TrafficClass, "traffic class", Sync, Read, Async, Repair);
+
+impl TrafficClass {
+    /// Every class, highest priority first.
+    pub const ALL: [TrafficClass; 4] = [
+        TrafficClass::Sync,
+        TrafficClass::Read,
+        TrafficClass::Async,
+        TrafficClass::Repair,
+    ];
+}
 u8_enum!(Compression, "compression", None, Zstd);
 u8_enum!(
     Status,

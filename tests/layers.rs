@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     // Pure cores and vocabulary.
     &["units", "block"],
     &["topology", "wire"],
-    &["placement", "metrics"],
+    &["placement", "scheduler", "metrics"],
     // IO shells that know nothing of a node.
     &["store", "transport", "replication"],
     &["dci"],

@@ -25,12 +25,7 @@ use std::time::{Duration, Instant};
 use crate::wire::TrafficClass;
 
 /// Classes in priority order.
-pub const CLASSES: [TrafficClass; 4] = [
-    TrafficClass::Sync,
-    TrafficClass::Read,
-    TrafficClass::Async,
-    TrafficClass::Repair,
-];
+pub const CLASSES: [TrafficClass; 4] = TrafficClass::ALL;
 
 const NANOS: u128 = 1_000_000_000;
 

@@ -1,0 +1,16 @@
+//! The transfer scheduler's cores: where copies come from and how the DCI budget is
+//! shared. Pure: no runtime, no clock (every call that needs time takes `now`).
+//!
+//! - [`route`]: source and route choice on the topology's tiers (node < rack switch <
+//!   IDC < DCI) for async replication, the spare copy and repair: fewest high tiers,
+//!   one DCI crossing per remote IDC, load spread over sources.
+//! - [`shares`]: cluster-wide DCI shares. Members of a link report demand per class; an
+//!   allocator answers with leased grants, weighted max-min fair in class priority order
+//!   (reserved before spot); the sum of what members use stays within the budget at every
+//!   instant, including while grants change and when the allocator dies.
+
+pub mod route;
+pub mod shares;
+
+pub use route::{CopyPlan, Leg, SourceLoad, choose_source, plan_copy};
+pub use shares::{Allocator, Demand, Grant, Lease, Provisioning, SharesConfig, SharesError};

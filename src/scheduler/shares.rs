@@ -1,0 +1,800 @@
+//! Cluster-wide DCI shares: one allocator per link direction turns the demand its
+//! senders report into rates, in the spirit of Google's BwE. Pure: every call takes `now`.
+//!
+//! **Fairness.** Demand is reported per (class, provisioning) with a weight. The
+//! allocator serves levels in priority order — every `reserved` level before any `spot`
+//! one, and inside each `sync > read > async > repair` — and inside a level gives
+//! weighted max-min fair rates (water-filling) from what the higher levels left.
+//!
+//! **Safety.** Every member always owns a *floor*: an equal part of
+//! [`SharesConfig::floor`] of the budget, usable with no grant at all. A grant gives a
+//! member its floor plus a part of the rest and is valid for one *lease* from the moment
+//! the member asked (the member's clock; it asked before the allocator answered, so the
+//! member stops using it no later than the allocator stops counting it). The allocator
+//! counts each member as holding the largest of its floor and every grant it issued that
+//! has neither expired nor been superseded (the member reports which grant it applies),
+//! and never issues a grant that would make those holdings add up to more than the
+//! budget. So the sum of the rates members actually use stays within the budget at every
+//! instant: while grants change (a decrease counts until the member confirms it, an
+//! increase only uses room nobody holds), when reports or grants are lost, and when the
+//! allocator dies (grants run out, members fall back to their floors). A new allocator
+//! knows nothing of grants an old one issued, so it grants only floors for one lease.
+//!
+//! Call order: [`Allocator::handle_report`] per report, returning the grant to send
+//! back. A member holds its grant in a [`Lease`]: [`Lease::handle_grant`] on each answer,
+//! [`Lease::rate`] whenever it configures its governor, [`Lease::applied`] in its next
+//! report.
+//!
+//! Known limit: two allocators serving one link at once (a member that cannot reach the
+//! designated allocator while others can) each keep their own members within the budget,
+//! not the sum of both. The shell re-chooses the allocator only after a member has failed
+//! to reach it, and a new allocator starts quiet for a lease, which bounds the overlap.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::topology::NodeId;
+use crate::wire::TrafficClass;
+
+/// Whether a transfer is guaranteed or runs on idle capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Provisioning {
+    /// Served first; a spot transfer never takes its rate.
+    Reserved = 0,
+    /// Uses what reserved demand leaves and yields first.
+    Spot = 1,
+}
+
+impl Provisioning {
+    /// Both, in priority order.
+    pub const ALL: [Provisioning; 2] = [Provisioning::Reserved, Provisioning::Spot];
+}
+
+/// One entry of a member's demand: bytes per second it could use in `class`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand {
+    /// Purpose of the traffic.
+    pub class: TrafficClass,
+    /// Reserved or spot.
+    pub provisioning: Provisioning,
+    /// Bytes per second wanted.
+    pub rate: u64,
+    /// Relative weight among demands of the same level (at least 1).
+    pub weight: u32,
+}
+
+/// Configuration of one link direction's allocator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharesConfig {
+    /// The link's budget, bytes per second.
+    pub budget: u64,
+    /// Fraction (0..1) of the budget split equally among members as floors: what a
+    /// member may always use. Larger floors keep traffic moving while no allocator
+    /// answers; smaller ones let a single sender get closer to the whole budget.
+    pub floor: f64,
+    /// How long a grant is valid.
+    pub lease: Duration,
+    /// The nodes that send on this link.
+    pub members: Vec<NodeId>,
+}
+
+impl SharesConfig {
+    /// Defaults for a link of `budget` bytes/s shared by `members`: 4 % in floors, a
+    /// 2 s lease (members report four times a lease).
+    pub fn new(budget: u64, members: Vec<NodeId>) -> Self {
+        SharesConfig {
+            budget,
+            floor: 0.04,
+            lease: Duration::from_secs(2),
+            members,
+        }
+    }
+
+    /// The floor of one member, bytes per second.
+    pub fn floor_rate(&self) -> u64 {
+        let n = self.members.len().max(1) as f64;
+        ((self.budget as f64) * self.floor.clamp(0.0, 1.0) / n) as u64
+    }
+}
+
+/// A refusal from the allocator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SharesError {
+    /// The reporter does not send on this link.
+    #[error("node {0:?} is not a member of this link")]
+    NotMember(NodeId),
+    /// The configuration cannot work.
+    #[error("bad shares configuration: {0}")]
+    BadConfig(&'static str),
+}
+
+/// What a member may send, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Identifies the allocator instance that issued it.
+    pub epoch: u64,
+    /// Increases with every grant of that allocator.
+    pub seq: u64,
+    /// Total rate, bytes per second (the floor included).
+    pub rate: u64,
+    /// Of `rate`, what each class (in [`TrafficClass::ALL`] order) was given; the rest is the
+    /// floor and rounding, usable by any class.
+    pub per_class: [u64; 4],
+    /// Validity, counted by the member from when it sent its report.
+    pub lease: Duration,
+}
+
+/// The grant a member reports it applies: `(epoch, seq)`.
+pub type Applied = Option<(u64, u64)>;
+
+#[derive(Debug, Default)]
+struct Member {
+    demand: Vec<Demand>,
+    reported: Option<Instant>,
+    /// Issued, not expired, not superseded: (seq, rate, expires).
+    outstanding: Vec<(u64, u64, Instant)>,
+}
+
+/// The allocator of one link direction. See the module doc for the call order.
+#[derive(Debug)]
+pub struct Allocator {
+    config: SharesConfig,
+    epoch: u64,
+    seq: u64,
+    quiet_until: Instant,
+    members: BTreeMap<NodeId, Member>,
+}
+
+impl Allocator {
+    /// A new allocator instance `epoch` (distinct from any earlier instance's) starting
+    /// at `now`; it grants only floors until one lease has passed.
+    pub fn new(config: SharesConfig, epoch: u64, now: Instant) -> Result<Self, SharesError> {
+        if config.budget == 0 {
+            return Err(SharesError::BadConfig("budget is zero"));
+        }
+        if config.members.is_empty() {
+            return Err(SharesError::BadConfig("no members"));
+        }
+        if !(0.0..1.0).contains(&config.floor) {
+            return Err(SharesError::BadConfig("floor must be in 0..1"));
+        }
+        if config.lease.is_zero() {
+            return Err(SharesError::BadConfig("lease is zero"));
+        }
+        let members = config
+            .members
+            .iter()
+            .map(|&m| (m, Member::default()))
+            .collect();
+        Ok(Allocator {
+            quiet_until: now + config.lease,
+            config,
+            epoch,
+            seq: 0,
+            members,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SharesConfig {
+        &self.config
+    }
+
+    /// Takes `node`'s report (its demand now, and the grant it applies) and returns its
+    /// new grant.
+    pub fn handle_report(
+        &mut self,
+        node: NodeId,
+        demand: &[Demand],
+        applied: Applied,
+        now: Instant,
+    ) -> Result<Grant, SharesError> {
+        let epoch = self.epoch;
+        let m = self
+            .members
+            .get_mut(&node)
+            .ok_or(SharesError::NotMember(node))?;
+        m.demand = demand.to_vec();
+        m.reported = Some(now);
+        if let Some((e, seq)) = applied
+            && e == epoch
+        {
+            m.outstanding.retain(|&(s, _, _)| s >= seq);
+        }
+        for m in self.members.values_mut() {
+            m.outstanding.retain(|&(_, _, exp)| exp > now);
+        }
+        let floor = self.config.floor_rate();
+        let (rate, per_class) = if now < self.quiet_until {
+            (floor, [0; 4])
+        } else {
+            let ideal = self.ideal(now);
+            let (want, per_class) = ideal.get(&node).copied().unwrap_or((floor, [0; 4]));
+            let others: u64 = self
+                .members
+                .iter()
+                .filter(|(id, _)| **id != node)
+                .map(|(_, m)| held(m, floor))
+                .sum();
+            let room = self.config.budget.saturating_sub(others).max(floor);
+            let rate = want.min(room);
+            // Scale the class parts down with the rate.
+            let extra_want = want - floor;
+            let extra = rate - floor;
+            let per_class = per_class.map(|c| {
+                if extra_want == 0 {
+                    0
+                } else {
+                    ((c as u128 * extra as u128) / extra_want as u128) as u64
+                }
+            });
+            (rate, per_class)
+        };
+        self.seq += 1;
+        let lease = self.config.lease;
+        if let Some(m) = self.members.get_mut(&node) {
+            m.outstanding.push((self.seq, rate, now + lease));
+        }
+        Ok(Grant {
+            epoch,
+            seq: self.seq,
+            rate,
+            per_class,
+            lease,
+        })
+    }
+
+    /// What the allocator counts `node` as holding now: the largest of its floor and its
+    /// outstanding grants.
+    pub fn held(&self, node: NodeId, now: Instant) -> u64 {
+        let floor = self.config.floor_rate();
+        self.members.get(&node).map_or(0, |m| {
+            m.outstanding
+                .iter()
+                .filter(|&&(_, _, exp)| exp > now)
+                .map(|&(_, r, _)| r)
+                .max()
+                .unwrap_or(0)
+                .max(floor)
+        })
+    }
+
+    /// The rate each member would get if every grant could change at once: floor plus a
+    /// fair part of the rest, by level. Members that have not reported within a lease
+    /// count as idle. Returns (total, per-class extra) per member.
+    pub fn ideal(&self, now: Instant) -> BTreeMap<NodeId, (u64, [u64; 4])> {
+        let floor = self.config.floor_rate();
+        let mut left = self
+            .config
+            .budget
+            .saturating_sub(floor * self.members.len() as u64);
+        let mut out: BTreeMap<NodeId, (u64, [u64; 4])> = self
+            .members
+            .keys()
+            .map(|&id| (id, (floor, [0; 4])))
+            .collect();
+        for prov in Provisioning::ALL {
+            for (ci, class) in TrafficClass::ALL.iter().enumerate() {
+                if left == 0 {
+                    return out;
+                }
+                let mut level = Vec::new();
+                for (&id, m) in &self.members {
+                    let fresh = m.reported.is_some_and(|t| now < t + self.config.lease);
+                    if !fresh {
+                        continue;
+                    }
+                    let (rate, weight) = m
+                        .demand
+                        .iter()
+                        .filter(|d| d.class == *class && d.provisioning == prov)
+                        .fold((0u64, 0u32), |(r, w), d| {
+                            (r.saturating_add(d.rate), w.max(d.weight.max(1)))
+                        });
+                    if rate > 0 {
+                        level.push((id, rate, weight));
+                    }
+                }
+                let shares = max_min_fair(
+                    left,
+                    &level.iter().map(|&(_, r, w)| (r, w)).collect::<Vec<_>>(),
+                );
+                for ((id, _, _), got) in level.iter().zip(shares) {
+                    if let Some(e) = out.get_mut(id) {
+                        e.0 += got;
+                        e.1[ci] += got;
+                    }
+                    left -= got;
+                }
+            }
+        }
+        out
+    }
+}
+
+fn held(m: &Member, floor: u64) -> u64 {
+    m.outstanding
+        .iter()
+        .map(|&(_, r, _)| r)
+        .max()
+        .unwrap_or(0)
+        .max(floor)
+}
+
+/// Weighted max-min fair division of `capacity` among `(demand, weight)` pairs
+/// (water-filling): nobody gets more than it asks, and whoever gets less than it asks
+/// gets at least its weight's part of what the others did not take. The parts add up to
+/// at most `capacity` (exactly, when the demands exceed it).
+pub fn max_min_fair(capacity: u64, demands: &[(u64, u32)]) -> Vec<u64> {
+    let mut out = vec![0u64; demands.len()];
+    let mut active: Vec<usize> = (0..demands.len()).filter(|&i| demands[i].0 > 0).collect();
+    let mut left = capacity;
+    while !active.is_empty() && left > 0 {
+        let total_w: u128 = active
+            .iter()
+            .map(|&i| u128::from(demands[i].1.max(1)))
+            .sum();
+        // Everyone whose remaining demand fits under its part of the water level is
+        // satisfied; if none, split what is left by weight and stop.
+        let mut satisfied = Vec::new();
+        for &i in &active {
+            let part = (left as u128 * u128::from(demands[i].1.max(1)) / total_w) as u64;
+            if demands[i].0 - out[i] <= part {
+                satisfied.push(i);
+            }
+        }
+        if satisfied.is_empty() {
+            let mut given = 0;
+            for &i in &active {
+                let part = (left as u128 * u128::from(demands[i].1.max(1)) / total_w) as u64;
+                out[i] += part;
+                given += part;
+            }
+            // Rounding leftovers, one byte each, in order.
+            let mut rest = left - given;
+            for &i in &active {
+                if rest == 0 {
+                    break;
+                }
+                out[i] += 1;
+                rest -= 1;
+            }
+            break;
+        }
+        for &i in &satisfied {
+            left -= demands[i].0 - out[i];
+            out[i] = demands[i].0;
+        }
+        active.retain(|i| !satisfied.contains(i));
+    }
+    out
+}
+
+/// A member's side of its lease: which grant is in force and when it lapses.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    floor: u64,
+    current: Option<(Grant, Instant)>,
+}
+
+impl Lease {
+    /// A member with no grant yet: it may use `floor` bytes per second.
+    pub fn new(floor: u64) -> Self {
+        Lease {
+            floor,
+            current: None,
+        }
+    }
+
+    /// Takes the answer to the report sent at `sent_at`. The member sends one report at
+    /// a time, so the newest answer is the one in force.
+    pub fn handle_grant(&mut self, grant: Grant, sent_at: Instant) {
+        self.current = Some((grant, sent_at + grant.lease));
+    }
+
+    /// The grant in force at `now`, if its lease runs.
+    pub fn grant(&self, now: Instant) -> Option<&Grant> {
+        self.current
+            .as_ref()
+            .filter(|(_, until)| now < *until)
+            .map(|(g, _)| g)
+    }
+
+    /// The rate the member may use at `now`: its grant's, or its floor once that lapsed.
+    pub fn rate(&self, now: Instant) -> u64 {
+        self.grant(now).map_or(self.floor, |g| g.rate)
+    }
+
+    /// When the grant in force lapses, if one is.
+    pub fn expires(&self, now: Instant) -> Option<Instant> {
+        self.current
+            .as_ref()
+            .filter(|(_, until)| now < *until)
+            .map(|(_, u)| *u)
+    }
+
+    /// What to put in the next report.
+    pub fn applied(&self, now: Instant) -> Applied {
+        self.grant(now).map(|g| (g.epoch, g.seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MB: u64 = 1_000_000;
+
+    fn members(n: u32) -> Vec<NodeId> {
+        (0..n as usize).map(NodeId::from_index).collect()
+    }
+
+    fn want(class: TrafficClass, rate: u64) -> Vec<Demand> {
+        vec![Demand {
+            class,
+            provisioning: Provisioning::Reserved,
+            rate,
+            weight: 1,
+        }]
+    }
+
+    /// An allocator past its quiet lease.
+    fn warm(cfg: SharesConfig, t0: Instant) -> (Allocator, Instant) {
+        let lease = cfg.lease;
+        (Allocator::new(cfg, 1, t0).unwrap(), t0 + lease)
+    }
+
+    #[test]
+    fn water_filling_is_weighted_and_never_gives_more_than_asked() {
+        assert_eq!(
+            max_min_fair(100, &[(10, 1), (100, 1), (100, 1)]),
+            vec![10, 45, 45]
+        );
+        assert_eq!(max_min_fair(90, &[(100, 1), (100, 2)]), vec![30, 60]);
+        assert_eq!(max_min_fair(100, &[(10, 1), (20, 1)]), vec![10, 20]);
+        assert_eq!(max_min_fair(0, &[(10, 1)]), vec![0]);
+        assert_eq!(
+            max_min_fair(7, &[(100, 1), (100, 1)]).iter().sum::<u64>(),
+            7
+        );
+    }
+
+    #[test]
+    fn a_single_sender_gets_all_but_the_idle_floors() {
+        let t0 = Instant::now();
+        let cfg = SharesConfig::new(125 * MB, members(8));
+        let (mut a, now) = warm(cfg, t0);
+        let g = a
+            .handle_report(
+                NodeId::from_index(3),
+                &want(TrafficClass::Sync, u64::MAX / 4),
+                None,
+                now,
+            )
+            .unwrap();
+        assert!(g.rate as f64 >= 0.96 * 125.0 * MB as f64, "{}", g.rate);
+        assert_eq!(g.per_class[0] + a.config().floor_rate(), g.rate);
+    }
+
+    #[test]
+    fn classes_are_served_in_priority_order_and_reserved_before_spot() {
+        let t0 = Instant::now();
+        let cfg = SharesConfig {
+            floor: 0.0,
+            ..SharesConfig::new(100 * MB, members(3))
+        };
+        let (mut a, now) = warm(cfg, t0);
+        let (n0, n1, n2) = (
+            NodeId::from_index(0),
+            NodeId::from_index(1),
+            NodeId::from_index(2),
+        );
+        a.handle_report(n0, &want(TrafficClass::Repair, 100 * MB), None, now)
+            .unwrap();
+        let spot_sync = [Demand {
+            class: TrafficClass::Sync,
+            provisioning: Provisioning::Spot,
+            rate: 100 * MB,
+            weight: 1,
+        }];
+        a.handle_report(n2, &spot_sync, None, now).unwrap();
+        a.handle_report(n1, &want(TrafficClass::Sync, 70 * MB), None, now)
+            .unwrap();
+        let ideal = a.ideal(now);
+        assert_eq!(ideal[&n1].0, 70 * MB, "reserved sync first");
+        assert_eq!(ideal[&n0].0, 30 * MB, "then reserved repair");
+        assert_eq!(ideal[&n2].0, 0, "spot gets nothing left");
+    }
+
+    #[test]
+    fn a_decrease_counts_until_confirmed_and_the_increase_follows() {
+        let t0 = Instant::now();
+        let cfg = SharesConfig {
+            floor: 0.0,
+            ..SharesConfig::new(100 * MB, members(2))
+        };
+        let (mut a, mut now) = warm(cfg, t0);
+        let (n0, n1) = (NodeId::from_index(0), NodeId::from_index(1));
+        let g0 = a
+            .handle_report(n0, &want(TrafficClass::Async, 100 * MB), None, now)
+            .unwrap();
+        assert_eq!(g0.rate, 100 * MB);
+        // n1 shows up: it is owed half, but n0 still holds all of it.
+        now += Duration::from_millis(100);
+        let g1 = a
+            .handle_report(n1, &want(TrafficClass::Async, 100 * MB), None, now)
+            .unwrap();
+        assert_eq!(g1.rate, 0);
+        // n0 reports again: its grant drops to half, still counted at 100 until confirmed.
+        let g0b = a
+            .handle_report(
+                n0,
+                &want(TrafficClass::Async, 100 * MB),
+                Some((1, g0.seq)),
+                now,
+            )
+            .unwrap();
+        assert_eq!(g0b.rate, 50 * MB);
+        let g1b = a
+            .handle_report(
+                n1,
+                &want(TrafficClass::Async, 100 * MB),
+                Some((1, g1.seq)),
+                now,
+            )
+            .unwrap();
+        assert_eq!(g1b.rate, 0, "n0 has not confirmed its decrease");
+        a.handle_report(
+            n0,
+            &want(TrafficClass::Async, 100 * MB),
+            Some((1, g0b.seq)),
+            now,
+        )
+        .unwrap();
+        let g1c = a
+            .handle_report(
+                n1,
+                &want(TrafficClass::Async, 100 * MB),
+                Some((1, g1b.seq)),
+                now,
+            )
+            .unwrap();
+        assert_eq!(g1c.rate, 50 * MB);
+    }
+
+    #[test]
+    fn a_new_allocator_grants_only_floors_for_one_lease_and_strangers_are_refused() {
+        let t0 = Instant::now();
+        let cfg = SharesConfig::new(100 * MB, members(4));
+        let floor = cfg.floor_rate();
+        let mut a = Allocator::new(cfg, 7, t0).unwrap();
+        let g = a
+            .handle_report(
+                NodeId::from_index(0),
+                &want(TrafficClass::Sync, 100 * MB),
+                None,
+                t0,
+            )
+            .unwrap();
+        assert_eq!((g.rate, g.epoch), (floor, 7));
+        assert_eq!(
+            a.handle_report(NodeId::from_index(9), &[], None, t0),
+            Err(SharesError::NotMember(NodeId::from_index(9)))
+        );
+        assert!(Allocator::new(SharesConfig::new(0, members(1)), 1, t0).is_err());
+    }
+
+    #[test]
+    fn a_lease_lapses_to_the_floor() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(5);
+        assert_eq!(l.rate(t0), 5);
+        let g = Grant {
+            epoch: 1,
+            seq: 3,
+            rate: 80,
+            per_class: [80, 0, 0, 0],
+            lease: Duration::from_secs(2),
+        };
+        l.handle_grant(g, t0);
+        assert_eq!(l.rate(t0 + Duration::from_millis(1999)), 80);
+        assert_eq!(l.applied(t0), Some((1, 3)));
+        assert_eq!(l.rate(t0 + Duration::from_secs(2)), 5);
+        assert_eq!(l.applied(t0 + Duration::from_secs(2)), None);
+    }
+
+    /// A simulated link: members report every `period` (staggered), each report takes
+    /// `up` to reach the allocator and `down` for the grant to come back; reports and
+    /// grants may be lost; the allocator may die at `kill` and a new one start at
+    /// `restart`. Returns the largest sum of member rates seen, and the rates at the end.
+    struct Sim {
+        budget: u64,
+        n: u32,
+        period: Duration,
+        up: Vec<Duration>,
+        down: Vec<Duration>,
+        lose: Vec<bool>,
+        demand: Vec<Vec<Demand>>,
+        change_at: Option<(Duration, Vec<Vec<Demand>>)>,
+        kill: Option<Duration>,
+        restart: Option<Duration>,
+        horizon: Duration,
+    }
+
+    impl Sim {
+        fn run(&self) -> (u64, Vec<u64>, u64) {
+            let t0 = Instant::now();
+            let cfg = SharesConfig::new(self.budget, members(self.n));
+            let floor = cfg.floor_rate();
+            let mut alloc = Some(Allocator::new(cfg.clone(), 1, t0).unwrap());
+            let mut leases: Vec<Lease> = (0..self.n).map(|_| Lease::new(floor)).collect();
+            let mut demand = self.demand.clone();
+            // In flight: (arrives, member, kind) where kind is a report (sent_at, applied)
+            // or a grant (sent_at, grant).
+            enum Msg {
+                Report(Instant, Applied),
+                Grant(Instant, Grant),
+            }
+            let mut flight: Vec<(Instant, usize, Msg)> = Vec::new();
+            let step = Duration::from_millis(5);
+            let mut t = t0;
+            let mut max_sum = 0u64;
+            let mut k = 0usize;
+            while t < t0 + self.horizon {
+                let since = t - t0;
+                if let Some((at, d)) = &self.change_at
+                    && since >= *at
+                    && since < *at + step
+                {
+                    demand = d.clone();
+                }
+                if self.kill.is_some_and(|k| since >= k) && self.restart.is_none_or(|r| since < r) {
+                    alloc = None;
+                }
+                if alloc.is_none()
+                    && self.restart.is_some_and(|r| since >= r)
+                    && self.kill.is_some_and(|k| since >= k)
+                {
+                    alloc = Some(Allocator::new(cfg.clone(), 2, t).unwrap());
+                }
+                // Members report on their staggered period.
+                for i in 0..self.n as usize {
+                    let offset = self.period * i as u32 / self.n;
+                    let phase = (since + self.period - offset).as_nanos() % self.period.as_nanos();
+                    if phase < step.as_nanos() {
+                        flight.push((t + self.up[i], i, Msg::Report(t, leases[i].applied(t))));
+                    }
+                }
+                // Deliver what arrives now.
+                let mut rest = Vec::new();
+                for (at, i, msg) in flight.drain(..) {
+                    if at > t {
+                        rest.push((at, i, msg));
+                        continue;
+                    }
+                    k += 1;
+                    let lost = self.lose[k % self.lose.len()];
+                    match msg {
+                        Msg::Report(sent, applied) => {
+                            if let (Some(a), false) = (alloc.as_mut(), lost) {
+                                let g = a
+                                    .handle_report(
+                                        NodeId::from_index(i as usize),
+                                        &demand[i],
+                                        applied,
+                                        t,
+                                    )
+                                    .unwrap();
+                                rest.push((t + self.down[i], i, Msg::Grant(sent, g)));
+                            }
+                        }
+                        Msg::Grant(sent, g) => {
+                            if !lost {
+                                leases[i].handle_grant(g, sent);
+                            }
+                        }
+                    }
+                }
+                flight = rest;
+                let sum: u64 = leases.iter().map(|l| l.rate(t)).sum();
+                max_sum = max_sum.max(sum);
+                t += step;
+            }
+            (max_sum, leases.iter().map(|l| l.rate(t)).collect(), floor)
+        }
+    }
+
+    fn arb_demand() -> impl Strategy<Value = Vec<Demand>> {
+        proptest::collection::vec(
+            (0usize..4, any::<bool>(), 0u64..200 * MB, 1u32..4).prop_map(
+                |(c, spot, rate, weight)| Demand {
+                    class: TrafficClass::ALL[c],
+                    provisioning: if spot {
+                        Provisioning::Spot
+                    } else {
+                        Provisioning::Reserved
+                    },
+                    rate,
+                    weight,
+                },
+            ),
+            0..3,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// The sum of what members use never exceeds the budget — with delays, lost
+        /// messages, demand that changes mid-run, and an allocator that dies and is
+        /// replaced — and without losses the grants converge to the ideal.
+        #[test]
+        fn the_sum_stays_within_budget_and_grants_converge(
+            n in 1u32..8,
+            up in proptest::collection::vec(1u64..60, 8),
+            down in proptest::collection::vec(1u64..60, 8),
+            lose in proptest::collection::vec(proptest::bool::weighted(0.1), 1..16),
+            demand in proptest::collection::vec(arb_demand(), 8),
+            later in proptest::collection::vec(arb_demand(), 8),
+            kill in proptest::option::of((500u64..4000, 0u64..3000)),
+        ) {
+            let budget = 125 * MB;
+            let ms = Duration::from_millis;
+            let sim = Sim {
+                budget,
+                n,
+                period: ms(500),
+                up: up.iter().map(|&u| ms(u)).collect(),
+                down: down.iter().map(|&d| ms(d)).collect(),
+                lose: lose.clone(),
+                demand: demand.clone(),
+                change_at: Some((ms(3000), later.clone())),
+                kill: kill.map(|(k, _)| ms(k)),
+                restart: kill.map(|(k, r)| ms(k + r)),
+                horizon: ms(6000),
+            };
+            let (max_sum, _, _) = sim.run();
+            prop_assert!(max_sum <= budget, "sum {max_sum} over budget {budget}");
+
+            // No losses, no kill: after the quiet lease and a few report rounds every
+            // member runs at its ideal rate.
+            let calm = Sim { lose: vec![false], kill: None, restart: None, change_at: None, horizon: ms(2000 + 4 * 500), ..sim };
+            let (_, rates, floor) = calm.run();
+            let t0 = Instant::now();
+            let mut a = Allocator::new(SharesConfig::new(budget, members(n)), 1, t0).unwrap();
+            for i in 0..n {
+                a.handle_report(NodeId::from_index(i as usize), &demand[i as usize], None, t0).unwrap();
+            }
+            let ideal = a.ideal(t0);
+            for i in 0..n {
+                let want = ideal[&NodeId::from_index(i as usize)].0;
+                prop_assert!(rates[i as usize].abs_diff(want) <= n as u64 + 1 || rates[i as usize] >= floor && want == floor,
+                    "member {i}: {} vs ideal {want}", rates[i as usize]);
+            }
+        }
+    }
+
+    #[test]
+    fn when_the_allocator_dies_members_fall_back_to_floors() {
+        let ms = Duration::from_millis;
+        let big = want(TrafficClass::Async, 200 * MB);
+        let sim = Sim {
+            budget: 100 * MB,
+            n: 4,
+            period: ms(500),
+            up: vec![ms(2); 4],
+            down: vec![ms(2); 4],
+            lose: vec![false],
+            demand: vec![big.clone(), big.clone(), big.clone(), big],
+            change_at: None,
+            kill: Some(ms(3000)),
+            restart: None,
+            horizon: ms(3000 + 2100),
+        };
+        let (max_sum, rates, floor) = sim.run();
+        assert!(max_sum <= 100 * MB);
+        assert_eq!(rates, vec![floor; 4]);
+    }
+}
