@@ -660,11 +660,11 @@ mod tests {
                     alloc = Some(Allocator::new(cfg.clone(), 2, t).unwrap());
                 }
                 // Members report on their staggered period.
-                for i in 0..self.n as usize {
+                for (i, lease) in leases.iter().enumerate() {
                     let offset = self.period * i as u32 / self.n;
                     let phase = (since + self.period - offset).as_nanos() % self.period.as_nanos();
                     if phase < step.as_nanos() {
-                        flight.push((t + self.up[i], i, Msg::Report(t, leases[i].applied(t))));
+                        flight.push((t + self.up[i], i, Msg::Report(t, lease.applied(t))));
                     }
                 }
                 // Deliver what arrives now.
@@ -680,12 +680,7 @@ mod tests {
                         Msg::Report(sent, applied) => {
                             if let (Some(a), false) = (alloc.as_mut(), lost) {
                                 let g = a
-                                    .handle_report(
-                                        NodeId::from_index(i as usize),
-                                        &demand[i],
-                                        applied,
-                                        t,
-                                    )
+                                    .handle_report(NodeId::from_index(i), &demand[i], applied, t)
                                     .unwrap();
                                 rest.push((t + self.down[i], i, Msg::Grant(sent, g)));
                             }
@@ -765,7 +760,7 @@ mod tests {
             let t0 = Instant::now();
             let mut a = Allocator::new(SharesConfig::new(budget, members(n)), 1, t0).unwrap();
             for i in 0..n {
-                a.handle_report(NodeId::from_index(i as usize), &demand[i as usize], None, t0).unwrap();
+                a.handle_report(NodeId::from_index(i), &demand[i as usize], None, t0).unwrap();
             }
             let ideal = a.ideal(t0);
             for i in 0..n {
