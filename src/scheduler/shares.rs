@@ -760,7 +760,7 @@ mod tests {
             let t0 = Instant::now();
             let mut a = Allocator::new(SharesConfig::new(budget, members(n)), 1, t0).unwrap();
             for i in 0..n {
-                a.handle_report(NodeId::from_index(i), &demand[i as usize], None, t0).unwrap();
+                a.handle_report(NodeId::from_index(i as usize), &demand[i as usize], None, t0).unwrap();
             }
             let ideal = a.ideal(t0);
             for i in 0..n {
