@@ -29,6 +29,7 @@
 //! strait does not include a metadata service: which blocks exist and where their
 //! replicas live is the embedding server's business; strait decides, moves and stores.
 
+pub mod bandwidth;
 pub mod block;
 pub mod config;
 mod context;

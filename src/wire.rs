@@ -324,6 +324,64 @@ pub struct CopyBlock {
     pub class: TrafficClass,
 }
 
+/// Most demand entries in one [`ShareReport`] (one per class and provisioning).
+pub const MAX_DEMANDS: usize = 8;
+
+/// One entry of a node's DCI demand: bytes per second it could use in `class`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemandEntry {
+    /// Purpose.
+    pub class: TrafficClass,
+    /// Spot (uses idle capacity, yields first) rather than reserved.
+    pub spot: bool,
+    /// Bytes per second wanted.
+    pub rate: u64,
+    /// Relative weight among demands of the same class and provisioning.
+    pub weight: u32,
+}
+
+/// The grant a reporting node applies (see `scheduler::shares::Holding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldingEntry {
+    /// Allocator instance.
+    pub epoch: u64,
+    /// Grant number.
+    pub seq: u64,
+    /// Rate, bytes per second.
+    pub rate: u64,
+    /// Lease left, milliseconds.
+    pub remaining_ms: u32,
+}
+
+/// A node's demand on its DCI link towards `to_idc`, sent to the link's allocator; the
+/// reporter is the authenticated peer. Answered by a [`ShareGrant`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareReport {
+    /// The remote IDC (the link is from the reporter's IDC to it).
+    pub to_idc: String,
+    /// Demand, at most [`MAX_DEMANDS`] entries.
+    pub demand: Vec<DemandEntry>,
+    /// The grant in force at the reporter.
+    pub holding: Option<HoldingEntry>,
+}
+
+/// The allocator's answer to a [`ShareReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareGrant {
+    /// `Success`, or why there is no grant.
+    pub status: Status,
+    /// Allocator instance.
+    pub epoch: u64,
+    /// Grant number.
+    pub seq: u64,
+    /// Total rate, bytes per second.
+    pub rate: u64,
+    /// Of `rate`, per class (sync, read, async, repair).
+    pub per_class: [u64; 4],
+    /// Lease, milliseconds, counted by the reporter from when it sent its report.
+    pub lease_ms: u32,
+}
+
 /// A refusal or failure, ending the stream's exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorFrame {
@@ -350,6 +408,10 @@ pub enum Frame {
     CopyBlock(CopyBlock),
     /// Error.
     Error(ErrorFrame),
+    /// DCI demand for the link's allocator.
+    ShareReport(ShareReport),
+    /// The allocator's grant.
+    ShareGrant(ShareGrant),
 }
 
 const T_WRITE: u8 = 1;
@@ -359,6 +421,8 @@ const T_READ: u8 = 4;
 const T_READ_RESP: u8 = 5;
 const T_COPY: u8 = 6;
 const T_ERROR: u8 = 7;
+const T_SHARE_REPORT: u8 = 8;
+const T_SHARE_GRANT: u8 = 9;
 
 // ---- encoding ------------------------------------------------------------------------
 
@@ -472,6 +536,39 @@ impl Frame {
                 dst.put_u16_le(end as u16);
                 dst.put_slice(&e.message.as_bytes()[..end]);
             }
+            Frame::ShareReport(r) => {
+                dst.put_u8(T_SHARE_REPORT);
+                put_name(dst, &r.to_idc);
+                let n = r.demand.len().min(MAX_DEMANDS);
+                dst.put_u8(n as u8);
+                for d in &r.demand[..n] {
+                    dst.put_u8(d.class as u8);
+                    dst.put_u8(u8::from(d.spot));
+                    dst.put_u64_le(d.rate);
+                    dst.put_u32_le(d.weight);
+                }
+                match &r.holding {
+                    None => dst.put_u8(0),
+                    Some(h) => {
+                        dst.put_u8(1);
+                        dst.put_u64_le(h.epoch);
+                        dst.put_u64_le(h.seq);
+                        dst.put_u64_le(h.rate);
+                        dst.put_u32_le(h.remaining_ms);
+                    }
+                }
+            }
+            Frame::ShareGrant(g) => {
+                dst.put_u8(T_SHARE_GRANT);
+                dst.put_u8(g.status as u8);
+                dst.put_u64_le(g.epoch);
+                dst.put_u64_le(g.seq);
+                dst.put_u64_le(g.rate);
+                for c in g.per_class {
+                    dst.put_u64_le(c);
+                }
+                dst.put_u32_le(g.lease_ms);
+            }
         }
         let body_len = dst.len() - start - LEN_PREFIX + payload.as_ref().map_or(0, Bytes::len);
         dst[start..start + LEN_PREFIX].copy_from_slice(&(body_len as u32).to_le_bytes());
@@ -547,6 +644,16 @@ impl Decoder {
             ChecksumKind::Crc32c => ChecksumSpec::crc32c(bpc).map_err(|_| WireError::BadValue {
                 what: "bytes per chunk",
                 value: u64::from(bpc),
+            }),
+        }
+    }
+    fn flag(&mut self, what: &'static str) -> Result<bool, WireError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(WireError::BadValue {
+                what,
+                value: u64::from(v),
             }),
         }
     }
@@ -731,6 +838,54 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
                 message: r.string(n, "message")?,
             })
         }
+        T_SHARE_REPORT => {
+            let to_idc = r.name("idc name")?;
+            let n = r.u8("demand count")? as usize;
+            if n > MAX_DEMANDS {
+                return Err(WireError::TooLarge {
+                    what: "demands",
+                    len: n,
+                    max: MAX_DEMANDS,
+                });
+            }
+            let mut demand = Vec::with_capacity(n);
+            for _ in 0..n {
+                demand.push(DemandEntry {
+                    class: TrafficClass::from_u8(r.u8("class")?)?,
+                    spot: r.flag("spot")?,
+                    rate: r.u64("rate")?,
+                    weight: r.u32("weight")?,
+                });
+            }
+            let holding = if r.flag("holding")? {
+                Some(HoldingEntry {
+                    epoch: r.u64("epoch")?,
+                    seq: r.u64("seq")?,
+                    rate: r.u64("rate")?,
+                    remaining_ms: r.u32("lease left")?,
+                })
+            } else {
+                None
+            };
+            Frame::ShareReport(ShareReport {
+                to_idc,
+                demand,
+                holding,
+            })
+        }
+        T_SHARE_GRANT => Frame::ShareGrant(ShareGrant {
+            status: Status::from_u8(r.u8("status")?)?,
+            epoch: r.u64("epoch")?,
+            seq: r.u64("seq")?,
+            rate: r.u64("rate")?,
+            per_class: [
+                r.u64("rate")?,
+                r.u64("rate")?,
+                r.u64("rate")?,
+                r.u64("rate")?,
+            ],
+            lease_ms: r.u32("lease")?,
+        }),
         t => return Err(WireError::FrameType(t)),
     };
     if r.buf.has_remaining() {
@@ -1081,6 +1236,48 @@ mod tests {
                 })),
             (arb_status(), "\\PC{0,200}")
                 .prop_map(|(status, message)| Frame::Error(ErrorFrame { status, message })),
+            (
+                arb_name(),
+                proptest::collection::vec(
+                    (arb_class(), any::<bool>(), any::<u64>(), any::<u32>()),
+                    0..=MAX_DEMANDS
+                ),
+                proptest::option::of((any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()))
+            )
+                .prop_map(|(to_idc, d, h)| Frame::ShareReport(ShareReport {
+                    to_idc,
+                    demand: d
+                        .into_iter()
+                        .map(|(class, spot, rate, weight)| DemandEntry {
+                            class,
+                            spot,
+                            rate,
+                            weight
+                        })
+                        .collect(),
+                    holding: h.map(|(epoch, seq, rate, remaining_ms)| HoldingEntry {
+                        epoch,
+                        seq,
+                        rate,
+                        remaining_ms
+                    }),
+                })),
+            (
+                arb_status(),
+                any::<(u64, u64, u64)>(),
+                any::<[u64; 4]>(),
+                any::<u32>()
+            )
+                .prop_map(|(status, (epoch, seq, rate), per_class, lease_ms)| {
+                    Frame::ShareGrant(ShareGrant {
+                        status,
+                        epoch,
+                        seq,
+                        rate,
+                        per_class,
+                        lease_ms,
+                    })
+                }),
         ]
     }
 

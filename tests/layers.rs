@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     // What a node's services share.
     &["context"],
     // The services.
-    &["read", "pipeline"],
+    &["read", "pipeline", "bandwidth"],
     &["transfer"],
     // The node, and what runs it.
     &["node"],

@@ -201,6 +201,9 @@ pub struct ClassStats {
     pub queued_bytes: u64,
     /// Bytes granted so far.
     pub granted_bytes: u64,
+    /// Requests so far that had to wait (others of the class were queued, or a bucket
+    /// could not cover them when they came): the class wanted more than it got.
+    pub throttled: u64,
 }
 
 /// One link direction's governor. See the [module docs](self).
@@ -212,6 +215,7 @@ pub struct Governor {
     ceil: [Bucket; 4],
     queues: [VecDeque<(RequestId, u64)>; 4],
     granted: [u64; 4],
+    throttled: [u64; 4],
     last: Instant,
     next_id: u64,
 }
@@ -230,6 +234,7 @@ impl Governor {
             ceil: config.classes.map(|c| Bucket::new(c.ceil, b)),
             queues: Default::default(),
             granted: [0; 4],
+            throttled: [0; 4],
             last: now,
             next_id: 0,
             config,
@@ -267,9 +272,13 @@ impl Governor {
             });
         }
         self.advance(now);
+        let c = class as usize;
+        if !self.queues[c].is_empty() || !self.link.has(bytes) || !self.ceil[c].has(bytes) {
+            self.throttled[c] += 1;
+        }
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        self.queues[class as usize].push_back((id, bytes));
+        self.queues[c].push_back((id, bytes));
         Ok(id)
     }
 
@@ -411,6 +420,7 @@ impl Governor {
             queued: q.len(),
             queued_bytes: q.iter().map(|(_, b)| b).sum(),
             granted_bytes: self.granted[class as usize],
+            throttled: self.throttled[class as usize],
         }
     }
 

@@ -201,6 +201,38 @@ pub struct DciConfig {
     /// percent of this node's share; `None` keeps the default split (40/20/20/10, every
     /// ceiling 100).
     pub classes: Option<[(u8, u8); 4]>,
+    /// Cluster-wide shares: when set, `share` and `classes` are not used; this node's rate
+    /// on each link comes from the link's allocator (see `scheduler::shares`), its floor
+    /// while it has no grant.
+    pub shares: Option<SharesSettings>,
+}
+
+/// How a node takes part in cluster-wide DCI shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharesSettings {
+    /// Fraction of each link's budget split equally among the sending IDC's nodes as
+    /// floors (what a node may send with no grant).
+    pub floor: f64,
+    /// How long a grant is valid.
+    pub lease: std::time::Duration,
+    /// How often a node reports its demand (a quarter of the lease or less keeps grants
+    /// current through a lost report).
+    pub period: std::time::Duration,
+    /// Classes whose demand is spot (served after every reserved demand of the link).
+    pub spot: Vec<TrafficClass>,
+}
+
+impl Default for SharesSettings {
+    /// 4 % of the budget in floors, 2 s leases, reports every 250 ms, every class
+    /// reserved.
+    fn default() -> Self {
+        SharesSettings {
+            floor: 0.04,
+            lease: std::time::Duration::from_secs(2),
+            period: std::time::Duration::from_millis(250),
+            spot: Vec::new(),
+        }
+    }
 }
 
 impl Default for DciConfig {
@@ -209,6 +241,7 @@ impl Default for DciConfig {
             share: 1.0,
             compress: true,
             classes: None,
+            shares: None,
         }
     }
 }
@@ -230,12 +263,19 @@ impl Egress {
         me: NodeId,
         config: &DciConfig,
     ) -> Result<Egress, GovernorError> {
-        let governors = DciGovernors::for_node_with(
-            &topology,
-            topology.location(me).idc,
-            config.share,
-            config.classes,
-        )?;
+        let idc = topology.location(me).idc;
+        let governors = match &config.shares {
+            // Start at the floor; the allocator's grants raise it.
+            Some(s) => {
+                let members = topology
+                    .node_ids()
+                    .filter(|&n| topology.location(n).idc == idc)
+                    .count()
+                    .max(1);
+                DciGovernors::for_node_with(&topology, idc, s.floor / members as f64, None)?
+            }
+            None => DciGovernors::for_node_with(&topology, idc, config.share, config.classes)?,
+        };
         Ok(Egress {
             topology,
             me,

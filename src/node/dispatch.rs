@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::bandwidth::Bandwidth;
 use crate::context::NodeContext;
 use crate::pipeline::{self, Pipelines};
 use crate::transport::{Incoming, Stream};
@@ -14,6 +15,8 @@ use crate::wire::Frame;
 pub(super) struct Services {
     pub(super) ctx: Arc<NodeContext>,
     pub(super) pipelines: Arc<Pipelines>,
+    /// Cluster-wide DCI shares, when this node takes part.
+    pub(super) bandwidth: Option<Arc<Bandwidth>>,
     /// Streams being served.
     pub(super) handlers: Arc<AtomicU64>,
 }
@@ -65,6 +68,10 @@ async fn handle(services: Services, mut s: Stream) {
     match first {
         Frame::WriteBlock(_) | Frame::CopyBlock(_) => services.pipelines.serve(s, first).await,
         Frame::ReadBlock(req) => crate::read::serve(services.ctx, s, req).await,
+        Frame::ShareReport(req) => match &services.bandwidth {
+            Some(b) => b.serve(s, req).await,
+            None => pipeline::refuse(s, &Frame::ShareReport(req)).await,
+        },
         other => pipeline::refuse(s, &other).await,
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 
 pub use crate::context::NodeEvent;
 
+use crate::bandwidth::{Bandwidth, LinkShare};
 use crate::block::{BlockId, GenStamp};
 use crate::context::NodeContext;
 use crate::dci::{DciGovernors, Egress};
@@ -126,6 +127,8 @@ pub struct Node {
     handlers: Arc<AtomicU64>,
     serve_task: TaskSlot,
     replication_task: TaskSlot,
+    bandwidth: Option<Arc<Bandwidth>>,
+    bandwidth_tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     grace: Duration,
 }
 
@@ -167,11 +170,19 @@ impl Node {
             events,
         });
         let pipelines = Pipelines::new(ctx.clone(), config.pipeline.clone(), queue.clone());
+        let (bandwidth, bandwidth_tasks) = match &config.dci.shares {
+            Some(settings) => {
+                let (svc, tasks) = Bandwidth::start(ctx.clone(), settings.clone());
+                (Some(svc), tasks)
+            }
+            None => (None, Vec::new()),
+        };
         let handlers = Arc::new(AtomicU64::new(0));
         let serve_task = tokio::spawn(dispatch::serve(
             dispatch::Services {
                 ctx: ctx.clone(),
                 pipelines: pipelines.clone(),
+                bandwidth: bandwidth.clone(),
                 handlers: handlers.clone(),
             },
             incoming,
@@ -187,6 +198,8 @@ impl Node {
             handlers,
             serve_task: Arc::new(std::sync::Mutex::new(Some(serve_task))),
             replication_task: Arc::new(std::sync::Mutex::new(replication_task)),
+            bandwidth,
+            bandwidth_tasks: Arc::new(std::sync::Mutex::new(bandwidth_tasks)),
             grace: config.shutdown_grace,
         };
         Ok((node, report))
@@ -260,6 +273,13 @@ impl Node {
         self.ctx.dci.governors()
     }
 
+    /// This node's part of the cluster-wide share of its DCI link to `idc` (rate, floor,
+    /// lease, demand, allocator); `None` without `DciConfig::shares` or before the first
+    /// report.
+    pub fn dci_share(&self, idc: crate::topology::IdcId) -> Option<LinkShare> {
+        self.bandwidth.as_ref().and_then(|b| b.link(idc))
+    }
+
     /// What this node holds open now (for leak checks and metrics).
     pub fn resources(&self) -> NodeResources {
         NodeResources {
@@ -287,6 +307,17 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(t) = replication {
+            t.abort();
+            let _ = t.await;
+        }
+        // Share reports stop; this node's grants lapse with their leases.
+        let members: Vec<_> = std::mem::take(
+            &mut *self
+                .bandwidth_tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for t in members {
             t.abort();
             let _ = t.await;
         }

@@ -18,11 +18,13 @@
 //! instant: while grants change (a decrease counts until the member confirms it, an
 //! increase only uses room nobody holds), when reports or grants are lost, and when the
 //! allocator dies (grants run out, members fall back to their floors). A new allocator
-//! knows nothing of grants an old one issued, so it grants only floors for one lease.
+//! learns of grants an old one issued from the members' reports ([`Holding`]: rate and
+//! lease left), and grants only floors until every member has reported or one lease has
+//! passed (a silent member may still hold an old grant until then).
 //!
 //! Call order: [`Allocator::handle_report`] per report, returning the grant to send
 //! back. A member holds its grant in a [`Lease`]: [`Lease::handle_grant`] on each answer,
-//! [`Lease::rate`] whenever it configures its governor, [`Lease::applied`] in its next
+//! [`Lease::rate`] whenever it configures its governor, [`Lease::holding`] in its next
 //! report.
 //!
 //! Known limit: two allocators serving one link at once (a member that cannot reach the
@@ -125,8 +127,18 @@ pub struct Grant {
     pub lease: Duration,
 }
 
-/// The grant a member reports it applies: `(epoch, seq)`.
-pub type Applied = Option<(u64, u64)>;
+/// The grant a member applies when it reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// The allocator instance that issued it.
+    pub epoch: u64,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its rate, bytes per second.
+    pub rate: u64,
+    /// Lease left when the report was sent.
+    pub remaining: Duration,
+}
 
 #[derive(Debug, Default)]
 struct Member {
@@ -143,12 +155,14 @@ pub struct Allocator {
     epoch: u64,
     seq: u64,
     quiet_until: Instant,
+    quiet: bool,
     members: BTreeMap<NodeId, Member>,
 }
 
 impl Allocator {
     /// A new allocator instance `epoch` (distinct from any earlier instance's) starting
-    /// at `now`; it grants only floors until one lease has passed.
+    /// at `now`; it grants only floors until every member has reported or one lease has
+    /// passed.
     pub fn new(config: SharesConfig, epoch: u64, now: Instant) -> Result<Self, SharesError> {
         if config.budget == 0 {
             return Err(SharesError::BadConfig("budget is zero"));
@@ -169,6 +183,7 @@ impl Allocator {
             .collect();
         Ok(Allocator {
             quiet_until: now + config.lease,
+            quiet: true,
             config,
             epoch,
             seq: 0,
@@ -182,12 +197,13 @@ impl Allocator {
     }
 
     /// Takes `node`'s report (its demand now, and the grant it applies) and returns its
-    /// new grant.
+    /// new grant. A grant of another allocator instance counts as held until its lease
+    /// would run out.
     pub fn handle_report(
         &mut self,
         node: NodeId,
         demand: &[Demand],
-        applied: Applied,
+        holding: Option<Holding>,
         now: Instant,
     ) -> Result<Grant, SharesError> {
         let epoch = self.epoch;
@@ -197,16 +213,25 @@ impl Allocator {
             .ok_or(SharesError::NotMember(node))?;
         m.demand = demand.to_vec();
         m.reported = Some(now);
-        if let Some((e, seq)) = applied
-            && e == epoch
-        {
-            m.outstanding.retain(|&(s, _, _)| s >= seq);
+        match holding {
+            Some(h) if h.epoch == epoch => m.outstanding.retain(|&(s, _, _)| s >= h.seq),
+            // Another instance's grant: held (as seq 0) until it lapses.
+            Some(h) => {
+                m.outstanding.retain(|&(s, _, _)| s != 0);
+                m.outstanding.push((0, h.rate, now + h.remaining));
+            }
+            None => {}
         }
         for m in self.members.values_mut() {
             m.outstanding.retain(|&(_, _, exp)| exp > now);
         }
         let floor = self.config.floor_rate();
-        let (rate, per_class) = if now < self.quiet_until {
+        if self.quiet
+            && (now >= self.quiet_until || self.members.values().all(|m| m.reported.is_some()))
+        {
+            self.quiet = false;
+        }
+        let (rate, per_class) = if self.quiet {
             (floor, [0; 4])
         } else {
             let ideal = self.ideal(now);
@@ -415,8 +440,16 @@ impl Lease {
     }
 
     /// What to put in the next report.
-    pub fn applied(&self, now: Instant) -> Applied {
-        self.grant(now).map(|g| (g.epoch, g.seq))
+    pub fn holding(&self, now: Instant) -> Option<Holding> {
+        self.current
+            .as_ref()
+            .filter(|(_, until)| now < *until)
+            .map(|(g, until)| Holding {
+                epoch: g.epoch,
+                seq: g.seq,
+                rate: g.rate,
+                remaining: *until - now,
+            })
     }
 }
 
@@ -438,6 +471,15 @@ mod tests {
             rate,
             weight: 1,
         }]
+    }
+
+    fn holds(g: &Grant) -> Option<Holding> {
+        Some(Holding {
+            epoch: g.epoch,
+            seq: g.seq,
+            rate: g.rate,
+            remaining: g.lease,
+        })
     }
 
     /// An allocator past its quiet lease.
@@ -529,37 +571,17 @@ mod tests {
         assert_eq!(g1.rate, 0);
         // n0 reports again: its grant drops to half, still counted at 100 until confirmed.
         let g0b = a
-            .handle_report(
-                n0,
-                &want(TrafficClass::Async, 100 * MB),
-                Some((1, g0.seq)),
-                now,
-            )
+            .handle_report(n0, &want(TrafficClass::Async, 100 * MB), holds(&g0), now)
             .unwrap();
         assert_eq!(g0b.rate, 50 * MB);
         let g1b = a
-            .handle_report(
-                n1,
-                &want(TrafficClass::Async, 100 * MB),
-                Some((1, g1.seq)),
-                now,
-            )
+            .handle_report(n1, &want(TrafficClass::Async, 100 * MB), holds(&g1), now)
             .unwrap();
         assert_eq!(g1b.rate, 0, "n0 has not confirmed its decrease");
-        a.handle_report(
-            n0,
-            &want(TrafficClass::Async, 100 * MB),
-            Some((1, g0b.seq)),
-            now,
-        )
-        .unwrap();
+        a.handle_report(n0, &want(TrafficClass::Async, 100 * MB), holds(&g0b), now)
+            .unwrap();
         let g1c = a
-            .handle_report(
-                n1,
-                &want(TrafficClass::Async, 100 * MB),
-                Some((1, g1b.seq)),
-                now,
-            )
+            .handle_report(n1, &want(TrafficClass::Async, 100 * MB), holds(&g1b), now)
             .unwrap();
         assert_eq!(g1c.rate, 50 * MB);
     }
@@ -587,6 +609,40 @@ mod tests {
     }
 
     #[test]
+    fn a_new_allocator_counts_the_old_ones_grants_and_leaves_quiet_once_all_reported() {
+        let t0 = Instant::now();
+        let cfg = SharesConfig {
+            floor: 0.0,
+            ..SharesConfig::new(100 * MB, members(2))
+        };
+        let mut a = Allocator::new(cfg, 2, t0).unwrap();
+        let (n0, n1) = (NodeId::from_index(0), NodeId::from_index(1));
+        let old = Holding {
+            epoch: 1,
+            seq: 40,
+            rate: 90 * MB,
+            remaining: Duration::from_millis(1500),
+        };
+        let g0 = a
+            .handle_report(n0, &want(TrafficClass::Sync, 100 * MB), Some(old), t0)
+            .unwrap();
+        assert_eq!(g0.rate, 0, "quiet until n1 reports");
+        // n1 reports: everyone is known, the quiet ends, but n0's old 90 MB/s still count.
+        let g1 = a
+            .handle_report(n1, &want(TrafficClass::Sync, 100 * MB), None, t0)
+            .unwrap();
+        assert_eq!(g1.rate, 10 * MB);
+        // Once the old lease runs out, n1 gets its half.
+        let later = t0 + Duration::from_millis(1600);
+        a.handle_report(n0, &want(TrafficClass::Sync, 100 * MB), holds(&g0), later)
+            .unwrap();
+        let g1b = a
+            .handle_report(n1, &want(TrafficClass::Sync, 100 * MB), holds(&g1), later)
+            .unwrap();
+        assert_eq!(g1b.rate, 50 * MB);
+    }
+
+    #[test]
     fn a_lease_lapses_to_the_floor() {
         let t0 = Instant::now();
         let mut l = Lease::new(5);
@@ -600,9 +656,12 @@ mod tests {
         };
         l.handle_grant(g, t0);
         assert_eq!(l.rate(t0 + Duration::from_millis(1999)), 80);
-        assert_eq!(l.applied(t0), Some((1, 3)));
+        assert_eq!(
+            l.holding(t0).map(|h| (h.epoch, h.seq, h.rate)),
+            Some((1, 3, 80))
+        );
         assert_eq!(l.rate(t0 + Duration::from_secs(2)), 5);
-        assert_eq!(l.applied(t0 + Duration::from_secs(2)), None);
+        assert_eq!(l.holding(t0 + Duration::from_secs(2)), None);
     }
 
     /// A simulated link: members report every `period` (staggered), each report takes
@@ -634,7 +693,7 @@ mod tests {
             // In flight: (arrives, member, kind) where kind is a report (sent_at, applied)
             // or a grant (sent_at, grant).
             enum Msg {
-                Report(Instant, Applied),
+                Report(Instant, Option<Holding>),
                 Grant(Instant, Grant),
             }
             let mut flight: Vec<(Instant, usize, Msg)> = Vec::new();
@@ -664,7 +723,7 @@ mod tests {
                     let offset = self.period * i as u32 / self.n;
                     let phase = (since + self.period - offset).as_nanos() % self.period.as_nanos();
                     if phase < step.as_nanos() {
-                        flight.push((t + self.up[i], i, Msg::Report(t, lease.applied(t))));
+                        flight.push((t + self.up[i], i, Msg::Report(t, lease.holding(t))));
                     }
                 }
                 // Deliver what arrives now.

@@ -40,6 +40,8 @@ pub(crate) struct Cluster {
     /// configuration (its `log_dir` is replaced per node).
     pub(crate) replication: Option<strait::replication::ReplicationConfig>,
     pub(crate) logs: HashMap<String, tempfile::TempDir>,
+    /// Cluster-wide DCI shares instead of the static `dci_share`.
+    pub(crate) shares: Option<strait::dci::SharesSettings>,
 }
 
 impl Cluster {
@@ -58,6 +60,23 @@ impl Cluster {
         budget: u64,
         share: f64,
         replication: Option<strait::replication::ReplicationConfig>,
+    ) -> Cluster {
+        Self::start_opts(budget, share, replication, None).await
+    }
+
+    /// Starts all eight nodes taking part in cluster-wide DCI shares with `settings`.
+    pub(crate) async fn start_shared(
+        budget: u64,
+        settings: strait::dci::SharesSettings,
+    ) -> Cluster {
+        Self::start_opts(budget, 1.0, None, Some(settings)).await
+    }
+
+    async fn start_opts(
+        budget: u64,
+        share: f64,
+        replication: Option<strait::replication::ReplicationConfig>,
+        shares: Option<strait::dci::SharesSettings>,
     ) -> Cluster {
         let net = NET.fetch_add(1, Ordering::Relaxed);
         let mut b = Topology::builder().idc("idc-a").idc("idc-b");
@@ -80,6 +99,7 @@ impl Cluster {
             dci_share: share,
             replication,
             logs: HashMap::new(),
+            shares,
         };
         for name in NAMES {
             c.dirs
@@ -111,6 +131,7 @@ impl Cluster {
         };
         cfg.shutdown_grace = Duration::from_secs(2);
         cfg.dci.share = self.dci_share;
+        cfg.dci.shares = self.shares.clone();
         if let Some(r) = &self.replication {
             let dir = self
                 .logs

@@ -1,0 +1,385 @@
+//! Cluster-wide DCI shares at run time: the shell around `scheduler::shares`.
+//!
+//! Every node takes part in each DCI link that leaves its IDC (when
+//! `DciConfig::shares` is set):
+//!
+//! - as a **member**: one task per link measures what each class of its governor wants
+//!   (what it sent last period, more when requests had to wait), reports it every
+//!   `period` to the link's allocator, holds the answer in a [`Lease`], and sets its
+//!   governor to the lease's rate — back to the floor the moment a lease lapses;
+//! - as an **allocator**, when asked: the link's allocator is the lowest-id node of the
+//!   sending IDC that answers. Members try the nodes in id order, skipping one that just
+//!   failed them for two leases, so a dead allocator is replaced on the next report. A
+//!   node that receives a report runs an [`Allocator`] for that link (a new instance, new
+//!   epoch, when it had none or its last report is two leases old).
+//!
+//! Reports and grants are `ShareReport` / `ShareGrant` frames over the authenticated
+//! transport; only nodes of the link's sending IDC are members, anyone else is refused.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::context::NodeContext;
+use crate::dci::{ClassConfig, DciGovernor, GovernorConfig, SharesSettings};
+use crate::scheduler::shares::{
+    Allocator, Demand, Grant, Holding, Lease, Provisioning, SharesConfig,
+};
+use crate::topology::{IdcId, NodeId};
+use crate::transport::{PeerRole, Stream};
+use crate::wire::{
+    DemandEntry, Frame, HoldingEntry, ShareGrant, ShareReport, Status, TrafficClass,
+};
+
+/// What one node knows of one link, for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct LinkShare {
+    /// The rate this node's governor runs at now, bytes per second.
+    pub rate: u64,
+    /// Its floor, bytes per second.
+    pub floor: u64,
+    /// Whether a grant's lease runs now (otherwise the node is at its floor).
+    pub leased: bool,
+    /// The demand it reported last, bytes per second, summed over classes.
+    pub demand: u64,
+    /// The node that answered its last report.
+    pub allocator: Option<NodeId>,
+    /// Reports that got no grant.
+    pub failed_reports: u64,
+}
+
+struct AllocatorSlot {
+    alloc: Allocator,
+    last: Instant,
+}
+
+/// The shares service of one node.
+pub(crate) struct Bandwidth {
+    ctx: Arc<NodeContext>,
+    settings: SharesSettings,
+    allocators: Mutex<HashMap<IdcId, AllocatorSlot>>,
+    links: Mutex<HashMap<IdcId, LinkShare>>,
+}
+
+impl Bandwidth {
+    /// The service, and one member task per link leaving this node's IDC.
+    pub(crate) fn start(
+        ctx: Arc<NodeContext>,
+        settings: SharesSettings,
+    ) -> (Arc<Bandwidth>, Vec<tokio::task::JoinHandle<()>>) {
+        let svc = Arc::new(Bandwidth {
+            ctx: ctx.clone(),
+            settings,
+            allocators: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+        });
+        let tasks = ctx
+            .dci
+            .governors()
+            .iter()
+            .map(|(idc, gov)| tokio::spawn(member(svc.clone(), idc, gov.clone())))
+            .collect();
+        (svc, tasks)
+    }
+
+    /// What this node knows of its link to `idc`.
+    pub(crate) fn link(&self, idc: IdcId) -> Option<LinkShare> {
+        lock(&self.links).get(&idc).cloned()
+    }
+
+    /// The allocator configuration of the link from `from` to `to`.
+    fn config(&self, from: IdcId, to: IdcId) -> Option<SharesConfig> {
+        let topo = &self.ctx.topology;
+        let link = topo.link(from, to)?;
+        let members: Vec<NodeId> = topo
+            .node_ids()
+            .filter(|&n| topo.location(n).idc == from)
+            .collect();
+        Some(SharesConfig {
+            floor: self.settings.floor,
+            lease: self.settings.lease,
+            ..SharesConfig::new(link.budget_bps, members)
+        })
+    }
+
+    /// Answers a report from `peer` about its link to `req.to_idc`.
+    fn allocate(&self, peer: NodeId, req: &ShareReport, now: Instant) -> Result<Grant, Status> {
+        let topo = &self.ctx.topology;
+        let from = topo.location(peer).idc;
+        let to = topo.idc_by_name(&req.to_idc).ok_or(Status::NotFound)?;
+        // Only an allocator of the sending IDC: its members' reports stay inside it.
+        if from != topo.location(self.ctx.me).idc {
+            return Err(Status::Denied);
+        }
+        let config = self.config(from, to).ok_or(Status::NotFound)?;
+        let mut slots = lock(&self.allocators);
+        let fresh = slots
+            .get(&to)
+            .is_some_and(|s| now < s.last + 2 * config.lease);
+        if !fresh {
+            let epoch = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ u64::from(self.ctx.me.index() as u32);
+            let alloc = Allocator::new(config, epoch, now).map_err(|_| Status::Rejected)?;
+            slots.insert(to, AllocatorSlot { alloc, last: now });
+        }
+        let slot = slots.get_mut(&to).ok_or(Status::Rejected)?;
+        slot.last = now;
+        let demand: Vec<Demand> = req
+            .demand
+            .iter()
+            .map(|d| Demand {
+                class: d.class,
+                provisioning: if d.spot {
+                    Provisioning::Spot
+                } else {
+                    Provisioning::Reserved
+                },
+                rate: d.rate,
+                weight: d.weight,
+            })
+            .collect();
+        let holding = req.holding.map(|h| Holding {
+            epoch: h.epoch,
+            seq: h.seq,
+            rate: h.rate,
+            remaining: Duration::from_millis(u64::from(h.remaining_ms)),
+        });
+        slot.alloc
+            .handle_report(peer, &demand, holding, now)
+            .map_err(|_| Status::Denied)
+    }
+
+    /// Serves one `ShareReport` stream.
+    pub(crate) async fn serve(&self, mut s: Stream, req: ShareReport) {
+        let answer = if s.role != PeerRole::Node {
+            Err(Status::Denied)
+        } else {
+            self.allocate(s.peer, &req, Instant::now())
+        };
+        let frame = match answer {
+            Ok(g) => grant_frame(&g),
+            Err(status) => Frame::ShareGrant(ShareGrant {
+                status,
+                epoch: 0,
+                seq: 0,
+                rate: 0,
+                per_class: [0; 4],
+                lease_ms: 0,
+            }),
+        };
+        let _ = s.writer.send(&frame).await;
+        let _ = s.writer.finish().await;
+    }
+
+    /// Sends `report` to `to` (or asks the local allocator) and waits for its grant.
+    async fn ask(&self, to: NodeId, report: &ShareReport) -> Result<Grant, String> {
+        if to == self.ctx.me {
+            return self
+                .allocate(to, report, Instant::now())
+                .map_err(|s| format!("{s:?}"));
+        }
+        let exchange = async {
+            let mut s = self
+                .ctx
+                .transport
+                .open(to)
+                .await
+                .map_err(|e| e.to_string())?;
+            s.writer
+                .send(&Frame::ShareReport(report.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            match s.reader.recv().await.map_err(|e| e.to_string())? {
+                Some(Frame::ShareGrant(g)) if g.status == Status::Success => Ok(Grant {
+                    epoch: g.epoch,
+                    seq: g.seq,
+                    rate: g.rate,
+                    per_class: g.per_class,
+                    lease: Duration::from_millis(u64::from(g.lease_ms)),
+                }),
+                Some(Frame::ShareGrant(g)) => Err(format!("refused: {:?}", g.status)),
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        };
+        tokio::time::timeout(self.settings.period, exchange)
+            .await
+            .unwrap_or_else(|_| Err("no answer within a report period".into()))
+    }
+}
+
+fn grant_frame(g: &Grant) -> Frame {
+    Frame::ShareGrant(ShareGrant {
+        status: Status::Success,
+        epoch: g.epoch,
+        seq: g.seq,
+        rate: g.rate,
+        per_class: g.per_class,
+        lease_ms: g.lease.as_millis().min(u128::from(u32::MAX)) as u32,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The governor configuration for a node running at `rate` with `per_class` granted:
+/// each class is guaranteed what it was granted and may borrow up to the whole rate.
+pub(crate) fn governor_config(rate: u64, per_class: [u64; 4]) -> GovernorConfig {
+    let rate = rate.max(1);
+    let mut cfg = GovernorConfig::for_link(rate);
+    if per_class.iter().any(|&c| c > 0) {
+        let mut left = rate;
+        for (c, &want) in cfg.classes.iter_mut().zip(&per_class) {
+            let r = want.min(left);
+            left -= r;
+            *c = ClassConfig {
+                rate: r,
+                ceil: rate,
+            };
+        }
+    }
+    cfg
+}
+
+/// Per-class demand from what the governor saw over `elapsed`: a class that had to wait
+/// wants the whole link (the allocator gives it a fair part); one that did not wants a
+/// quarter more than it used.
+fn measure(
+    gov: &DciGovernor,
+    prev: &mut [(u64, u64); 4],
+    elapsed: Duration,
+    budget: u64,
+    spot: &[TrafficClass],
+) -> Vec<DemandEntry> {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let mut out = Vec::new();
+    for (i, class) in TrafficClass::ALL.iter().enumerate() {
+        let st = gov.stats(*class);
+        let (granted, throttled) = (
+            st.granted_bytes - prev[i].0.min(st.granted_bytes),
+            st.throttled - prev[i].1.min(st.throttled),
+        );
+        prev[i] = (st.granted_bytes, st.throttled);
+        let used = (granted as f64 / secs) as u64;
+        let rate = if throttled > 0 || st.queued > 0 {
+            budget
+        } else {
+            used + used / 4
+        };
+        if rate > 0 {
+            out.push(DemandEntry {
+                class: *class,
+                spot: spot.contains(class),
+                rate,
+                weight: 1,
+            });
+        }
+    }
+    out
+}
+
+/// The member side of one link: report, hold the lease, set the governor.
+async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
+    let ctx = svc.ctx.clone();
+    let topo = ctx.topology.clone();
+    let from = topo.location(ctx.me).idc;
+    let Some(config) = svc.config(from, to) else {
+        return;
+    };
+    let floor = config.floor_rate();
+    let budget = config.budget;
+    let mut candidates = config.members.clone();
+    candidates.sort();
+    let to_name = topo.idc(to).name.clone();
+    let mut lease = Lease::new(floor);
+    let mut skip_until: HashMap<NodeId, Instant> = HashMap::new();
+    let mut prev = [(0u64, 0u64); 4];
+    let mut applied: Option<(u64, [u64; 4])> = None;
+    let mut last = Instant::now();
+    let apply = |lease: &Lease, applied: &mut Option<(u64, [u64; 4])>, now: Instant| {
+        let want = lease
+            .grant(now)
+            .map_or((floor, [0; 4]), |g| (g.rate, g.per_class));
+        if *applied != Some(want) {
+            if let Err(e) = gov.set_config(governor_config(want.0, want.1)) {
+                tracing::warn!(error = %e, "cannot apply DCI grant");
+            }
+            *applied = Some(want);
+        }
+    };
+    apply(&lease, &mut applied, Instant::now());
+    loop {
+        let sent_at = Instant::now();
+        let demand = measure(&gov, &mut prev, sent_at - last, budget, &svc.settings.spot);
+        last = sent_at;
+        let report = ShareReport {
+            to_idc: to_name.clone(),
+            demand: demand.clone(),
+            holding: lease.holding(sent_at).map(|h| HoldingEntry {
+                epoch: h.epoch,
+                seq: h.seq,
+                rate: h.rate,
+                remaining_ms: h.remaining.as_millis().min(u128::from(u32::MAX)) as u32,
+            }),
+        };
+        let mut answered = None;
+        for &c in &candidates {
+            if skip_until.get(&c).is_some_and(|&t| sent_at < t) {
+                continue;
+            }
+            match svc.ask(c, &report).await {
+                Ok(g) => {
+                    answered = Some((c, g));
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(allocator = %ctx.name(c), error = %e, "share report failed");
+                    skip_until.insert(c, Instant::now() + 2 * config.lease);
+                    // Past the period: give up this round rather than fall behind.
+                    if sent_at.elapsed() >= svc.settings.period {
+                        break;
+                    }
+                }
+            }
+        }
+        if answered.is_none() && skip_until.len() == candidates.len() {
+            // Everyone failed recently: try them all again next round.
+            skip_until.clear();
+        }
+        if let Some((_, g)) = &answered {
+            lease.handle_grant(*g, sent_at);
+        }
+        let now = Instant::now();
+        apply(&lease, &mut applied, now);
+        {
+            let mut links = lock(&svc.links);
+            let l = links.entry(to).or_default();
+            l.rate = lease.rate(now);
+            l.floor = floor;
+            l.leased = lease.grant(now).is_some();
+            l.demand = demand
+                .iter()
+                .map(|d| d.rate)
+                .fold(0u64, u64::saturating_add);
+            match answered {
+                Some((c, _)) => l.allocator = Some(c),
+                None => l.failed_reports += 1,
+            }
+        }
+        // Next report, or the lease's end if that comes first (back to the floor then).
+        let next = sent_at + svc.settings.period;
+        let wake = lease.expires(now).map_or(next, |e| e.min(next));
+        tokio::time::sleep_until(wake.into()).await;
+        if Instant::now() < next {
+            apply(&lease, &mut applied, Instant::now());
+            if let Some(l) = lock(&svc.links).get_mut(&to) {
+                l.rate = floor;
+                l.leased = false;
+            }
+            tokio::time::sleep_until(next.into()).await;
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Cluster-wide DCI shares on an in-process cluster: the nodes of idc-a report their
+//! demand on the link to idc-b to its allocator (the lowest-id node that answers) and set
+//! their governors to the leased grants. The rates every node's governor actually runs at
+//! are sampled all along: their sum never exceeds the link budget — while grants change
+//! and when the allocator's node dies — and a lone sender gets most of the link.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use strait::dci::{DciGovernor, SharesSettings};
+use strait::wire::{Frame, ShareReport, Status, TrafficClass};
+
+const BUDGET: u64 = 40_000_000;
+const SENDERS: [&str; 4] = ["a1", "a2", "a3", "a4"];
+
+fn settings() -> SharesSettings {
+    SharesSettings {
+        lease: Duration::from_millis(1000),
+        period: Duration::from_millis(100),
+        ..SharesSettings::default()
+    }
+}
+
+fn governor(c: &Cluster, name: &str) -> DciGovernor {
+    let b = c.topo.idc_by_name("idc-b").unwrap();
+    c.node(name).governors().to(b).unwrap().clone()
+}
+
+/// Keeps `gov` busy with `class` traffic until `stop`.
+fn saturate(gov: DciGovernor, class: TrafficClass, stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            gov.acquire(class, 256 << 10).await;
+        }
+    });
+}
+
+/// Samples the sum of the governors' configured rates every 2 ms; `extra` is counted
+/// too until its deadline (a node that died with a grant in hand). Returns the largest
+/// sum seen.
+fn watch_sum(
+    govs: Vec<DciGovernor>,
+    extra: Arc<std::sync::Mutex<Option<(DciGovernor, Instant)>>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut max = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let mut sum: u64 = govs.iter().map(|g| g.config().rate).sum();
+            if let Some((g, until)) = extra.lock().unwrap().as_ref()
+                && Instant::now() < *until
+            {
+                sum += g.config().rate;
+            }
+            max = max.max(sum);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        max
+    })
+}
+
+/// Bytes `gov` admits in `class` over `window`, per second.
+async fn throughput(gov: &DciGovernor, class: TrafficClass, window: Duration) -> u64 {
+    let b0 = gov.stats(class).granted_bytes;
+    tokio::time::sleep(window).await;
+    ((gov.stats(class).granted_bytes - b0) as f64 / window.as_secs_f64()) as u64
+}
+
+/// Waits (bounded) until `cond` holds, polling every 50 ms.
+async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_sender_gets_the_link_and_two_senders_split_it() {
+    let c = Cluster::start_shared(BUDGET, settings()).await;
+    let govs: Vec<DciGovernor> = SENDERS.iter().map(|n| governor(&c, n)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_sum(govs.clone(), Arc::default(), stop.clone());
+
+    saturate(govs[1].clone(), TrafficClass::Async, stop.clone());
+    until("a2 holds most of the link", Duration::from_secs(5), || {
+        govs[1].config().rate as f64 >= 0.9 * BUDGET as f64
+    })
+    .await;
+    let alone = throughput(&govs[1], TrafficClass::Async, Duration::from_secs(1)).await;
+    assert!(
+        alone as f64 >= 0.85 * BUDGET as f64,
+        "a lone sender got {alone} B/s of {BUDGET}"
+    );
+    let share = c
+        .node("a2")
+        .dci_share(c.topo.idc_by_name("idc-b").unwrap())
+        .unwrap();
+    assert!(share.leased);
+    assert_eq!(share.allocator, Some(c.id("a1")), "the lowest id allocates");
+
+    // A second sender, with a higher class: sync is served before async.
+    saturate(govs[3].clone(), TrafficClass::Sync, stop.clone());
+    until("a4's sync takes the link", Duration::from_secs(5), || {
+        govs[3].config().rate as f64 >= 0.8 * BUDGET as f64
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let max = watcher.await.unwrap();
+    assert!(max <= BUDGET, "configured rates summed to {max} > {BUDGET}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_allocator_dies_the_sum_stays_within_budget_and_another_takes_over() {
+    let mut c = Cluster::start_shared(BUDGET, settings()).await;
+    let govs: Vec<DciGovernor> = SENDERS.iter().map(|n| governor(&c, n)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    for g in &govs {
+        saturate(g.clone(), TrafficClass::Async, stop.clone());
+    }
+    let dead = Arc::new(std::sync::Mutex::new(None));
+    let watcher = watch_sum(govs[1..].to_vec(), dead.clone(), stop.clone());
+    // a1 is counted separately: it stops being a sender when it dies.
+    let a1_gov = govs[0].clone();
+    let a1_watch = {
+        let dead = dead.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut max = 0u64;
+            while !stop.load(Ordering::Relaxed) && dead.lock().unwrap().is_none() {
+                max = max.max(a1_gov.config().rate);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            max
+        })
+    };
+    until(
+        "four senders near a quarter each",
+        Duration::from_secs(5),
+        || {
+            govs.iter()
+                .all(|g| g.config().rate as f64 >= 0.2 * BUDGET as f64)
+        },
+    )
+    .await;
+
+    // The allocator's node dies with its grant in hand: count that grant for a lease.
+    let lease = settings().lease;
+    *dead.lock().unwrap() = Some((govs[0].clone(), Instant::now() + lease));
+    c.stop("a1").await;
+    let a1_max = a1_watch.await.unwrap();
+    assert!(a1_max <= BUDGET);
+
+    // a2 becomes the allocator (after its quiet lease) and the three survivors share
+    // the link again.
+    let idc_b = c.topo.idc_by_name("idc-b").unwrap();
+    until(
+        "a2 allocates for the survivors",
+        Duration::from_secs(10),
+        || {
+            ["a2", "a3", "a4"].iter().all(|n| {
+                c.node(n)
+                    .dci_share(idc_b)
+                    .is_some_and(|s| s.leased && s.allocator == Some(c.id("a2")))
+            })
+        },
+    )
+    .await;
+    until("the survivors use the link", Duration::from_secs(5), || {
+        let sum: u64 = govs[1..].iter().map(|g| g.config().rate).sum();
+        sum as f64 >= 0.9 * BUDGET as f64
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let max = watcher.await.unwrap();
+    assert!(max <= BUDGET, "configured rates summed to {max} > {BUDGET}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_members_of_the_sending_idc_get_grants() {
+    let c = Cluster::start_shared(BUDGET, settings()).await;
+    // b1 asks a1 for a share of a link out of idc-a: refused.
+    let mut s = c.node("b1").transport().open(c.id("a1")).await.unwrap();
+    s.writer
+        .send(&Frame::ShareReport(ShareReport {
+            to_idc: "idc-b".into(),
+            demand: vec![],
+            holding: None,
+        }))
+        .await
+        .unwrap();
+    match s.reader.recv().await.unwrap() {
+        Some(Frame::ShareGrant(g)) => assert_eq!(g.status, Status::Denied),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A node of idc-a asking about an IDC that does not exist: not found.
+    let mut s = c.node("a2").transport().open(c.id("a1")).await.unwrap();
+    s.writer
+        .send(&Frame::ShareReport(ShareReport {
+            to_idc: "idc-z".into(),
+            demand: vec![],
+            holding: None,
+        }))
+        .await
+        .unwrap();
+    match s.reader.recv().await.unwrap() {
+        Some(Frame::ShareGrant(g)) => assert_eq!(g.status, Status::NotFound),
+        other => panic!("unexpected {other:?}"),
+    }
+}
