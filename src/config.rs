@@ -21,6 +21,12 @@
 //! classes = { sync = [40, 100], read = [20, 100], async = [20, 100], repair = [10, 50] }
 //!                                      # [guaranteed %, ceiling %] of the share
 //!
+//! [dci.shares]                         # optional: cluster-wide shares replace `share`
+//! floor = 0.04                         # of each link's budget, split among its senders
+//! lease = "2s"                         # how long a grant is valid
+//! period = "250ms"                     # how often this node reports its demand
+//! spot = ["repair"]                    # classes served after every reserved demand
+//!
 //! [replication]                        # optional: enables async writes from this node
 //! log_dir = "data/a1-log"
 //! max_lag_bytes = "1GiB"
@@ -93,6 +99,17 @@ struct RawDci {
     #[serde(default = "yes")]
     compress: bool,
     classes: Option<RawClasses>,
+    shares: Option<RawShares>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShares {
+    floor: Option<f64>,
+    lease: Option<String>,
+    period: Option<String>,
+    #[serde(default)]
+    spot: Vec<String>,
 }
 
 /// `[guaranteed %, ceiling %]` of the node's share, per class.
@@ -104,6 +121,48 @@ struct RawClasses {
     #[serde(rename = "async")]
     async_: [u8; 2],
     repair: [u8; 2],
+}
+
+/// `[dci.shares]`, validated.
+fn shares(
+    raw: RawShares,
+    field: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<crate::dci::SharesSettings, ConfigError> {
+    let mut s = crate::dci::SharesSettings::default();
+    if let Some(f) = raw.floor {
+        if !(0.0..0.5).contains(&f) {
+            return Err(field("dci.shares.floor", format!("{f} is not in [0, 0.5)")));
+        }
+        s.floor = f;
+    }
+    let dur = |name: &'static str, text: Option<String>, default| match text {
+        Some(t) => units::parse_duration(&t).map_err(|e| field(name, e.to_string())),
+        None => Ok(default),
+    };
+    s.lease = dur("dci.shares.lease", raw.lease, s.lease)?;
+    s.period = dur("dci.shares.period", raw.period, s.period)?;
+    if s.period.is_zero() || s.lease < 2 * s.period {
+        return Err(field(
+            "dci.shares.period",
+            format!(
+                "{:?} must be positive and at most half the lease ({:?})",
+                s.period, s.lease
+            ),
+        ));
+    }
+    for name in raw.spot {
+        let class = crate::wire::TrafficClass::ALL
+            .into_iter()
+            .find(|c| format!("{c:?}").eq_ignore_ascii_case(&name))
+            .ok_or_else(|| {
+                field(
+                    "dci.shares.spot",
+                    format!("{name:?}: expected sync, read, async or repair"),
+                )
+            })?;
+        s.spot.push(class);
+    }
+    Ok(s)
 }
 
 fn one() -> f64 {
@@ -252,6 +311,9 @@ impl DaemonConfig {
                 }
                 node.dci.classes = Some(all.map(|x| (x[0], x[1])));
             }
+            if let Some(sh) = d.shares {
+                node.dci.shares = Some(shares(sh, &field)?);
+            }
         }
         if let Some(r) = raw.replication {
             let mut rc = ReplicationConfig::new(rel(&r.log_dir));
@@ -359,6 +421,12 @@ addr = "127.0.0.1:9100"
             (Some(1 << 30), RpoPolicy::Block)
         );
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.node.dci.shares, None);
+        let shared = format!("{GOOD}\n[dci.shares]\nlease = \"3s\"\nspot = [\"repair\"]\n");
+        let s = parse(&f, &shared).unwrap().node.dci.shares.unwrap();
+        assert_eq!(s.lease, std::time::Duration::from_secs(3));
+        assert_eq!(s.spot, vec![crate::wire::TrafficClass::Repair]);
+        assert_eq!(s.floor, 0.04);
     }
 
     #[test]
@@ -385,7 +453,22 @@ addr = "127.0.0.1:9100"
                 GOOD.replace("policy = \"block\"", "policy = \"panic\""),
                 "line 15",
             ),
-            (GOOD.replace("[dci]", "[dci]\nshares = 1"), "unknown field"),
+            (
+                GOOD.replace("[dci]", "[dci]\nshare_all = 1"),
+                "unknown field",
+            ),
+            (
+                format!("{GOOD}\n[dci.shares]\nfloor = 0.7\n"),
+                "`dci.shares.floor`",
+            ),
+            (
+                format!("{GOOD}\n[dci.shares]\nspot = [\"bulk\"]\n"),
+                "`dci.shares.spot`",
+            ),
+            (
+                format!("{GOOD}\n[dci.shares]\nlease = \"1s\"\nperiod = \"900ms\"\n"),
+                "`dci.shares.period`",
+            ),
             (GOOD.replace("store_dir = \"data\"\n", ""), "store_dir"),
         ];
         for (text, want) in cases {

@@ -140,6 +140,60 @@ pub fn render(node: &Node) -> String {
         out,
         "# HELP strait_dci_granted_bytes_total Bytes a DCI governor admitted.\n# TYPE strait_dci_granted_bytes_total counter\n{granted}"
     );
+    // The governor's rate now, and with cluster-wide shares, the lease behind it.
+    let mut rate = String::new();
+    for (idc, g) in node.governors().iter() {
+        let to = &node.topology().idc(idc).name;
+        let _ = writeln!(
+            rate,
+            "strait_dci_rate_bytes_per_second{{node=\"{name}\",to=\"{to}\"}} {}",
+            g.config().rate
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP strait_dci_rate_bytes_per_second The rate a DCI governor runs at now (a static share, or the leased grant).\n# TYPE strait_dci_rate_bytes_per_second gauge\n{rate}"
+    );
+    let shares: Vec<_> = node
+        .governors()
+        .iter()
+        .filter_map(|(idc, _)| Some((node.topology().idc(idc).name.clone(), node.dci_share(idc)?)))
+        .collect();
+    type Field = fn(&crate::bandwidth::LinkShare) -> u64;
+    let families: [(&str, &str, &str, Field); 4] = [
+        (
+            "strait_dci_share_floor_bytes_per_second",
+            "gauge",
+            "What this node may send on the link with no grant.",
+            |l| l.floor,
+        ),
+        (
+            "strait_dci_share_demand_bytes_per_second",
+            "gauge",
+            "The demand this node reported last.",
+            |l| l.demand,
+        ),
+        (
+            "strait_dci_share_leased",
+            "gauge",
+            "1 while a grant's lease runs, 0 at the floor.",
+            |l| u64::from(l.leased),
+        ),
+        (
+            "strait_dci_share_failed_reports_total",
+            "counter",
+            "Demand reports that got no grant.",
+            |l| l.failed_reports,
+        ),
+    ];
+    if !shares.is_empty() {
+        for (metric, kind, help, get) in families {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+            for (to, l) in &shares {
+                let _ = writeln!(out, "{metric}{{node=\"{name}\",to=\"{to}\"}} {}", get(l));
+            }
+        }
+    }
     summary(
         &mut out,
         "strait_pipeline_ack_seconds",
