@@ -2,13 +2,17 @@
 //! their behalf. Today that is async replication's remote copy; repair will be the next.
 //!
 //! A copy is idempotent: targets that already hold the block finalized at the task's
-//! genstamp and length are skipped; the block is read (verified) from the nearest source
-//! that has it and written through a pipeline to the targets that do not. A task whose
-//! block has moved on (a newer genstamp here, or no source with its genstamp) is obsolete.
+//! genstamp and length are skipped. The scheduler (`scheduler::route::plan_copy`) plans
+//! the rest: a target in an IDC where some node already holds the block is fed by that
+//! holder, inside the IDC (this node asks it with a `CopyBlock`); the targets of an IDC
+//! with no holder are fed by one pipeline from this node across the DCI, the block read
+//! (verified) from the nearest source. A task whose block has moved on (a newer genstamp
+//! here, or no source with its genstamp) is obsolete.
 //! This module sits above the pipeline and the reader, which it drives; the replication
 //! queue drives it through [`Copier`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
@@ -17,19 +21,27 @@ use crate::context::NodeContext;
 use crate::pipeline::{Pipelines, WriteParams, Writer};
 use crate::read::{ReadError, ReadParams, Reader, ReplicaFailure};
 use crate::replication::{Copier, CopyFailure, Task};
+use crate::scheduler::route::{Leg, SourceLoad, plan_copy};
 use crate::store::ReplicaState;
 use crate::topology::NodeId;
-use crate::wire::{Compression, Frame, ReadBlock, Status, TrafficClass};
+use crate::topology::Tier;
+use crate::wire::{Compression, CopyBlock, Frame, ReadBlock, Status, TrafficClass};
 
 /// The transfer service of one node.
 pub(crate) struct Transfers {
     ctx: Arc<NodeContext>,
     pipelines: Arc<Pipelines>,
+    /// Legs running per source, so plans spread over equally near sources.
+    load: Mutex<SourceLoad>,
 }
 
 impl Transfers {
     pub(crate) fn new(ctx: Arc<NodeContext>, pipelines: Arc<Pipelines>) -> Arc<Transfers> {
-        Arc::new(Transfers { ctx, pipelines })
+        Arc::new(Transfers {
+            ctx,
+            pipelines,
+            load: Mutex::new(SourceLoad::default()),
+        })
     }
 
     /// Whether `peer` holds `block` finalized at `gs` with `len` bytes.
@@ -81,12 +93,13 @@ impl Transfers {
             )));
         }
         let mut missing = Vec::new();
+        let mut holders = sources.clone();
         for &t in &targets {
             match self
                 .has_replica(t, task.block, task.genstamp, task.len)
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => holders.push(t),
                 Ok(false) => missing.push(t),
                 Err(e) => return Err(CopyFailure::Retry(format!("probe {}: {e}", ctx.name(t)))),
             }
@@ -94,11 +107,85 @@ impl Transfers {
         if missing.is_empty() {
             return Ok(0);
         }
+        let plan = {
+            let mut load = self.load.lock().unwrap_or_else(|e| e.into_inner());
+            plan_copy(topo, &holders, &missing, &mut load)
+        }
+        .ok_or_else(|| CopyFailure::Retry("no source for the block".into()))?;
+        let sources = &sources;
+        let legs = plan.legs.iter().map(|leg| async move {
+            let r = self.run_leg(task, sources, leg).await;
+            self.load
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(leg.source);
+            r
+        });
+        let results = futures_util::future::join_all(legs).await;
+        // An obsolete task is obsolete whatever the other legs did; otherwise any failed
+        // leg makes the attempt a retry (the legs that worked are skipped next time).
+        let mut retry = None;
+        for r in results {
+            match r {
+                Err(CopyFailure::Obsolete(why)) => return Err(CopyFailure::Obsolete(why)),
+                Err(e) => retry = Some(e),
+                Ok(()) => {}
+            }
+        }
+        match retry {
+            Some(e) => Err(e),
+            None => Ok(task.len),
+        }
+    }
+
+    /// Runs one leg of a plan: through this node when the leg starts from the task's
+    /// sources (across the DCI), or by asking the holder to copy inside its IDC.
+    async fn run_leg(&self, task: &Task, sources: &[NodeId], leg: &Leg) -> Result<(), CopyFailure> {
+        if leg.tier == Tier::Dci || sources.contains(&leg.source) {
+            return self.copy_through_me(task, sources, &leg.targets).await;
+        }
+        let ctx = &self.ctx;
+        let req = CopyBlock {
+            block: task.block,
+            genstamp: task.genstamp,
+            len: task.len,
+            targets: leg
+                .targets
+                .iter()
+                .map(|&t| ctx.name(t).to_string())
+                .collect(),
+            class: TrafficClass::Async,
+        };
+        // Bounded: the holder's own pipeline has ack timeouts, but a holder that stops
+        // answering must not hold the task forever (30 s plus 1 s per 10 MB).
+        let limit = Duration::from_secs(30) + Duration::from_millis(task.len / 10_000);
+        match tokio::time::timeout(limit, self.pipelines.ask_copy(leg.source, req)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CopyFailure::Retry(format!(
+                "copy from {}: {e}",
+                ctx.name(leg.source)
+            ))),
+            Err(_) => Err(CopyFailure::Retry(format!(
+                "copy from {}: no answer within {limit:?}",
+                ctx.name(leg.source)
+            ))),
+        }
+    }
+
+    /// Reads the block from the nearest of `sources` and writes it through one pipeline
+    /// from this node to `missing`.
+    async fn copy_through_me(
+        &self,
+        task: &Task,
+        sources: &[NodeId],
+        missing: &[NodeId],
+    ) -> Result<(), CopyFailure> {
+        let ctx = &self.ctx;
         let reader = Reader::open(
             ctx.clone(),
             task.block,
             task.genstamp,
-            &sources,
+            sources,
             ReadParams::default(),
         );
         let mut params = WriteParams::new(task.genstamp);
@@ -130,7 +217,7 @@ impl Transfers {
             let writer = match w.as_mut() {
                 Some(writer) => writer,
                 None => w.insert(
-                    Writer::create(&self.pipelines, task.block, &missing, params.clone())
+                    Writer::create(&self.pipelines, task.block, missing, params.clone())
                         .await
                         .map_err(|e| CopyFailure::Retry(e.to_string()))?,
                 ),
@@ -155,7 +242,7 @@ impl Transfers {
                 missing.len()
             )));
         }
-        Ok(task.len)
+        Ok(())
     }
 }
 

@@ -367,3 +367,40 @@ async fn a_ranged_read_that_meets_a_stale_replica_fails_over() {
     let got = r.read(100, 1000).await.expect("fails over to b1");
     assert_eq!(&got[..], &data[100..1100]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spare_is_fed_by_the_survivor_behind_its_own_rack_switch() {
+    let mut c = Cluster::start().await;
+    // idc-a racks: r1 = a1, a2; r2 = a3, a4. a1 fails; the spare a4 is fed its prefix by
+    // a3 (same rack), not by a2, which comes first in the pipeline.
+    let targets = c.ids(&["a2", "a1", "a3", "b1"]);
+    let block = BlockId(23);
+    let data = pattern(23, 2_000_000);
+    let mut params = WriteParams::new(GenStamp(1));
+    params.spares = c.ids(&["a4"]);
+    let mut w = c.node("b4").writer(block, &targets, params).await.unwrap();
+    w.write(Bytes::copy_from_slice(&data[..1_000_000]))
+        .await
+        .unwrap();
+    w.hflush().await.unwrap();
+    c.stop("a1").await;
+    w.write(Bytes::copy_from_slice(&data[1_000_000..]))
+        .await
+        .unwrap();
+    let out = w.close().await.unwrap();
+    assert_eq!(out.failed, c.ids(&["a1"]));
+    assert!(out.replicas.contains(&c.id("a4")));
+    let from_rack = c
+        .node("a4")
+        .metrics()
+        .pipeline_received_bytes
+        .get(strait::topology::Tier::Rack);
+    assert!(
+        from_rack >= 1_000_000,
+        "a4 got {from_rack} bytes from its rack"
+    );
+    assert_eq!(
+        stored(c.node("a4"), block, out.genstamp).await.unwrap(),
+        data
+    );
+}

@@ -285,3 +285,53 @@ async fn a_remote_replica_left_unfinalized_is_copied_again() {
     // Done means finalized on every remote target.
     wait_replicated(&c, &["b2", "b4"], block, &data, Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_feeds_the_missing_remote_replica_from_the_remote_holder() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    use strait::transport::filter::{FrameAction, Hop};
+    use strait::wire::Frame;
+    let c = Cluster::start_full(125_000_000, 1.0, Some(config(None, RpoPolicy::Warn))).await;
+    let (b2, b4) = (c.id("b2"), c.id("b4"));
+    // The first remote copy (a1 -> b2 -> b4) dies on b2's hop to b4 at the last packet:
+    // b2 finalizes, b4 does not, the attempt fails and is retried.
+    let seen = AtomicU64::new(0);
+    c.node("b2")
+        .transport()
+        .set_frame_filter(Some(Arc::new(move |hop: Hop, f: &Frame| {
+            if hop == (Hop { from: b2, to: b4 })
+                && matches!(f, Frame::Packet(_))
+                && seen.fetch_add(1, Ordering::Relaxed) == 3
+            {
+                FrameAction::Kill
+            } else {
+                FrameAction::Pass
+            }
+        })));
+    let data = pattern(77, 3 * (1 << 20) + 100);
+    let targets = c.ids(&["a1", "a3", "b2", "b4"]);
+    write_async(c.node("a1"), BlockId(77), &targets, &data)
+        .await
+        .unwrap();
+    wait_replicated(
+        &c,
+        &["b2", "b4"],
+        BlockId(77),
+        &data,
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_drained(c.node("a1"), Duration::from_secs(10)).await;
+    // The retry copied b2's replica to b4 inside idc-b: the block crossed the DCI once.
+    let crossed: u64 = c
+        .nodes
+        .values()
+        .map(|n| n.metrics().dci_wire_bytes.load(Ordering::Relaxed))
+        .sum();
+    let ratio = crossed as f64 / data.len() as f64;
+    assert!(
+        (1.0..1.05).contains(&ratio),
+        "DCI bytes per block byte {ratio:.3}"
+    );
+}

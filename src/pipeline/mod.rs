@@ -350,6 +350,17 @@ impl Pipelines {
     }
 
     /// Relays registered now (blocks being written through this node).
+    /// Asks `source` to copy its replica of `req.block` (the first `req.len` bytes, at
+    /// `req.genstamp`) through a pipeline to `req.targets`; returns when the copy is
+    /// done. The data goes from `source` to the targets, not through this node.
+    pub(crate) async fn ask_copy(
+        self: &Arc<Self>,
+        source: NodeId,
+        req: crate::wire::CopyBlock,
+    ) -> Result<(), String> {
+        copy::ask_copy(self, source, req).await
+    }
+
     pub(crate) fn relay_count(&self) -> usize {
         self.relays.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

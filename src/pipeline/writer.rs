@@ -538,11 +538,19 @@ impl Writer {
         };
         let spare = self.params.spares.remove(pos);
         if resume > 0 {
-            let source = self
+            // The survivor nearest the spare (its rack switch first) sends the prefix.
+            let survivors: Vec<NodeId> = self
                 .win
                 .targets()
-                .find(|&t| topo.location(t).idc == idc)
-                .unwrap_or(self.win.first());
+                .filter(|&t| topo.location(t).idc == idc)
+                .collect();
+            let source = crate::scheduler::route::choose_source(
+                &topo,
+                &survivors,
+                spare,
+                &crate::scheduler::route::SourceLoad::default(),
+            )
+            .unwrap_or(self.win.first());
             let req = crate::wire::CopyBlock {
                 block: self.block,
                 genstamp: self.win.genstamp(),
