@@ -22,9 +22,9 @@
 //!                                      # [guaranteed %, ceiling %] of the share
 //!
 //! [dci.shares]                         # optional: cluster-wide shares replace `share`
-//! floor = 0.04                         # of each link's budget, split among its senders
-//! lease = "2s"                         # how long a grant is valid
-//! period = "250ms"                     # how often this node reports its demand
+//! floor = 0.02                         # of each link's budget, split among its senders
+//! lease = "1s"                         # how long a grant is valid
+//! period = "100ms"                     # how often this node reports its demand
 //! spot = ["repair"]                    # classes served after every reserved demand
 //!
 //! [replication]                        # optional: enables async writes from this node
@@ -426,7 +426,7 @@ addr = "127.0.0.1:9100"
         let s = parse(&f, &shared).unwrap().node.dci.shares.unwrap();
         assert_eq!(s.lease, std::time::Duration::from_secs(3));
         assert_eq!(s.spot, vec![crate::wire::TrafficClass::Repair]);
-        assert_eq!(s.floor, 0.04);
+        assert_eq!(s.floor, 0.02);
     }
 
     #[test]

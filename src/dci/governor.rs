@@ -201,9 +201,9 @@ pub struct ClassStats {
     pub queued_bytes: u64,
     /// Bytes granted so far.
     pub granted_bytes: u64,
-    /// Requests so far that had to wait (others of the class were queued, or a bucket
-    /// could not cover them when they came): the class wanted more than it got.
-    pub throttled: u64,
+    /// Time so far during which the class had requests waiting: close to all of a
+    /// period when the class wants more than it gets.
+    pub backlogged: Duration,
 }
 
 /// One link direction's governor. See the [module docs](self).
@@ -215,7 +215,7 @@ pub struct Governor {
     ceil: [Bucket; 4],
     queues: [VecDeque<(RequestId, u64)>; 4],
     granted: [u64; 4],
-    throttled: [u64; 4],
+    backlogged: [Duration; 4],
     last: Instant,
     next_id: u64,
 }
@@ -234,7 +234,7 @@ impl Governor {
             ceil: config.classes.map(|c| Bucket::new(c.ceil, b)),
             queues: Default::default(),
             granted: [0; 4],
-            throttled: [0; 4],
+            backlogged: [Duration::ZERO; 4],
             last: now,
             next_id: 0,
             config,
@@ -252,6 +252,11 @@ impl Governor {
             return;
         }
         self.last = now;
+        for (q, b) in self.queues.iter().zip(&mut self.backlogged) {
+            if !q.is_empty() {
+                *b += elapsed;
+            }
+        }
         self.link.refill(elapsed);
         for b in self.guaranteed.iter_mut().chain(self.ceil.iter_mut()) {
             b.refill(elapsed);
@@ -273,9 +278,6 @@ impl Governor {
         }
         self.advance(now);
         let c = class as usize;
-        if !self.queues[c].is_empty() || !self.link.has(bytes) || !self.ceil[c].has(bytes) {
-            self.throttled[c] += 1;
-        }
         let id = RequestId(self.next_id);
         self.next_id += 1;
         self.queues[c].push_back((id, bytes));
@@ -413,6 +415,11 @@ impl Governor {
         Ok(())
     }
 
+    /// Brings the buckets and the backlog times up to `now` (as any other call does).
+    pub fn handle_time(&mut self, now: Instant) {
+        self.advance(now);
+    }
+
     /// Counters of one class.
     pub fn stats(&self, class: TrafficClass) -> ClassStats {
         let q = &self.queues[class as usize];
@@ -420,7 +427,7 @@ impl Governor {
             queued: q.len(),
             queued_bytes: q.iter().map(|(_, b)| b).sum(),
             granted_bytes: self.granted[class as usize],
-            throttled: self.throttled[class as usize],
+            backlogged: self.backlogged[class as usize],
         }
     }
 

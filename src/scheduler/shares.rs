@@ -81,13 +81,13 @@ pub struct SharesConfig {
 }
 
 impl SharesConfig {
-    /// Defaults for a link of `budget` bytes/s shared by `members`: 4 % in floors, a
-    /// 2 s lease (members report four times a lease).
+    /// Defaults for a link of `budget` bytes/s shared by `members`: 2 % in floors, a
+    /// 1 s lease.
     pub fn new(budget: u64, members: Vec<NodeId>) -> Self {
         SharesConfig {
             budget,
-            floor: 0.04,
-            lease: Duration::from_secs(2),
+            floor: 0.02,
+            lease: Duration::from_secs(1),
             members,
         }
     }
@@ -613,6 +613,7 @@ mod tests {
         let t0 = Instant::now();
         let cfg = SharesConfig {
             floor: 0.0,
+            lease: Duration::from_secs(2),
             ..SharesConfig::new(100 * MB, members(2))
         };
         let mut a = Allocator::new(cfg, 2, t0).unwrap();

@@ -11,6 +11,7 @@ use strait::transport::LinkKind;
 use strait::units;
 use strait_tools::bench::dci::{self, DciBenchParams};
 use strait_tools::bench::pipeline::{self, PipelineBenchParams};
+use strait_tools::bench::sched;
 use strait_tools::bench::store::{self, StoreBenchParams};
 use strait_tools::bench::transport::{self, TransportBenchParams};
 
@@ -125,6 +126,20 @@ enum Scenario {
         links: Vec<LinkKind>,
         /// Directory for the node stores.
         #[arg(long, default_value = "target/strait-bench-pipeline")]
+        dir: PathBuf,
+    },
+    /// Cluster-wide DCI shares vs static equal shares: 2 IDCs x 8 nodes, uneven demand
+    /// across nodes and classes against one budget; utilization, overshoot, a single
+    /// sender's share, reserved vs spot admission latency.
+    Sched {
+        /// DCI budget.
+        #[arg(long, default_value = "1gbit", value_parser = parse_rate)]
+        budget: u64,
+        /// Measured seconds per phase.
+        #[arg(long, default_value_t = 5)]
+        phase_secs: u64,
+        /// Directory for the node stores.
+        #[arg(long, default_value = "target/strait-bench-sched")]
         dir: PathBuf,
     },
     /// DCI protection: utilization and overshoot of a DCI budget under a remote-read
@@ -312,6 +327,18 @@ fn bench(scenario: Scenario) -> ExitCode {
                 } else {
                     pipeline::run(&params).await
                 }
+            }
+            Scenario::Sched {
+                budget,
+                phase_secs,
+                dir,
+            } => {
+                sched::run(&strait_tools::bench::sched::SchedBenchParams {
+                    budget,
+                    phase_secs: phase_secs.max(2),
+                    dir,
+                })
+                .await
             }
             Scenario::Dci {
                 budget,
