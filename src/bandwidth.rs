@@ -92,10 +92,7 @@ impl Bandwidth {
     fn config(&self, from: IdcId, to: IdcId) -> Option<SharesConfig> {
         let topo = &self.ctx.topology;
         let link = topo.link(from, to)?;
-        let members: Vec<NodeId> = topo
-            .node_ids()
-            .filter(|&n| topo.location(n).idc == from)
-            .collect();
+        let members = crate::dci::share_members(topo, from);
         Some(SharesConfig {
             floor: self.settings.floor,
             lease: self.settings.lease,
@@ -152,42 +149,70 @@ impl Bandwidth {
             .map_err(|_| Status::Denied)
     }
 
-    /// Serves one `ShareReport` stream.
-    pub(crate) async fn serve(&self, mut s: Stream, req: ShareReport) {
-        let answer = if s.role != PeerRole::Node {
-            Err(Status::Denied)
-        } else {
-            self.allocate(s.peer, &req, Instant::now())
-        };
-        let frame = match answer {
-            Ok(g) => grant_frame(&g),
-            Err(status) => Frame::ShareGrant(ShareGrant {
-                status,
-                epoch: 0,
-                seq: 0,
-                rate: 0,
-                per_class: [0; 4],
-                lease_ms: 0,
-            }),
-        };
-        let _ = s.writer.send(&frame).await;
+    /// Serves a member's report stream: one grant per report, for as long as the member
+    /// keeps the stream open.
+    pub(crate) async fn serve(&self, mut s: Stream, first: ShareReport) {
+        let mut req = first;
+        loop {
+            let answer = if s.role != PeerRole::Node {
+                Err(Status::Denied)
+            } else {
+                self.allocate(s.peer, &req, Instant::now())
+            };
+            let refused = answer.is_err();
+            let frame = match answer {
+                Ok(g) => grant_frame(&g),
+                Err(status) => Frame::ShareGrant(ShareGrant {
+                    status,
+                    epoch: 0,
+                    seq: 0,
+                    rate: 0,
+                    per_class: [0; 4],
+                    lease_ms: 0,
+                }),
+            };
+            if s.writer.send(&frame).await.is_err() || refused {
+                break;
+            }
+            // The member reports again every period; a stream silent for a lease is gone.
+            match tokio::time::timeout(self.settings.lease, s.reader.recv()).await {
+                Ok(Ok(Some(Frame::ShareReport(r)))) => req = r,
+                _ => break,
+            }
+        }
         let _ = s.writer.finish().await;
     }
 
-    /// Sends `report` to `to` (or asks the local allocator) and waits for its grant.
-    async fn ask(&self, to: NodeId, report: &ShareReport) -> Result<Grant, String> {
+    /// Sends `report` to `to` (or asks the local allocator) and waits for its grant. The
+    /// stream to a remote allocator is kept in `conn` for the next report.
+    async fn ask(
+        &self,
+        to: NodeId,
+        report: &ShareReport,
+        conn: &mut Option<(NodeId, Stream)>,
+    ) -> Result<Grant, String> {
         if to == self.ctx.me {
+            *conn = None;
             return self
                 .allocate(to, report, Instant::now())
                 .map_err(|s| format!("{s:?}"));
         }
+        if conn.as_ref().is_some_and(|(n, _)| *n != to) {
+            *conn = None;
+        }
         let exchange = async {
-            let mut s = self
-                .ctx
-                .transport
-                .open(to)
-                .await
-                .map_err(|e| e.to_string())?;
+            if conn.is_none() {
+                let s = self
+                    .ctx
+                    .transport
+                    .open(to)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                *conn = Some((to, s));
+            }
+            let Some((_, s)) = conn.as_mut() else {
+                return Err("no stream".to_string());
+            };
             s.writer
                 .send(&Frame::ShareReport(report.clone()))
                 .await
@@ -204,9 +229,14 @@ impl Bandwidth {
                 other => Err(format!("unexpected answer {other:?}")),
             }
         };
-        tokio::time::timeout(self.settings.period, exchange)
+        let r = tokio::time::timeout(self.settings.period, exchange)
             .await
-            .unwrap_or_else(|_| Err("no answer within a report period".into()))
+            .unwrap_or_else(|_| Err("no answer within a report period".into()));
+        if r.is_err() {
+            // A late answer must not be read as the answer to the next report.
+            *conn = None;
+        }
+        r
     }
 }
 
@@ -220,6 +250,10 @@ fn grant_frame(g: &Grant) -> Frame {
         lease_ms: g.lease.as_millis().min(u128::from(u32::MAX)) as u32,
     })
 }
+
+/// The shortest time between two reports of one member (an early report after a cold
+/// start waits at least this long after the previous one).
+const EARLY_GAP: Duration = Duration::from_millis(5);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -300,6 +334,8 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
     let mut prev = [(0u64, Duration::ZERO); 4];
     let mut applied: Option<(u64, [u64; 4])> = None;
     let mut last = Instant::now();
+    let mut cold_start = false;
+    let mut conn: Option<(NodeId, Stream)> = None;
     let apply = |lease: &Lease, applied: &mut Option<(u64, [u64; 4])>, now: Instant| {
         let want = lease
             .grant(now)
@@ -314,8 +350,33 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
     apply(&lease, &mut applied, Instant::now());
     loop {
         let sent_at = Instant::now();
-        let demand = measure(&gov, &mut prev, sent_at - last, budget, &svc.settings.spot);
+        let mut demand = measure(&gov, &mut prev, sent_at - last, budget, &svc.settings.spot);
+        if std::mem::take(&mut cold_start) {
+            // Senders are waiting at (nearly) the floor: ask for the link for them now;
+            // the next regular report measures what they really use.
+            for class in TrafficClass::ALL {
+                if gov.stats(class).queued > 0 {
+                    demand.retain(|d| d.class != class);
+                    demand.push(DemandEntry {
+                        class,
+                        spot: svc.settings.spot.contains(&class),
+                        rate: budget,
+                        weight: 1,
+                    });
+                }
+            }
+        }
         last = sent_at;
+        // Give back at once what this node holds above its demand (the allocator can
+        // hand it to others without waiting for another report).
+        let wanted = demand
+            .iter()
+            .fold(0u64, |a, d| a.saturating_add(d.rate))
+            .min(budget);
+        if lease.rate(sent_at) > wanted.max(floor) {
+            lease.cap(wanted);
+            apply(&lease, &mut applied, sent_at);
+        }
         let report = ShareReport {
             to_idc: to_name.clone(),
             demand: demand.clone(),
@@ -331,7 +392,7 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
             if skip_until.get(&c).is_some_and(|&t| sent_at < t) {
                 continue;
             }
-            match svc.ask(c, &report).await {
+            match svc.ask(c, &report, &mut conn).await {
                 Ok(g) => {
                     answered = Some((c, g));
                     break;
@@ -370,17 +431,34 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
                 None => l.failed_reports += 1,
             }
         }
-        // Next report, or the lease's end if that comes first (back to the floor then).
+        // Next report at the period, early when a node running near its floor has senders
+        // waiting (a cold start: the first packets of a block must not crawl at the floor
+        // for a whole period), and at the lease's end if that comes first (back to the
+        // floor then).
         let next = sent_at + svc.settings.period;
-        let wake = lease.expires(now).map_or(next, |e| e.min(next));
-        tokio::time::sleep_until(wake.into()).await;
-        if Instant::now() < next {
-            apply(&lease, &mut applied, Instant::now());
-            if let Some(l) = lock(&svc.links).get_mut(&to) {
-                l.rate = floor;
-                l.leased = false;
+        let early_from = sent_at + EARLY_GAP;
+        loop {
+            let now = Instant::now();
+            let cold = lease.rate(now) <= 2 * floor;
+            let wake = lease.expires(now).map_or(next, |e| e.min(next));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = gov.pressed(), if cold => {
+                    tokio::time::sleep_until(early_from.into()).await;
+                    cold_start = true;
+                    break;
+                }
             }
-            tokio::time::sleep_until(next.into()).await;
+            let now = Instant::now();
+            if now >= next {
+                break;
+            }
+            // The lease ran out before the next report: back to the floor.
+            apply(&lease, &mut applied, now);
+            if let Some(l) = lock(&svc.links).get_mut(&to) {
+                l.rate = lease.rate(now);
+                l.leased = lease.grant(now).is_some();
+            }
         }
     }
 }

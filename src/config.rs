@@ -24,7 +24,7 @@
 //! [dci.shares]                         # optional: cluster-wide shares replace `share`
 //! floor = 0.02                         # of each link's budget, split among its senders
 //! lease = "1s"                         # how long a grant is valid
-//! period = "100ms"                     # how often this node reports its demand
+//! period = "50ms"                      # how often this node reports its demand
 //! spot = ["repair"]                    # classes served after every reserved demand
 //!
 //! [replication]                        # optional: enables async writes from this node

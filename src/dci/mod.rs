@@ -29,6 +29,8 @@ struct DriverState {
     core: Mutex<Governor>,
     waiters: Mutex<HashMap<RequestId, oneshot::Sender<()>>>,
     wake: Notify,
+    /// Fired when a request has to wait: the node wants more than its rate.
+    pressed: Notify,
 }
 
 /// The governor of one link direction, shared by every sender on this node. Cheap to
@@ -74,6 +76,7 @@ impl DciGovernor {
             core: Mutex::new(core),
             waiters: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            pressed: Notify::new(),
         });
         tokio::spawn(drive(Arc::downgrade(&shared)));
         Ok(DciGovernor { shared })
@@ -93,6 +96,12 @@ impl DciGovernor {
         self.lock().set_config(config, Instant::now())?;
         self.shared.wake.notify_one();
         Ok(())
+    }
+
+    /// Resolves once a sender has had to wait for this governor since the last call (or
+    /// does already): the node wants more than its current rate.
+    pub async fn pressed(&self) {
+        self.shared.pressed.notified().await
     }
 
     /// Whether senders are waiting: the link is the bottleneck.
@@ -125,9 +134,13 @@ impl DciGovernor {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut g = self.lock();
+            let was_backlogged = g.backlogged();
             let Ok(id) = g.request(class, bytes, Instant::now()) else {
                 return;
             };
+            if was_backlogged {
+                self.shared.pressed.notify_one();
+            }
             self.shared
                 .waiters
                 .lock()
@@ -209,6 +222,16 @@ pub struct DciConfig {
     pub shares: Option<SharesSettings>,
 }
 
+/// The nodes that share the DCI links leaving `idc`: its nodes that store data. A node
+/// of capacity 0 is a client identity (placement never picks it); it has no floor and
+/// the allocator does not wait for its reports.
+pub fn share_members(topology: &Topology, idc: crate::topology::IdcId) -> Vec<NodeId> {
+    topology
+        .node_ids()
+        .filter(|&n| topology.location(n).idc == idc && topology.node(n).capacity > 0)
+        .collect()
+}
+
 /// How a node takes part in cluster-wide DCI shares.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharesSettings {
@@ -225,13 +248,13 @@ pub struct SharesSettings {
 }
 
 impl Default for SharesSettings {
-    /// 2 % of the budget in floors, 1 s leases, reports every 100 ms (a change in demand
-    /// is served within a few hundred ms), every class reserved.
+    /// 2 % of the budget in floors, 1 s leases, reports every 50 ms on a kept stream (a
+    /// change in demand is served within about a period), every class reserved.
     fn default() -> Self {
         SharesSettings {
             floor: 0.02,
             lease: std::time::Duration::from_secs(1),
-            period: std::time::Duration::from_millis(100),
+            period: std::time::Duration::from_millis(50),
             spot: Vec::new(),
         }
     }
@@ -269,11 +292,7 @@ impl Egress {
         let governors = match &config.shares {
             // Start at the floor; the allocator's grants raise it.
             Some(s) => {
-                let members = topology
-                    .node_ids()
-                    .filter(|&n| topology.location(n).idc == idc)
-                    .count()
-                    .max(1);
+                let members = share_members(&topology, idc).len().max(1);
                 DciGovernors::for_node_with(&topology, idc, s.floor / members as f64, None)?
             }
             None => DciGovernors::for_node_with(&topology, idc, config.share, config.classes)?,

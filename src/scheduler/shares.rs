@@ -214,7 +214,13 @@ impl Allocator {
         m.demand = demand.to_vec();
         m.reported = Some(now);
         match holding {
-            Some(h) if h.epoch == epoch => m.outstanding.retain(|&(s, _, _)| s >= h.seq),
+            Some(h) if h.epoch == epoch => {
+                m.outstanding.retain(|&(s, _, _)| s >= h.seq);
+                // A member may hold less than it was granted (it gave some back).
+                for e in m.outstanding.iter_mut().filter(|e| e.0 == h.seq) {
+                    e.1 = e.1.min(h.rate);
+                }
+            }
             // Another instance's grant: held (as seq 0) until it lapses.
             Some(h) => {
                 m.outstanding.retain(|&(s, _, _)| s != 0);
@@ -426,6 +432,16 @@ impl Lease {
             .map(|(g, _)| g)
     }
 
+    /// Gives back what the grant in force allows above `rate` (never below the floor):
+    /// the member uses at most that from now on, and its next report says so, which
+    /// frees the rest for others at once instead of a report later.
+    pub fn cap(&mut self, rate: u64) {
+        let floor = self.floor;
+        if let Some((g, _)) = self.current.as_mut() {
+            g.rate = g.rate.min(rate.max(floor));
+        }
+    }
+
     /// The rate the member may use at `now`: its grant's, or its floor once that lapsed.
     pub fn rate(&self, now: Instant) -> u64 {
         self.grant(now).map_or(self.floor, |g| g.rate)
@@ -587,6 +603,37 @@ mod tests {
     }
 
     #[test]
+    fn what_a_member_gives_back_is_free_for_others_at_once() {
+        let t0 = Instant::now();
+        let cfg = SharesConfig {
+            floor: 0.0,
+            ..SharesConfig::new(100 * MB, members(2))
+        };
+        let (mut a, now) = warm(cfg, t0);
+        let (n0, n1) = (NodeId::from_index(0), NodeId::from_index(1));
+        let g0 = a
+            .handle_report(n0, &want(TrafficClass::Async, 100 * MB), None, now)
+            .unwrap();
+        assert_eq!(g0.rate, 100 * MB);
+        // n0 is done: it caps itself to 10 MB/s before reporting its small demand.
+        let mut l0 = Lease::new(0);
+        l0.handle_grant(g0, now);
+        l0.cap(10 * MB);
+        assert_eq!(l0.rate(now), 10 * MB);
+        a.handle_report(
+            n0,
+            &want(TrafficClass::Async, 10 * MB),
+            l0.holding(now),
+            now,
+        )
+        .unwrap();
+        let g1 = a
+            .handle_report(n1, &want(TrafficClass::Async, 100 * MB), None, now)
+            .unwrap();
+        assert_eq!(g1.rate, 90 * MB, "no report round to wait for");
+    }
+
+    #[test]
     fn a_new_allocator_grants_only_floors_for_one_lease_and_strangers_are_refused() {
         let t0 = Instant::now();
         let cfg = SharesConfig::new(100 * MB, members(4));
@@ -676,6 +723,8 @@ mod tests {
         up: Vec<Duration>,
         down: Vec<Duration>,
         lose: Vec<bool>,
+        /// Per member: gives back half its grant before each report.
+        release: Vec<bool>,
         demand: Vec<Vec<Demand>>,
         change_at: Option<(Duration, Vec<Vec<Demand>>)>,
         kill: Option<Duration>,
@@ -720,10 +769,14 @@ mod tests {
                     alloc = Some(Allocator::new(cfg.clone(), 2, t).unwrap());
                 }
                 // Members report on their staggered period.
-                for (i, lease) in leases.iter().enumerate() {
+                for (i, lease) in leases.iter_mut().enumerate() {
                     let offset = self.period * i as u32 / self.n;
                     let phase = (since + self.period - offset).as_nanos() % self.period.as_nanos();
                     if phase < step.as_nanos() {
+                        if self.release[i % self.release.len()] {
+                            let r = lease.rate(t);
+                            lease.cap(r / 2);
+                        }
                         flight.push((t + self.up[i], i, Msg::Report(t, lease.holding(t))));
                     }
                 }
@@ -791,6 +844,7 @@ mod tests {
             up in proptest::collection::vec(1u64..60, 8),
             down in proptest::collection::vec(1u64..60, 8),
             lose in proptest::collection::vec(proptest::bool::weighted(0.1), 1..16),
+            release in proptest::collection::vec(any::<bool>(), 1..8),
             demand in proptest::collection::vec(arb_demand(), 8),
             later in proptest::collection::vec(arb_demand(), 8),
             kill in proptest::option::of((500u64..4000, 0u64..3000)),
@@ -804,6 +858,7 @@ mod tests {
                 up: up.iter().map(|&u| ms(u)).collect(),
                 down: down.iter().map(|&d| ms(d)).collect(),
                 lose: lose.clone(),
+                release: release.clone(),
                 demand: demand.clone(),
                 change_at: Some((ms(3000), later.clone())),
                 kill: kill.map(|(k, _)| ms(k)),
@@ -815,7 +870,7 @@ mod tests {
 
             // No losses, no kill: after the quiet lease and a few report rounds every
             // member runs at its ideal rate.
-            let calm = Sim { lose: vec![false], kill: None, restart: None, change_at: None, horizon: ms(2000 + 4 * 500), ..sim };
+            let calm = Sim { lose: vec![false], release: vec![false], kill: None, restart: None, change_at: None, horizon: ms(2000 + 4 * 500), ..sim };
             let (_, rates, floor) = calm.run();
             let t0 = Instant::now();
             let mut a = Allocator::new(SharesConfig::new(budget, members(n)), 1, t0).unwrap();
@@ -842,6 +897,7 @@ mod tests {
             up: vec![ms(2); 4],
             down: vec![ms(2); 4],
             lose: vec![false],
+            release: vec![false],
             demand: vec![big.clone(), big.clone(), big.clone(), big],
             change_at: None,
             kill: Some(ms(3000)),

@@ -317,7 +317,13 @@ fn quic_transport(stream_window: u64, config: &TransportConfig) -> quinn::Transp
     if let Ok(idle) = quinn::IdleTimeout::try_from(config.idle_timeout) {
         t.max_idle_timeout(Some(idle));
     }
-    t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
+    // Start at the link's bandwidth-delay product (half the stream window) instead of
+    // ten packets: every DCI byte is already paced by the governor at this node's share,
+    // so slow start from ten packets only delays each new connection (measured: the
+    // first 256 MiB written 2+2 across a 10 ms RTT ran at 70 MB/s against 95 warm).
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window((stream_window / 2).clamp(14_720, 4 << 20));
+    t.congestion_controller_factory(Arc::new(cubic));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(config.quic_max_mtu.max(1200));
     t.mtu_discovery_config(Some(mtu));

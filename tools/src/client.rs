@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{RngExt, SeedableRng};
 use strait::block::{BlockId, GenStamp};
@@ -97,8 +98,11 @@ fn bar(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// Writes `file` as blocks of `block_size` with `spec` (sync mode) from a client in
-/// `idc`; returns the manifest text and a summary.
+/// Blocks `put` writes at the same time, each through its own pipeline.
+pub const PUT_IN_FLIGHT: usize = 2;
+
+/// Writes `file` as blocks of `block_size` with `spec` from a client in `idc`, two
+/// blocks at a time; returns the manifest text and a summary.
 pub async fn put(
     dir: &Path,
     file: &Path,
@@ -122,20 +126,37 @@ pub async fn put(
             excluded.extend(topo.node_by_name(&n.name));
         }
     }
+    // Placement first (one random source), then the writes, `PUT_IN_FLIGHT` at a time:
+    // while one block's pipeline drains (last acks, finalize), the next one streams.
+    let mut plans = Vec::new();
     for chunk in data.chunks(block_size.max(1) as usize) {
         let p = placement::choose_targets(&topo, &origin, spec, &excluded, &states, &mut rng)
             .map_err(|e| e.to_string())?;
-        let block = BlockId(rng.random());
-        let mut params = WriteParams::new(GenStamp(1));
-        params.mode = mode;
-        let mut w = node
-            .writer(block, p.targets(), params)
-            .await
-            .map_err(|e| e.to_string())?;
-        w.write(Bytes::copy_from_slice(chunk))
-            .await
-            .map_err(|e| e.to_string())?;
-        let out = w.close().await.map_err(|e| e.to_string())?;
+        plans.push((BlockId(rng.random()), p.targets().to_vec(), chunk));
+    }
+    let writes = plans.into_iter().map(|(block, targets, chunk)| {
+        let (node, pb) = (&node, &pb);
+        async move {
+            let mut params = WriteParams::new(GenStamp(1));
+            params.mode = mode;
+            let mut w = node
+                .writer(block, &targets, params)
+                .await
+                .map_err(|e| e.to_string())?;
+            w.write(Bytes::copy_from_slice(chunk))
+                .await
+                .map_err(|e| e.to_string())?;
+            let out = w.close().await.map_err(|e| e.to_string())?;
+            pb.inc(chunk.len() as u64);
+            Ok::<_, String>((block, out))
+        }
+    });
+    let outcomes: Vec<_> = futures_util::stream::iter(writes)
+        .buffered(PUT_IN_FLIGHT)
+        .collect()
+        .await;
+    for o in outcomes {
+        let (block, out) = o?;
         // The manifest lists every replica the block will have (async: once copied).
         let names: Vec<&str> = out
             .replicas
@@ -150,7 +171,6 @@ pub async fn put(
             out.len,
             names.join(",")
         );
-        pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
     let acks = node.metrics().pipeline_ack_us.snapshot();

@@ -1,6 +1,8 @@
 //! `strait cluster up|down`: a local multi-IDC cluster of daemons (child
-//! processes running `strait node`) on 127.9.x.y, with every cross-IDC QUIC connection routed through a DCI
-//! emulator per node. Everything lives in one work directory: topology, certificates,
+//! processes running `strait node`) on 127.9.x.y, with every cross-IDC QUIC connection
+//! routed through one DCI emulator: a relay in front of every node, one emulated link per
+//! IDC pair and direction shared by all of them; the daemons share each link's budget
+//! through its allocator (`[dci.shares]`). Everything lives in one work directory: topology, certificates,
 //! node configurations, stores, logs and the list of processes started, so that `down`
 //! stops exactly those.
 
@@ -92,11 +94,13 @@ fn topology_toml(spec: &ClusterSpec, nodes: &[NodePlan]) -> String {
         };
         let _ = writeln!(
             t,
-            "[[node]]\nname = \"{}\"\nlocation = \"/{}/{rack}\"\naddr = \"{}\"\ndci_addr = \"{}\"\ncapacity = \"1TiB\"\n",
+            "[[node]]\nname = \"{}\"\nlocation = \"/{}/{rack}\"\naddr = \"{}\"\ndci_addr = \"{}\"\ncapacity = \"{}\"\n",
             n.name,
             idc_name(n.idc),
             n.addr,
-            n.dci_addr
+            n.dci_addr,
+            // A client identity stores nothing.
+            if n.client { "0" } else { "1TiB" }
         );
     }
     for i in 0..spec.idcs {
@@ -114,15 +118,14 @@ fn topology_toml(spec: &ClusterSpec, nodes: &[NodePlan]) -> String {
     t
 }
 
-fn node_toml(n: &NodePlan, senders_per_idc: usize) -> String {
+fn node_toml(n: &NodePlan) -> String {
     format!(
         "name = \"{name}\"\ntopology = \"topology.toml\"\nstore_dir = \"data/{name}\"\n\
          [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
-         [dci]\nshare = {share}\n\
+         [dci.shares]\n\
          [replication]\nlog_dir = \"data/{name}-log\"\npolicy = \"warn\"\n\
          [metrics]\naddr = \"{metrics}\"\n",
         name = n.name,
-        share = 1.0 / senders_per_idc.max(1) as f64,
         metrics = n.metrics
     )
 }
@@ -181,9 +184,8 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
             ca.write_ca_key(&dir.join("ca").join("ca.key"))
         })
         .map_err(|e| e.to_string())?;
-    let senders = spec.racks * spec.nodes_per_rack;
     for n in &nodes {
-        std::fs::write(dir.join(format!("{}.toml", n.name)), node_toml(n, senders))
+        std::fs::write(dir.join(format!("{}.toml", n.name)), node_toml(n))
             .map_err(|e| e.to_string())?;
     }
     // The daemons are this binary's `node` command: nothing else needs building.
@@ -201,23 +203,23 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
         Ok(child.id())
     };
     let result = (|| -> Result<(), String> {
+        // One emulator for the whole cluster: a relay in front of every node, and one
+        // link per IDC pair and direction that all of them share.
+        let mut args: Vec<String> = vec![
+            "dci-emu".into(),
+            "--rate".into(),
+            spec.dci_rate.to_string(),
+            "--delay".into(),
+            format!("{}us", spec.dci_delay.as_micros()),
+        ];
         for n in &nodes {
-            let pid = spawn(
-                Command::new(&strait).args([
-                    "dci-emu",
-                    "--listen",
-                    &n.dci_addr.to_string(),
-                    "--target",
-                    &n.addr.to_string(),
-                    "--rate",
-                    &spec.dci_rate.to_string(),
-                    "--delay",
-                    &format!("{}us", spec.dci_delay.as_micros()),
-                ]),
-                &format!("dci-emu-{}.log", n.name),
-            )?;
-            pids.push((pid, format!("emu-{}", n.name)));
+            args.push("--relay".into());
+            args.push(format!("{},{},{}", n.dci_addr, n.addr, idc_name(n.idc)));
+            args.push("--peer".into());
+            args.push(format!("{},{}", n.addr.ip(), idc_name(n.idc)));
         }
+        let pid = spawn(Command::new(&strait).args(&args), "dci-emu.log")?;
+        pids.push((pid, "dci-emu".into()));
         for n in nodes.iter().filter(|n| !n.client) {
             let pid = spawn(
                 Command::new(&strait).current_dir(dir).args([
@@ -263,7 +265,7 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
         }
     }
     let mut s = format!(
-        "cluster up in {}: {} idcs x {} racks x {} nodes, DCI {} per direction, +{:?} one way (dci-emu in front of every node)\n",
+        "cluster up in {}: {} idcs x {} racks x {} nodes, DCI {} per IDC pair and direction, +{:?} one way (one dci-emu, a relay in front of every node), cluster-wide DCI shares\n",
         dir.display(),
         spec.idcs,
         spec.racks,

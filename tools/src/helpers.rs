@@ -13,28 +13,63 @@ pub struct NodeArgs {
     pub config: PathBuf,
 }
 
-/// `dci-emu`: relay UDP from `--listen` to `--target` with a one-way delay, a rate cap
-/// with a bounded queue, and random loss, in both directions.
+/// `dci-emu`: relay UDP to nodes across emulated DCI links with a one-way delay, a rate
+/// cap with a bounded queue, and random loss, in both directions. Either one relay
+/// (`--listen`, `--target`: one link each way), or several (`--relay`, `--peer`): every
+/// relay of an IDC pair shares that pair's link in each direction, like the real DCI.
 #[derive(Debug, clap::Args)]
 pub struct DciEmuArgs {
-    /// Address to receive on.
-    #[arg(long)]
-    pub listen: std::net::SocketAddr,
-    /// Address to forward to.
-    #[arg(long)]
-    pub target: std::net::SocketAddr,
-    /// Rate cap per direction (0: none).
+    /// Address to receive on (one relay).
+    #[arg(long, requires = "target", conflicts_with = "relay")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Address to forward to (one relay).
+    #[arg(long, requires = "listen")]
+    pub target: Option<std::net::SocketAddr>,
+    /// A relay: `LISTEN,TARGET,IDC` (the target node's IDC). Repeatable.
+    #[arg(long, value_parser = parse_relay)]
+    pub relay: Vec<crate::dciemu::Relay>,
+    /// A sender: `IP,IDC`. Repeatable; a sender not listed has a link of its own.
+    #[arg(long, value_parser = parse_peer)]
+    pub peer: Vec<(std::net::IpAddr, String)>,
+    /// Rate cap per link and direction (0: none).
     #[arg(long, default_value = "1gbit")]
     pub rate: String,
     /// One-way delay.
     #[arg(long, default_value = "5ms")]
     pub delay: String,
-    /// Queue limit per direction.
+    /// Queue limit per link and direction.
     #[arg(long, default_value = "4MiB")]
     pub queue: String,
     /// Loss probability, 0..=1.
     #[arg(long, default_value_t = 0.0)]
     pub loss: f64,
+}
+
+fn parse_relay(s: &str) -> Result<crate::dciemu::Relay, String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let [listen, target, idc] = parts[..] else {
+        return Err(format!("{s:?}: expected LISTEN,TARGET,IDC"));
+    };
+    Ok(crate::dciemu::Relay {
+        listen: listen
+            .parse()
+            .map_err(|_| format!("{listen:?} is not ip:port"))?,
+        target: target
+            .parse()
+            .map_err(|_| format!("{target:?} is not ip:port"))?,
+        idc: idc.to_string(),
+    })
+}
+
+fn parse_peer(s: &str) -> Result<(std::net::IpAddr, String), String> {
+    let (ip, idc) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?}: expected IP,IDC"))?;
+    Ok((
+        ip.parse()
+            .map_err(|_| format!("{ip:?} is not an IP address"))?,
+        idc.to_string(),
+    ))
 }
 
 /// Runs the daemon (logs to stderr, `RUST_LOG` honoured, default `info`).
@@ -68,21 +103,64 @@ pub fn run_dci_emu(a: DciEmuArgs) -> Result<(), String> {
             return Err("--loss must be within 0..=1".into());
         },
     };
+    let layout = match (a.listen, a.target) {
+        (Some(listen), Some(target)) => crate::dciemu::EmuLayout {
+            relays: vec![crate::dciemu::Relay {
+                listen,
+                target,
+                idc: "target".into(),
+            }],
+            peers: Default::default(),
+        },
+        _ if !a.relay.is_empty() => crate::dciemu::EmuLayout {
+            relays: a.relay,
+            peers: a.peer.into_iter().collect(),
+        },
+        _ => return Err("give --listen and --target, or one --relay or more".into()),
+    };
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let mut pairs: Vec<&str> = layout.relays.iter().map(|r| r.idc.as_str()).collect();
+    pairs.sort();
+    pairs.dedup();
     println!(
-        "dci-emu: {} -> {}, {} per direction, +{}, queue {}, loss {}",
-        a.listen,
-        a.target,
+        "dci-emu: {} relays into {} IDCs, {} per link and direction, +{}, queue {}, loss {}",
+        layout.relays.len(),
+        pairs.len(),
         units::fmt_rate(rate),
         a.delay,
         a.queue,
         a.loss
     );
-    rt.block_on(crate::dciemu::run(
-        a.listen,
-        a.target,
-        params,
-        Default::default(),
-    ))
-    .map_err(|e| format!("dci-emu: {e}"))
+    let stats = std::sync::Arc::new(crate::dciemu::EmuStats::default());
+    rt.spawn(report(stats.clone()));
+    rt.block_on(crate::dciemu::run_layout(layout, params, stats))
+        .map_err(|e| format!("dci-emu: {e}"))
+}
+
+/// Prints the emulator's counters every 5 s while they move: bytes forwarded, datagrams
+/// dropped, datagrams per receive call (batching), and this process's CPU per GB.
+async fn report(stats: std::sync::Arc<crate::dciemu::EmuStats>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut last = (0u64, 0u64, 0u64, 0u64, crate::bench::cpu_seconds());
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let now = (
+            stats.forwarded_bytes.load(Relaxed),
+            stats.forwarded.load(Relaxed),
+            stats.dropped.load(Relaxed),
+            stats.recv_calls.load(Relaxed),
+            crate::bench::cpu_seconds(),
+        );
+        let bytes = now.0 - last.0;
+        if bytes > 0 {
+            println!(
+                "dci-emu: {:.1} MB/s forwarded, {} datagrams dropped, {:.1} datagrams per receive, {:.2} core-s per GB",
+                bytes as f64 / 5e6,
+                now.2 - last.2,
+                (now.1 - last.1 + now.2 - last.2) as f64 / (now.3 - last.3).max(1) as f64,
+                (now.4 - last.4) / (bytes as f64 / 1e9)
+            );
+        }
+        last = now;
+    }
 }

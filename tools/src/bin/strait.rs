@@ -96,10 +96,10 @@ enum Command {
         #[arg(long, default_value = "target/strait-demo")]
         dir: PathBuf,
         /// Bytes per data set.
-        #[arg(long, default_value = "64MiB")]
+        #[arg(long, default_value = "256MiB")]
         set: String,
-        /// Bytes per block.
-        #[arg(long, default_value = "8MiB")]
+        /// Bytes per block (HDFS uses 128 MiB; blocks are written one after another).
+        #[arg(long, default_value = "64MiB")]
         block_size: String,
     },
     /// Run a storage node (the daemon) from a TOML configuration file, until
