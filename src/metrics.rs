@@ -42,6 +42,8 @@ pub struct NodeMetrics {
     pub dci_wire_bytes: AtomicU64,
     /// Bytes compression saved on DCI hops.
     pub dci_saved_bytes: AtomicU64,
+    /// Pipeline setups this node refused for want of a free write slot.
+    pub write_busy_refusals: AtomicU64,
     /// Latency of packet acks seen by writers on this node, µs.
     pub pipeline_ack_us: LatencyHistogram,
     /// Latency of reads by readers on this node, µs.

@@ -147,6 +147,9 @@ pub enum Status {
     /// The peer's certificate does not allow the request (a client asking for what only
     /// nodes may do).
     Denied = 10,
+    /// No write slot is free at the node now; the writer tries the whole pipeline again
+    /// later (gang admission).
+    Busy = 11,
 }
 
 macro_rules! u8_enum {
@@ -185,7 +188,8 @@ u8_enum!(
     Corrupt,
     Exists,
     Stale,
-    Denied
+    Denied,
+    Busy
 );
 
 /// Opens a write pipeline on the receiving node.
@@ -1104,7 +1108,7 @@ mod tests {
         ]
     }
     fn arb_status() -> impl Strategy<Value = Status> {
-        (0u8..11).prop_map(|b| Status::from_u8(b).unwrap())
+        (0u8..12).prop_map(|b| Status::from_u8(b).unwrap())
     }
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let off = 0..=MAX_BLOCK_SIZE;

@@ -110,6 +110,11 @@ pub fn render(node: &Node) -> String {
     );
     let _ = writeln!(
         out,
+        "# HELP strait_write_busy_refusals_total Pipeline setups refused for want of a free write slot.\n# TYPE strait_write_busy_refusals_total counter\nstrait_write_busy_refusals_total{{node=\"{name}\"}} {}",
+        m.write_busy_refusals.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
         "# HELP strait_dci_compression_saved_bytes_total Bytes zstd saved on DCI hops.\n# TYPE strait_dci_compression_saved_bytes_total counter\nstrait_dci_compression_saved_bytes_total{{node=\"{name}\"}} {}",
         m.dci_saved_bytes.load(Ordering::Relaxed)
     );

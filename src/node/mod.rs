@@ -113,6 +113,8 @@ pub struct NodeResources {
     pub handlers: usize,
     /// QUIC connections of the transport (both directions).
     pub quic_connections: usize,
+    /// Write slots held (gang admission; one per pipeline through this node).
+    pub write_slots: usize,
 }
 
 type TaskSlot = Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>;
@@ -287,6 +289,7 @@ impl Node {
             open_replicas: self.ctx.store.open_files(),
             handlers: self.handlers.load(Ordering::Relaxed) as usize,
             quic_connections: self.ctx.transport.open_quic_connections(),
+            write_slots: self.pipelines.slots_used(),
         }
     }
 

@@ -77,6 +77,12 @@ pub struct PipelineConfig {
     pub setup_timeout: Duration,
     /// How long a recovery waits for the old relay of the same block to finish.
     pub relay_handover_timeout: Duration,
+    /// Write slots of this node: pipelines through it at once. A setup that finds none
+    /// free is refused at once (`Status::Busy`) and the writer retries the whole
+    /// pipeline; see `scheduler::gang`.
+    pub max_writes: usize,
+    /// How long a writer keeps retrying a pipeline that a busy node refused.
+    pub admission_timeout: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -88,6 +94,8 @@ impl Default for PipelineConfig {
             ack_step: Duration::from_secs(5),
             setup_timeout: Duration::from_secs(10),
             relay_handover_timeout: Duration::from_secs(10),
+            max_writes: 1024,
+            admission_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -187,6 +195,19 @@ pub enum WriteError {
         /// What it said.
         reason: String,
     },
+    /// A node had no free write slot until the admission deadline
+    /// ([`PipelineConfig::admission_timeout`]); nothing of the write is left anywhere.
+    #[error("{block}: {node} had no free write slot within {waited:?} ({attempts} attempts)")]
+    Busy {
+        /// The block.
+        block: BlockId,
+        /// The node that refused last.
+        node: String,
+        /// How long the writer tried.
+        waited: Duration,
+        /// Setups refused.
+        attempts: u32,
+    },
     /// A node of a write that does not recover ([`WriteParams::recover`] false) failed.
     #[error("{block}: {node} failed: {reason}")]
     NodeFailed {
@@ -249,6 +270,21 @@ pub(crate) struct Pipelines {
     /// Which client wrote each block written here by a client (bounded, oldest forgotten
     /// first): that client, and only it, may recover the write.
     origins: std::sync::Mutex<Origins>,
+    /// This node's write slots (gang admission).
+    slots: std::sync::Mutex<crate::scheduler::gang::Slots>,
+}
+
+/// A write slot held by a relay; given back when dropped.
+pub(crate) struct WriteSlot(Arc<Pipelines>);
+
+impl Drop for WriteSlot {
+    fn drop(&mut self) {
+        self.0
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release();
+    }
 }
 
 /// Blocks written here by clients, and by which; at most [`Origins::CAP`] of them.
@@ -285,11 +321,23 @@ impl Pipelines {
     ) -> Arc<Pipelines> {
         Arc::new(Pipelines {
             ctx,
-            config,
             relays: Default::default(),
             queue,
             origins: Default::default(),
+            slots: std::sync::Mutex::new(crate::scheduler::gang::Slots::new(config.max_writes)),
+            config,
         })
+    }
+
+    /// Takes a write slot if one is free.
+    pub(crate) fn try_slot(self: &Arc<Self>) -> Option<WriteSlot> {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.try_take().then(|| WriteSlot(self.clone()))
+    }
+
+    /// Write slots in use.
+    pub(crate) fn slots_used(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).used()
     }
 
     fn origins(&self) -> std::sync::MutexGuard<'_, Origins> {

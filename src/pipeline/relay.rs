@@ -379,6 +379,17 @@ async fn relay(
             }
         }
     };
+    // Gang admission: a slot now or a refusal now, never a wait while upstream hops
+    // hold theirs.
+    let Some(_slot) = svc.try_slot() else {
+        tracing::debug!(%block, "no write slot free");
+        shared
+            .metrics
+            .write_busy_refusals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = up.writer.send(&setup_ack(vec![Status::Busy])).await;
+        return;
+    };
     let local = match open_replica(shared, &req).await {
         Ok(l) => Arc::new(l),
         Err((status, why)) => {

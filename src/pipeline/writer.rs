@@ -330,6 +330,13 @@ impl Writer {
     /// Sets up the pipeline to `self.targets`, resuming at `offset`. On a refusal from a
     /// node, drops it and tries again with the rest.
     async fn establish(&mut self, offset: u64) -> Result<(), WriteError> {
+        let started = std::time::Instant::now();
+        let mut admission = crate::scheduler::gang::Admission::new(
+            started + self.svc.config.admission_timeout,
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_millis(500),
+            self.block.0 ^ u64::from(self.win.genstamp().0 as u32),
+        );
         loop {
             // A first setup creates the replicas (a retry after a refusal too: the refused
             // attempt's replicas were removed); only a recovery resumes them.
@@ -352,6 +359,27 @@ impl Writer {
                         node: self.name(node),
                         reason: why,
                     });
+                }
+                Err(SetupFailure {
+                    index,
+                    status: Some(Status::Busy),
+                    ..
+                }) => {
+                    // All or nothing: the refused setup released every slot it held and
+                    // removed its new replicas; the same pipeline is tried again later.
+                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
+                    match admission.handle_refusal(std::time::Instant::now()) {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => {
+                            self.broken = true;
+                            return Err(WriteError::Busy {
+                                block: self.block,
+                                node: self.name(node),
+                                waited: started.elapsed(),
+                                attempts: admission.refusals(),
+                            });
+                        }
+                    }
                 }
                 Err(SetupFailure {
                     index,
@@ -472,6 +500,13 @@ impl Writer {
         self.pipe = None;
         let failed = self.drop_target(index, why)?;
         let mut to_replace = vec![(index, failed)];
+        let started = std::time::Instant::now();
+        let mut admission = crate::scheduler::gang::Admission::new(
+            started + self.svc.config.admission_timeout,
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_millis(500),
+            self.block.0.rotate_left(17),
+        );
         loop {
             let resume = self.win.resume_offset();
             for (at, failed) in std::mem::take(&mut to_replace) {
@@ -479,6 +514,27 @@ impl Writer {
             }
             self.win.bump_genstamp();
             match self.try_establish(resume, true).await {
+                Err(SetupFailure {
+                    index,
+                    status: Some(Status::Busy),
+                    ..
+                }) => {
+                    // All or nothing: the refused setup released every slot it held and
+                    // removed its new replicas; the same pipeline is tried again later.
+                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
+                    match admission.handle_refusal(std::time::Instant::now()) {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => {
+                            self.broken = true;
+                            return Err(WriteError::Busy {
+                                block: self.block,
+                                node: self.name(node),
+                                waited: started.elapsed(),
+                                attempts: admission.refusals(),
+                            });
+                        }
+                    }
+                }
                 Err(SetupFailure {
                     index,
                     status: Some(Status::Denied),

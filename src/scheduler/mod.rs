@@ -4,13 +4,17 @@
 //! - [`route`]: source and route choice on the topology's tiers (node < rack switch <
 //!   IDC < DCI) for async replication, the spare copy and repair: fewest high tiers,
 //!   one DCI crossing per remote IDC, load spread over sources.
+//! - [`gang`]: all-or-nothing admission of write pipelines (write slots per node,
+//!   immediate refusal, jittered retries until a deadline: no hold-and-wait, no deadlock).
 //! - [`shares`]: cluster-wide DCI shares. Members of a link report demand per class; an
 //!   allocator answers with leased grants, weighted max-min fair in class priority order
 //!   (reserved before spot); the sum of what members use stays within the budget at every
 //!   instant, including while grants change and when the allocator dies.
 
+pub mod gang;
 pub mod route;
 pub mod shares;
 
+pub use gang::{Admission, Slots};
 pub use route::{CopyPlan, Leg, SourceLoad, choose_source, plan_copy};
 pub use shares::{Allocator, Demand, Grant, Lease, Provisioning, SharesConfig, SharesError};

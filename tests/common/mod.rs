@@ -42,6 +42,9 @@ pub(crate) struct Cluster {
     pub(crate) logs: HashMap<String, tempfile::TempDir>,
     /// Cluster-wide DCI shares instead of the static `dci_share`.
     pub(crate) shares: Option<strait::dci::SharesSettings>,
+    /// Write slots per node and admission timeout (gang admission), when not the
+    /// defaults.
+    pub(crate) max_writes: Option<(usize, Duration)>,
 }
 
 impl Cluster {
@@ -100,6 +103,7 @@ impl Cluster {
             replication,
             logs: HashMap::new(),
             shares,
+            max_writes: None,
         };
         for name in NAMES {
             c.dirs
@@ -129,6 +133,10 @@ impl Cluster {
             setup_timeout: Duration::from_secs(3),
             ..PipelineConfig::default()
         };
+        if let Some((m, admission)) = self.max_writes {
+            cfg.pipeline.max_writes = m;
+            cfg.pipeline.admission_timeout = admission;
+        }
         cfg.shutdown_grace = Duration::from_secs(2);
         cfg.dci.share = self.dci_share;
         cfg.dci.shares = self.shares.clone();
@@ -157,6 +165,16 @@ impl Cluster {
             }
         };
         self.nodes.insert(name.to_string(), node);
+    }
+
+    /// Restarts every node with `max_writes` write slots each, and writers that retry a
+    /// busy pipeline for `admission`.
+    pub(crate) async fn limit_writes(&mut self, max_writes: usize, admission: Duration) {
+        self.max_writes = Some((max_writes, admission));
+        for name in NAMES {
+            self.stop(name).await;
+            self.start_node(name).await;
+        }
     }
 
     pub(crate) async fn stop(&mut self, name: &str) {

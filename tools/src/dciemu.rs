@@ -608,7 +608,11 @@ mod tests {
             while t0.elapsed() < Duration::from_millis(1000) {
                 // Alternate which relay goes first, so that neither is always the one
                 // that meets a full queue.
-                let order = if sent.is_multiple_of(2000) { [l1, l2] } else { [l2, l1] };
+                let order = if sent.is_multiple_of(2000) {
+                    [l1, l2]
+                } else {
+                    [l2, l1]
+                };
                 for l in order {
                     let _ = sender.send_to(&data, l).await;
                 }
