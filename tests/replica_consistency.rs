@@ -62,14 +62,14 @@ async fn a_sync_write_waits_for_every_earlier_write() {
     plan.add(
         FaultRule::new(FaultOp::Write, Fault::Delay(Duration::from_millis(400)))
             .on_file("blk_2_1")
+            .at_offset(0)
             .times(1),
     );
     let a = pattern(2, CHUNK);
     let b = pattern(3, CHUNK);
     let (ca, cb) = (spec.checksums(&a), spec.checksums(&b));
-    // join! polls the first write first, so its IO reaches the engine first (and is the
-    // one delayed); the sync write is issued right after, and checks the disk the moment
-    // it returns.
+    // The write at offset 0 is the one delayed, whichever reaches the engine first; the
+    // sync write checks the disk the moment it returns.
     let (ra, seen) = tokio::join!(w.write(0, &a, &ca, Durability::Buffered), async {
         w.write(CHUNK as u64, &b, &cb, Durability::Sync)
             .await
@@ -94,13 +94,14 @@ async fn a_reader_of_a_replica_being_written_sees_only_what_landed() {
     plan.add(
         FaultRule::new(FaultOp::Write, Fault::Delay(Duration::from_millis(400)))
             .on_file("blk_4_1")
+            .at_offset(0)
             .times(1),
     );
     let a = pattern(4, CHUNK);
     let b = pattern(5, CHUNK);
     let (ca, cb) = (spec.checksums(&a), spec.checksums(&b));
-    // The first write's IO reaches the engine first and is delayed; the second lands
-    // while it waits, and a reader opens then.
+    // The write at offset 0 is delayed; the second lands while it waits, and a reader
+    // opens then.
     let (ra, ()) = tokio::join!(w.write(0, &a, &ca, Durability::Buffered), async {
         w.write(CHUNK as u64, &b, &cb, Durability::Buffered)
             .await

@@ -330,13 +330,7 @@ impl Writer {
     /// Sets up the pipeline to `self.targets`, resuming at `offset`. On a refusal from a
     /// node, drops it and tries again with the rest.
     async fn establish(&mut self, offset: u64) -> Result<(), WriteError> {
-        let started = std::time::Instant::now();
-        let mut admission = crate::scheduler::gang::Admission::new(
-            started + self.svc.config.admission_timeout,
-            std::time::Duration::from_millis(5),
-            std::time::Duration::from_millis(500),
-            self.block.0 ^ u64::from(self.win.genstamp().0 as u32),
-        );
+        let mut admission = self.admission();
         loop {
             // A first setup creates the replicas (a retry after a refusal too: the refused
             // attempt's replicas were removed); only a recovery resumes them.
@@ -364,23 +358,7 @@ impl Writer {
                     index,
                     status: Some(Status::Busy),
                     ..
-                }) => {
-                    // All or nothing: the refused setup released every slot it held and
-                    // removed its new replicas; the same pipeline is tried again later.
-                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
-                    match admission.handle_refusal(std::time::Instant::now()) {
-                        Some(at) => tokio::time::sleep_until(at.into()).await,
-                        None => {
-                            self.broken = true;
-                            return Err(WriteError::Busy {
-                                block: self.block,
-                                node: self.name(node),
-                                waited: started.elapsed(),
-                                attempts: admission.refusals(),
-                            });
-                        }
-                    }
-                }
+                }) => self.wait_for_admission(&mut admission, index).await?,
                 Err(SetupFailure {
                     index,
                     status: Some(Status::Denied),
@@ -400,6 +378,43 @@ impl Writer {
                         self.win.bump_genstamp();
                     }
                 }
+            }
+        }
+    }
+
+    /// Gang admission of this write's pipeline setups, from now until the admission
+    /// timeout.
+    fn admission(&self) -> crate::scheduler::gang::Admission {
+        crate::scheduler::gang::Admission::new(
+            std::time::Instant::now() + self.svc.config.admission_timeout,
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_millis(500),
+            self.block.0 ^ self.win.genstamp().0.rotate_left(17),
+        )
+    }
+
+    /// A setup was refused by `targets[index]` for want of a write slot. All or nothing:
+    /// the refused setup released every slot it held and removed its new replicas; waits
+    /// to try the same pipeline again, or fails once the admission deadline would pass.
+    async fn wait_for_admission(
+        &mut self,
+        admission: &mut crate::scheduler::gang::Admission,
+        index: usize,
+    ) -> Result<(), WriteError> {
+        let node = self.win.targets().nth(index).unwrap_or(self.win.first());
+        match admission.handle_refusal(std::time::Instant::now()) {
+            Some(at) => {
+                tokio::time::sleep_until(at.into()).await;
+                Ok(())
+            }
+            None => {
+                self.broken = true;
+                Err(WriteError::Busy {
+                    block: self.block,
+                    node: self.name(node),
+                    waited: self.svc.config.admission_timeout,
+                    attempts: admission.refusals(),
+                })
             }
         }
     }
@@ -500,13 +515,7 @@ impl Writer {
         self.pipe = None;
         let failed = self.drop_target(index, why)?;
         let mut to_replace = vec![(index, failed)];
-        let started = std::time::Instant::now();
-        let mut admission = crate::scheduler::gang::Admission::new(
-            started + self.svc.config.admission_timeout,
-            std::time::Duration::from_millis(5),
-            std::time::Duration::from_millis(500),
-            self.block.0.rotate_left(17),
-        );
+        let mut admission = self.admission();
         loop {
             let resume = self.win.resume_offset();
             for (at, failed) in std::mem::take(&mut to_replace) {
@@ -518,23 +527,7 @@ impl Writer {
                     index,
                     status: Some(Status::Busy),
                     ..
-                }) => {
-                    // All or nothing: the refused setup released every slot it held and
-                    // removed its new replicas; the same pipeline is tried again later.
-                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
-                    match admission.handle_refusal(std::time::Instant::now()) {
-                        Some(at) => tokio::time::sleep_until(at.into()).await,
-                        None => {
-                            self.broken = true;
-                            return Err(WriteError::Busy {
-                                block: self.block,
-                                node: self.name(node),
-                                waited: started.elapsed(),
-                                attempts: admission.refusals(),
-                            });
-                        }
-                    }
-                }
+                }) => self.wait_for_admission(&mut admission, index).await?,
                 Err(SetupFailure {
                     index,
                     status: Some(Status::Denied),

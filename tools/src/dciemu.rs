@@ -290,6 +290,31 @@ pub async fn run_layout(
 const BATCH: usize = 8;
 const BUF: usize = 64 * 1024;
 
+/// Buffers for one batched receive: up to `BATCH` GRO batches of up to `BUF` bytes.
+struct Batch {
+    storage: Vec<Vec<u8>>,
+    meta: Vec<quinn_udp::RecvMeta>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            storage: vec![vec![0u8; BUF]; BATCH],
+            meta: vec![quinn_udp::RecvMeta::default(); BATCH],
+        }
+    }
+
+    /// Receives into the buffers; returns how many hold data.
+    async fn recv(&mut self, sock: &Socket) -> std::io::Result<usize> {
+        let mut bufs: Vec<std::io::IoSliceMut<'_>> = self
+            .storage
+            .iter_mut()
+            .map(|b| std::io::IoSliceMut::new(b))
+            .collect();
+        sock.recv(&mut bufs, &mut self.meta).await
+    }
+}
+
 /// Admits the datagrams of one received batch (`len` bytes, `stride` each) to `link` and
 /// queues the admitted runs for delivery.
 #[allow(clippy::too_many_arguments)]
@@ -348,18 +373,11 @@ async fn relay_task(
 ) -> std::io::Result<()> {
     let mut upstreams: HashMap<SocketAddr, Arc<Socket>> = HashMap::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(relay.listen.port()) ^ 0xdc1);
-    let mut storage = vec![vec![0u8; BUF]; BATCH];
-    let mut meta = vec![quinn_udp::RecvMeta::default(); BATCH];
+    let mut batch = Batch::new();
     loop {
-        let n = {
-            let mut bufs: Vec<std::io::IoSliceMut<'_>> = storage
-                .iter_mut()
-                .map(|b| std::io::IoSliceMut::new(b))
-                .collect();
-            front.recv(&mut bufs, &mut meta).await?
-        };
+        let n = batch.recv(&front).await?;
         stats.recv_calls.fetch_add(1, Ordering::Relaxed);
-        for (m, buf) in meta.iter().zip(&storage).take(n) {
+        for (m, buf) in batch.meta.iter().zip(&batch.storage).take(n) {
             let client = m.addr;
             let from = peers.get(&client.ip()).map_or("?", String::as_str);
             let up = match upstreams.get(&client) {
@@ -414,21 +432,13 @@ async fn replies(
 ) {
     let Some(link) = links.get(&dir) else { return };
     let mut rng = rand::rngs::StdRng::seed_from_u64(client.port().into());
-    let mut storage = vec![vec![0u8; BUF]; BATCH];
-    let mut meta = vec![quinn_udp::RecvMeta::default(); BATCH];
+    let mut batch = Batch::new();
     loop {
-        let n = {
-            let mut bufs: Vec<std::io::IoSliceMut<'_>> = storage
-                .iter_mut()
-                .map(|b| std::io::IoSliceMut::new(b))
-                .collect();
-            match up.recv(&mut bufs, &mut meta).await {
-                Ok(n) => n,
-                Err(_) => return,
-            }
+        let Ok(n) = batch.recv(&up).await else {
+            return;
         };
         stats.recv_calls.fetch_add(1, Ordering::Relaxed);
-        for (m, buf) in meta.iter().zip(&storage).take(n) {
+        for (m, buf) in batch.meta.iter().zip(&batch.storage).take(n) {
             forward(
                 link,
                 &mut rng,

@@ -50,6 +50,7 @@ pub struct FaultRule {
     fault: Fault,
     path_contains: Option<String>,
     file_name: Option<String>,
+    offset: Option<u64>,
     skip: u64,
     times: Option<u64>,
 }
@@ -62,6 +63,7 @@ impl FaultRule {
             fault,
             path_contains: None,
             file_name: None,
+            offset: None,
             skip: 0,
             times: None,
         }
@@ -81,6 +83,13 @@ impl FaultRule {
         self
     }
 
+    /// Only reads and writes at file offset `offset` (which of several concurrent writes
+    /// is hit then does not depend on the order they reach the engine).
+    pub fn at_offset(mut self, offset: u64) -> Self {
+        self.offset = Some(offset);
+        self
+    }
+
     /// Lets the first `n` matching operations through.
     pub fn after(mut self, n: u64) -> Self {
         self.skip = n;
@@ -94,8 +103,9 @@ impl FaultRule {
         self
     }
 
-    fn matches(&self, op: FaultOp, path: &Path) -> bool {
+    fn matches(&self, op: FaultOp, path: &Path, offset: Option<u64>) -> bool {
         self.op == op
+            && self.offset.is_none_or(|o| offset == Some(o))
             && self
                 .path_contains
                 .as_deref()
@@ -151,7 +161,7 @@ impl FaultPlan {
     }
 
     /// The fault for one operation, if any, counting it.
-    fn check(&self, op: FaultOp, path: &Path) -> Option<Fault> {
+    fn check(&self, op: FaultOp, path: &Path, offset: Option<u64>) -> Option<Fault> {
         let mut st = self.state();
         if st.crashed {
             st.injected += 1;
@@ -159,7 +169,7 @@ impl FaultPlan {
         }
         let mut hit = None;
         for (rule, seen, fired) in st.rules.iter_mut() {
-            if !rule.matches(op, path) {
+            if !rule.matches(op, path, offset) {
                 continue;
             }
             *seen += 1;
@@ -189,13 +199,13 @@ fn error(fault: Fault) -> io::Error {
 
 /// Runs one operation under the plan: faulted, or by the psync backend.
 pub(super) fn execute(plan: &FaultPlan, op: Op) {
-    let (kind, path) = match &op {
-        Op::Write { file, .. } => (FaultOp::Write, file.path.as_path()),
-        Op::Read { file, .. } => (FaultOp::Read, file.path.as_path()),
-        Op::Sync { file, .. } => (FaultOp::Sync, file.path.as_path()),
+    let (kind, path, offset) = match &op {
+        Op::Write { file, offset, .. } => (FaultOp::Write, file.path.as_path(), Some(*offset)),
+        Op::Read { file, offset, .. } => (FaultOp::Read, file.path.as_path(), Some(*offset)),
+        Op::Sync { file, .. } => (FaultOp::Sync, file.path.as_path(), None),
         Op::Barrier { .. } => return super::psync::execute(op),
     };
-    let fault = match plan.check(kind, path) {
+    let fault = match plan.check(kind, path, offset) {
         None => return super::psync::execute(op),
         Some(Fault::Delay(d)) => {
             std::thread::sleep(d);
@@ -246,13 +256,24 @@ mod tests {
         );
         let p7 = Path::new("/s/rbw/00/00/blk_7_1");
         let p8 = Path::new("/s/rbw/00/00/blk_8_1");
-        assert_eq!(plan.check(FaultOp::Write, p8), None, "other file");
-        assert_eq!(plan.check(FaultOp::Sync, p7), None, "other op");
-        assert_eq!(plan.check(FaultOp::Write, p7), None, "skipped 1");
-        assert_eq!(plan.check(FaultOp::Write, p7), None, "skipped 2");
-        assert_eq!(plan.check(FaultOp::Write, p7), Some(Fault::NoSpace));
-        assert_eq!(plan.check(FaultOp::Write, p7), None, "fired its one time");
+        assert_eq!(plan.check(FaultOp::Write, p8, Some(0)), None, "other file");
+        assert_eq!(plan.check(FaultOp::Sync, p7, Some(0)), None, "other op");
+        assert_eq!(plan.check(FaultOp::Write, p7, Some(0)), None, "skipped 1");
+        assert_eq!(plan.check(FaultOp::Write, p7, Some(0)), None, "skipped 2");
+        assert_eq!(
+            plan.check(FaultOp::Write, p7, Some(0)),
+            Some(Fault::NoSpace)
+        );
+        assert_eq!(
+            plan.check(FaultOp::Write, p7, Some(0)),
+            None,
+            "fired its one time"
+        );
         assert_eq!(plan.injected(), 1);
+        // An offset filter picks one write of several.
+        plan.add(FaultRule::new(FaultOp::Write, Fault::Eio).at_offset(4096));
+        assert_eq!(plan.check(FaultOp::Write, p8, Some(0)), None);
+        assert_eq!(plan.check(FaultOp::Write, p8, Some(4096)), Some(Fault::Eio));
     }
 
     #[test]
@@ -260,10 +281,10 @@ mod tests {
         let plan = FaultPlan::new();
         plan.add(FaultRule::new(FaultOp::Sync, Fault::Crash).times(1));
         let p = Path::new("/s/x");
-        assert_eq!(plan.check(FaultOp::Write, p), None);
-        assert_eq!(plan.check(FaultOp::Sync, p), Some(Fault::Crash));
+        assert_eq!(plan.check(FaultOp::Write, p, Some(0)), None);
+        assert_eq!(plan.check(FaultOp::Sync, p, Some(0)), Some(Fault::Crash));
         assert!(plan.crashed());
         plan.clear();
-        assert_eq!(plan.check(FaultOp::Read, p), Some(Fault::Crash));
+        assert_eq!(plan.check(FaultOp::Read, p, Some(0)), Some(Fault::Crash));
     }
 }
