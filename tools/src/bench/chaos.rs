@@ -1,5 +1,5 @@
 //! `strait-bench chaos`: a local cluster of real daemon processes (2 IDCs × 2 racks × 2
-//! nodes, a DCI emulator in front of every node), mixed sync and async writers for a
+//! nodes, one emulated DCI link per IDC pair and direction), mixed sync and async writers for a
 //! fixed time, while a seeded schedule `kill -9`s and restarts random daemons and,
 //! separately, freezes one (`SIGSTOP`: a hop that goes silent without closing anything)
 //! for a few seconds. Afterwards the async backlog drains, and every acknowledged block is
