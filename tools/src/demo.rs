@@ -241,6 +241,13 @@ async fn scenario(
         "DCI bytes per block byte written: {:.3} (one copy each; payload bytes)",
         dci / written as f64
     );
+    let _ = writeln!(
+        out,
+        "sync 2+2 write: {:.2} of the DCI budget ({} MB/s; {} blocks in flight, budget shared by the nodes through its allocator)",
+        s.mb_s / (spec.dci_rate as f64 / 1e6),
+        spec.dci_rate / 1_000_000,
+        client::PUT_IN_FLIGHT
+    );
     let _ = writeln!(out, "RPO lag after idc-b returned (seconds: MiB pending):");
     let step = (timeline.len() / 8).max(1);
     let samples: Vec<String> = timeline
