@@ -14,7 +14,7 @@ mod common;
 use bytes::Bytes;
 use common::{Cluster, pattern};
 use strait::block::{BlockId, GenStamp};
-use strait::node::{Node, NodeResources};
+use strait::node::Node;
 use strait::pipeline::{WriteError, WriteParams};
 use strait::store::ReplicaState;
 use strait::topology::NodeId;
@@ -35,21 +35,6 @@ async fn write_one(
 /// Open file descriptors of this process.
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
-
-/// Every node's resources once no relay or handler is running any more: a close returns
-/// when the last ack is in, while the relays behind it are still winding down. Waits at
-/// most five seconds; what it returns then is whatever is left.
-async fn settled(c: &Cluster) -> Vec<NodeResources> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let now: Vec<NodeResources> = c.nodes.values().map(|n| n.resources()).collect();
-        let idle = now.iter().all(|r| r.relays == 0 && r.handlers == 0);
-        if idle || std::time::Instant::now() > deadline {
-            return now;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +102,7 @@ async fn thousands_of_small_blocks_keep_every_replica_and_release_resources() {
     let tasks0 = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();
-    let res0 = settled(&c).await;
+    let res0 = common::settled(&c).await;
 
     const BLOCKS: u64 = 2_500;
     let data = Bytes::from(pattern(99, 65536));
@@ -140,7 +125,7 @@ async fn thousands_of_small_blocks_keep_every_replica_and_release_resources() {
         }
     }
     // Per-node resources are back where they were: nothing grows per block.
-    let res1 = settled(&c).await;
+    let res1 = common::settled(&c).await;
     for (a, b) in res0.iter().zip(&res1) {
         assert_eq!(a.relays, b.relays, "relay entries: {a:?} -> {b:?}");
         assert_eq!(a.open_replicas, b.open_replicas, "{a:?} -> {b:?}");

@@ -363,15 +363,7 @@ impl Writer {
                     index,
                     status: Some(Status::Denied),
                     why,
-                }) => {
-                    self.broken = true;
-                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
-                    return Err(WriteError::Denied {
-                        block: self.block,
-                        node: self.name(node),
-                        reason: why,
-                    });
-                }
+                }) => return Err(self.denied(index, why)),
                 Err(SetupFailure { index, why, .. }) => {
                     self.drop_target(index, &why)?;
                     if offset > 0 || !self.win.failed().is_empty() {
@@ -379,6 +371,18 @@ impl Writer {
                     }
                 }
             }
+        }
+    }
+
+    /// `targets[index]` refused the setup: the peer's certificate does not allow it. The
+    /// write ends; dropping the node would not make it allowed.
+    fn denied(&mut self, index: usize, why: String) -> WriteError {
+        self.broken = true;
+        let node = self.win.targets().nth(index).unwrap_or(self.win.first());
+        WriteError::Denied {
+            block: self.block,
+            node: self.name(node),
+            reason: why,
         }
     }
 
@@ -532,15 +536,7 @@ impl Writer {
                     index,
                     status: Some(Status::Denied),
                     why,
-                }) => {
-                    self.broken = true;
-                    let node = self.win.targets().nth(index).unwrap_or(self.win.first());
-                    return Err(WriteError::Denied {
-                        block: self.block,
-                        node: self.name(node),
-                        reason: why,
-                    });
-                }
+                }) => return Err(self.denied(index, why)),
                 Err(SetupFailure { index: i, why, .. }) => {
                     let f = self.drop_target(i, &why)?;
                     to_replace.push((i, f));

@@ -198,3 +198,20 @@ impl Cluster {
         &self.topo.node(id).name
     }
 }
+
+/// Every node's resources once the cluster is idle (no relay, handler or write slot held;
+/// work that just ended may take a moment to let go), or as they are after 5 s.
+pub(crate) async fn settled(c: &Cluster) -> Vec<strait::node::NodeResources> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now: Vec<strait::node::NodeResources> =
+            c.nodes.values().map(|n| n.resources()).collect();
+        let idle = now
+            .iter()
+            .all(|r| r.relays == 0 && r.handlers == 0 && r.write_slots == 0);
+        if idle || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
