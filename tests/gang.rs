@@ -65,22 +65,24 @@ async fn many_writers_over_two_slots_per_node_all_finish() {
     }
 }
 
+/// A write from a1 to b2, open and flushed: it holds a slot on a1 and on b2.
+async fn hold_b2(c: &Cluster, block: BlockId) -> strait::pipeline::Writer {
+    let mut w = c
+        .node("a1")
+        .writer(block, &c.ids(&["a1", "b2"]), WriteParams::new(GenStamp(1)))
+        .await
+        .unwrap();
+    w.write(Bytes::from(vec![1u8; 1000])).await.unwrap();
+    w.hflush().await.unwrap();
+    w
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_free_slot_refuses_and_nothing_is_left_behind() {
     let mut c = Cluster::start().await;
     c.limit_writes(1, Duration::from_secs(2)).await;
     // A write in progress holds b2's only slot.
-    let mut holder = c
-        .node("a1")
-        .writer(
-            BlockId(400),
-            &c.ids(&["a1", "b2"]),
-            WriteParams::new(GenStamp(1)),
-        )
-        .await
-        .unwrap();
-    holder.write(Bytes::from(vec![1u8; 1000])).await.unwrap();
-    holder.hflush().await.unwrap();
+    let holder = hold_b2(&c, BlockId(400)).await;
     // Another pipeline through a3 and b2: refused by b2 and retried.
     let mut params = WriteParams::new(GenStamp(1));
     params.spares = vec![];
@@ -114,17 +116,7 @@ async fn a_node_without_a_free_slot_refuses_and_nothing_is_left_behind() {
         assert_eq!(info.state, ReplicaState::Finalized);
     }
     // Now hold b2 for longer than the admission timeout (2 s) of a writer that waits.
-    let mut holder = c
-        .node("a1")
-        .writer(
-            BlockId(403),
-            &c.ids(&["a1", "b2"]),
-            WriteParams::new(GenStamp(1)),
-        )
-        .await
-        .unwrap();
-    holder.write(Bytes::from(vec![1u8; 1000])).await.unwrap();
-    holder.hflush().await.unwrap();
+    let holder = hold_b2(&c, BlockId(403)).await;
     let e = match c
         .node("a2")
         .writer(

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde_json::json;
 use strait::block::{BlockId, GenStamp};
 use strait::dci::governor::CLASSES;
-use strait::node::{Node, NodeConfig};
+use strait::node::Node;
 use strait::pipeline::WriteParams;
 use strait::read::ReadParams;
 use strait::topology::{Tier, Topology};
@@ -215,16 +215,7 @@ pub async fn run(p: &DciBenchParams) -> Result<serde_json::Value, String> {
     let ca = CertAuthority::generate("bench CA").map_err(|e| e.to_string())?;
     let mut nodes = Vec::new();
     for n in topo.nodes() {
-        let root = p.dir.join(&n.name);
-        let _ = std::fs::remove_dir_all(&root);
-        let mut cfg = NodeConfig::new(
-            n.name.clone(),
-            topo.clone(),
-            ca.identity(&n.name).map_err(|e| e.to_string())?,
-            root,
-        );
-        cfg.store.io_threads = 1;
-        nodes.push(Node::start(cfg).await.map_err(|e| e.to_string())?.0);
+        nodes.push(super::start_node(&topo, &ca, &n.name, p.dir.join(&n.name), |_| {}).await?);
     }
     let a1 = nodes[0].clone();
     let b_nodes: Vec<Node> = nodes[1..].to_vec();

@@ -76,6 +76,30 @@ impl Latency {
     }
 }
 
+/// Starts in-process node `name` of `topology` with its identity from `ca` and a fresh
+/// store at `root` (emptied first), one IO thread, after `tweak` has adjusted its config.
+pub async fn start_node(
+    topology: &std::sync::Arc<strait::topology::Topology>,
+    ca: &strait::transport::CertAuthority,
+    name: &str,
+    root: std::path::PathBuf,
+    tweak: impl FnOnce(&mut strait::node::NodeConfig),
+) -> Result<strait::node::Node, String> {
+    let _ = std::fs::remove_dir_all(&root);
+    let mut cfg = strait::node::NodeConfig::new(
+        name,
+        topology.clone(),
+        ca.identity(name).map_err(|e| e.to_string())?,
+        root,
+    );
+    cfg.store.io_threads = 1;
+    tweak(&mut cfg);
+    Ok(strait::node::Node::start(cfg)
+        .await
+        .map_err(|e| format!("start {name}: {e}"))?
+        .0)
+}
+
 /// CPU time (user + system) this process has used so far, from `/proc/self/stat`.
 pub fn cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::json;
 use strait::block::{BlockId, GenStamp};
-use strait::node::{Node, NodeConfig};
+use strait::node::Node;
 use strait::pipeline::{AckHistogram, WriteParams};
 use strait::placement::ReplicationSpec;
 use strait::topology::{NodeId, Topology};
@@ -94,30 +94,24 @@ async fn start(p: &PipelineBenchParams, link: LinkKind, net: u8) -> Result<Bench
     let mut client = None;
     for n in topo.nodes() {
         let root = p.dir.join(format!("{link}-{}", n.name));
-        let _ = std::fs::remove_dir_all(&root);
-        let mut cfg = NodeConfig::new(
-            n.name.clone(),
-            topo.clone(),
-            ca.identity(&n.name).map_err(|e| e.to_string())?,
-            root,
-        );
-        cfg.transport = TransportConfig {
-            intra_idc: link,
-            ..TransportConfig::default()
-        };
-        cfg.store.io_threads = 1;
-        cfg.pipeline.packet_bytes = p.packet;
-        if p.mode == WriteMode::Async {
-            let mut r = strait::replication::ReplicationConfig::new(
-                p.dir.join(format!("{link}-{}-log", n.name)),
-            );
-            r.workers = 2;
-            cfg.replication = Some(r);
-        }
-        if p.window > 0 {
-            cfg.pipeline.min_window_bytes = p.window;
-        }
-        let (node, _) = Node::start(cfg).await.map_err(|e| e.to_string())?;
+        let node = super::start_node(&topo, &ca, &n.name, root, |cfg| {
+            cfg.transport = TransportConfig {
+                intra_idc: link,
+                ..TransportConfig::default()
+            };
+            cfg.pipeline.packet_bytes = p.packet;
+            if p.mode == WriteMode::Async {
+                let mut r = strait::replication::ReplicationConfig::new(
+                    p.dir.join(format!("{link}-{}-log", n.name)),
+                );
+                r.workers = 2;
+                cfg.replication = Some(r);
+            }
+            if p.window > 0 {
+                cfg.pipeline.min_window_bytes = p.window;
+            }
+        })
+        .await?;
         if n.name == "client" {
             client = Some(node);
         } else {

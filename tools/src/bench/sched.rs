@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use strait::dci::{DciGovernor, SharesSettings};
-use strait::node::{Node, NodeConfig};
+use strait::node::Node;
 use strait::topology::Topology;
 use strait::transport::CertAuthority;
 use strait::wire::TrafficClass;
@@ -111,23 +111,18 @@ async fn start(p: &SchedBenchParams, net: u8, shared: bool) -> Result<Cluster, S
     let mut nodes = Vec::new();
     for n in topo.nodes() {
         let root = p.dir.join(format!("{net}-{}", n.name));
-        let _ = std::fs::remove_dir_all(&root);
-        let mut cfg = NodeConfig::new(
-            n.name.clone(),
-            topo.clone(),
-            ca.identity(&n.name).map_err(|e| e.to_string())?,
-            root,
-        );
-        cfg.store.io_threads = 1;
-        if shared {
-            cfg.dci.shares = Some(SharesSettings {
-                spot: vec![TrafficClass::Repair],
-                ..SharesSettings::default()
-            });
-        } else {
-            cfg.dci.share = 1.0 / 8.0;
-        }
-        nodes.push(Node::start(cfg).await.map_err(|e| e.to_string())?.0);
+        let node = super::start_node(&topo, &ca, &n.name, root, |cfg| {
+            if shared {
+                cfg.dci.shares = Some(SharesSettings {
+                    spot: vec![TrafficClass::Repair],
+                    ..SharesSettings::default()
+                });
+            } else {
+                cfg.dci.share = 1.0 / 8.0;
+            }
+        })
+        .await?;
+        nodes.push(node);
     }
     let idc_b = topo.idc_by_name("idc-b").ok_or("no idc-b")?;
     let govs = nodes[..8]
