@@ -33,6 +33,13 @@
 //! max_lag_age = "5min"
 //! policy = "sync"                      # block | sync | warn
 //!
+//! [repair]                             # optional: notice lost replicas and restore them
+//! log_dir = "data/a1-repair"           # the durable repair queue
+//! workers = 4                          # repairs at once
+//! remote_grace = "60s"                 # a repair that must cross the DCI waits this long
+//! probe_interval = "1s"                # how often each storage node is probed
+//! down_after = "3s"                    # silence after which a node counts as down
+//!
 //! [metrics]
 //! addr = "127.0.0.1:9100"              # optional: Prometheus text on /metrics
 //! ```
@@ -183,6 +190,52 @@ struct RawReplication {
     workers: Option<usize>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepair {
+    log_dir: PathBuf,
+    workers: Option<usize>,
+    remote_grace: Option<String>,
+    probe_interval: Option<String>,
+    down_after: Option<String>,
+}
+
+/// `[repair]`, validated; `rel` resolves paths against the file's directory.
+fn repair(
+    raw: RawRepair,
+    rel: &dyn Fn(&Path) -> PathBuf,
+    field: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<crate::repair::RepairConfig, ConfigError> {
+    let mut r = crate::repair::RepairConfig::new(rel(&raw.log_dir));
+    if let Some(w) = raw.workers {
+        if w == 0 {
+            return Err(field("repair.workers", "must be at least 1".into()));
+        }
+        r.workers = w;
+    }
+    let dur = |name: &'static str, text: Option<String>, default| match text {
+        Some(t) => units::parse_duration(&t).map_err(|e| field(name, e.to_string())),
+        None => Ok(default),
+    };
+    r.remote_grace = dur("repair.remote_grace", raw.remote_grace, r.remote_grace)?;
+    r.probe_interval = dur(
+        "repair.probe_interval",
+        raw.probe_interval,
+        r.probe_interval,
+    )?;
+    r.down_after = dur("repair.down_after", raw.down_after, r.down_after)?;
+    if r.probe_interval.is_zero() || r.down_after < 2 * r.probe_interval {
+        return Err(field(
+            "repair.down_after",
+            format!(
+                "{:?} must be at least two probe intervals ({:?})",
+                r.down_after, r.probe_interval
+            ),
+        ));
+    }
+    Ok(r)
+}
+
 fn warn_policy() -> RpoPolicy {
     RpoPolicy::Warn
 }
@@ -208,6 +261,7 @@ struct RawConfig {
     tls: RawTls,
     dci: Option<RawDci>,
     replication: Option<RawReplication>,
+    repair: Option<RawRepair>,
     metrics: Option<RawMetrics>,
 }
 
@@ -343,6 +397,9 @@ impl DaemonConfig {
                 "async needs a [replication] section".into(),
             ));
         }
+        if let Some(r) = raw.repair {
+            node.repair = Some(repair(r, &rel, &field)?);
+        }
         let metrics_addr = match raw.metrics {
             Some(m) => Some(
                 m.addr
@@ -396,6 +453,9 @@ classes = { sync = [50, 100], read = [20, 100], async = [20, 80], repair = [10, 
 log_dir = "log"
 max_lag_bytes = "1GiB"
 policy = "block"
+[repair]
+log_dir = "repair"
+remote_grace = "2min"
 [metrics]
 addr = "127.0.0.1:9100"
 "#;
@@ -421,6 +481,10 @@ addr = "127.0.0.1:9100"
             (Some(1 << 30), RpoPolicy::Block)
         );
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9100".parse().unwrap()));
+        let rep = c.node.repair.unwrap();
+        assert_eq!(rep.log_dir, f.dir.path().join("repair"));
+        assert_eq!(rep.remote_grace, std::time::Duration::from_secs(120));
+        assert_eq!(rep.workers, 4);
         assert_eq!(c.node.dci.shares, None);
         let shared = format!("{GOOD}\n[dci.shares]\nlease = \"3s\"\nspot = [\"repair\"]\n");
         let s = parse(&f, &shared).unwrap().node.dci.shares.unwrap();
@@ -470,6 +534,18 @@ addr = "127.0.0.1:9100"
                 "`dci.shares.period`",
             ),
             (GOOD.replace("store_dir = \"data\"\n", ""), "store_dir"),
+            (
+                GOOD.replace("remote_grace = \"2min\"", "remote_grace = \"soon\""),
+                "`repair.remote_grace`",
+            ),
+            (
+                GOOD.replace("remote_grace = \"2min\"", "probe_interval = \"5s\""),
+                "`repair.down_after`",
+            ),
+            (
+                GOOD.replace("remote_grace = \"2min\"", "workers = 0"),
+                "`repair.workers`",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&f, &text).unwrap_err().to_string();

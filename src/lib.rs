@@ -25,6 +25,8 @@
 //! - [`read`]: locality-ordered, verified, hedged reads.
 //! - [`metrics`]: Prometheus text exposition and a `/metrics` endpoint.
 //! - [`replication`]: async writes' durable log, remote copies and RPO.
+//! - [`repair`]: lost replicas noticed without a scan (peer probes, pipeline recovery,
+//!   corrupt reads) and restored from the nearest holder through a durable queue.
 //!
 //! strait does not include a metadata service: which blocks exist and where their
 //! replicas live is the embedding server's business; strait decides, moves and stores.
@@ -40,6 +42,7 @@ pub mod node;
 pub mod pipeline;
 pub mod placement;
 pub mod read;
+pub mod repair;
 pub mod replication;
 pub mod scheduler;
 pub mod store;

@@ -44,6 +44,14 @@ pub struct NodeMetrics {
     pub dci_saved_bytes: AtomicU64,
     /// Pipeline setups this node refused for want of a free write slot.
     pub write_busy_refusals: AtomicU64,
+    /// Repairs this node ran: block bytes copied to new replicas, by the tier each
+    /// copy hop crossed.
+    pub repair_bytes: TierCounters,
+    /// Repairs this node finished (the block back at its replica count), with or without
+    /// copying.
+    pub repairs_done: AtomicU64,
+    /// Time from a loss being queued for repair to the block restored, µs.
+    pub repair_restore_us: LatencyHistogram,
     /// Latency of packet acks seen by writers on this node, µs.
     pub pipeline_ack_us: LatencyHistogram,
     /// Latency of reads by readers on this node, µs.

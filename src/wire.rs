@@ -222,6 +222,13 @@ pub struct WriteBlock {
     /// `offset` — which may be 0 when nothing was acknowledged yet: the replica is
     /// resumed (or, if already finalized, checked), never created afresh.
     pub resume: bool,
+    /// Every node that holds (or, async, will hold) the block once this write is done:
+    /// the whole pipeline, upstream included, plus the holders a copy adds to. Each
+    /// replica remembers it, so the survivors of a node loss know what to repair.
+    pub replicas: Vec<String>,
+    /// Nodes dropped from the block's replica set by a pipeline recovery and not
+    /// replaced: the block is under-replicated until a repair restores them.
+    pub lost: Vec<String>,
 }
 
 /// Packet flags.
@@ -326,6 +333,9 @@ pub struct CopyBlock {
     pub targets: Vec<String>,
     /// Traffic class.
     pub class: TrafficClass,
+    /// The block's replica set once the copy is done (recorded by the new replicas);
+    /// empty for a prefix copy to a pipeline's spare, which learns it when it joins.
+    pub replicas: Vec<String>,
 }
 
 /// Most demand entries in one [`ShareReport`] (one per class and provisioning).
@@ -481,6 +491,8 @@ impl Frame {
                 put_names(dst, &w.remote_targets);
                 put_names(dst, w.origin.as_slice());
                 dst.put_u8(u8::from(w.resume));
+                put_names(dst, &w.replicas);
+                put_names(dst, &w.lost);
             }
             Frame::Packet(p) => {
                 dst.put_u8(T_PACKET);
@@ -529,6 +541,7 @@ impl Frame {
                 dst.put_u64_le(r.len);
                 put_names(dst, &r.targets);
                 dst.put_u8(r.class as u8);
+                put_names(dst, &r.replicas);
             }
             Frame::Error(e) => {
                 dst.put_u8(T_ERROR);
@@ -736,6 +749,8 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
                     });
                 }
             },
+            replicas: r.names()?,
+            lost: r.names()?,
         }),
         T_PACKET => {
             let seq = r.u64("seq")?;
@@ -826,6 +841,7 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
             len: r.block_offset("length")?,
             targets: r.names()?,
             class: TrafficClass::from_u8(r.u8("class")?)?,
+            replicas: r.names()?,
         }),
         T_ERROR => {
             let status = Status::from_u8(r.u8("status")?)?;
@@ -965,6 +981,8 @@ mod tests {
                 remote_targets: vec!["b3".into()],
                 origin: Some("client-a".into()),
                 resume: true,
+                replicas: vec!["a1".into(), "a2".into(), "b1".into(), "b2".into()],
+                lost: vec!["b3".into()],
             }),
             packet(0),
             packet(10_000),
@@ -992,6 +1010,7 @@ mod tests {
                 len: 7,
                 targets: vec!["b3".into()],
                 class: TrafficClass::Async,
+                replicas: vec!["a1".into(), "b3".into()],
             }),
             Frame::Error(ErrorFrame {
                 status: Status::Rejected,
@@ -1124,7 +1143,11 @@ mod tests {
                 any::<bool>(),
                 proptest::collection::vec(arb_name(), 0..=MAX_TARGETS),
                 proptest::option::of(arb_name()),
-                any::<bool>()
+                any::<bool>(),
+                (
+                    proptest::collection::vec(arb_name(), 0..=MAX_TARGETS),
+                    proptest::collection::vec(arb_name(), 0..=MAX_TARGETS)
+                )
             )
                 .prop_map(
                     |(
@@ -1139,6 +1162,7 @@ mod tests {
                         remote_targets,
                         origin,
                         resume,
+                        (replicas, lost),
                     )| {
                         Frame::WriteBlock(WriteBlock {
                             block: BlockId(b),
@@ -1160,6 +1184,8 @@ mod tests {
                             remote_targets,
                             origin,
                             resume,
+                            replicas,
+                            lost,
                         })
                     }
                 ),
@@ -1229,15 +1255,19 @@ mod tests {
                 any::<u64>(),
                 off,
                 proptest::collection::vec(arb_name(), 0..=MAX_TARGETS),
-                arb_class()
+                arb_class(),
+                proptest::collection::vec(arb_name(), 0..=MAX_TARGETS)
             )
-                .prop_map(|(b, g, len, targets, class)| Frame::CopyBlock(CopyBlock {
-                    block: BlockId(b),
-                    genstamp: GenStamp(g),
-                    len,
-                    targets,
-                    class
-                })),
+                .prop_map(|(b, g, len, targets, class, replicas)| Frame::CopyBlock(
+                    CopyBlock {
+                        block: BlockId(b),
+                        genstamp: GenStamp(g),
+                        len,
+                        targets,
+                        class,
+                        replicas
+                    }
+                )),
             (arb_status(), "\\PC{0,200}")
                 .prop_map(|(status, message)| Frame::Error(ErrorFrame { status, message })),
             (

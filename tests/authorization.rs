@@ -169,6 +169,7 @@ async fn a_client_cannot_order_copies_or_recover_a_write_that_is_not_its_own() {
             len: data.len() as u64,
             targets: vec!["n2".into()],
             class: TrafficClass::Repair,
+            replicas: vec![],
         });
         match ask(&s.client, s.id(source), copy).await {
             Some(Frame::Error(e)) => assert_eq!(e.status, Status::Denied, "{via}"),
@@ -204,6 +205,8 @@ async fn a_client_cannot_order_copies_or_recover_a_write_that_is_not_its_own() {
             // certificate.
             origin: Some("n2".into()),
             resume: true,
+            replicas: vec![],
+            lost: vec![],
         });
         match ask(&s.client, s.id(target), resume).await {
             Some(Frame::Ack(a)) => assert_eq!(a.statuses, vec![Status::Denied], "{via}"),

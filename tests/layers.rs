@@ -20,6 +20,7 @@ const LAYERS: &[&[&str]] = &[
     // The services.
     &["read", "pipeline", "bandwidth"],
     &["transfer"],
+    &["repair"],
     // The node, and what runs it.
     &["node"],
     &["config"],

@@ -213,6 +213,42 @@ pub fn render(node: &Node) -> String {
         &name,
         &m.read_us,
     );
+    if let Some(r) = node.repair_status() {
+        tiers(
+            &mut out,
+            "strait_repair_bytes_total",
+            "Block bytes this node's repairs copied, by tier of the hop.",
+            &name,
+            &m.repair_bytes,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP strait_repair_queue_depth Repairs queued and not done (blocks this node knows under-replicated and owes).\n# TYPE strait_repair_queue_depth gauge\nstrait_repair_queue_depth{{node=\"{name}\"}} {}",
+            r.pending
+        );
+        let _ = writeln!(
+            out,
+            "# HELP strait_under_replicated_bytes Bytes of the blocks waiting in the repair queue.\n# TYPE strait_under_replicated_bytes gauge\nstrait_under_replicated_bytes{{node=\"{name}\"}} {}",
+            r.pending_bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP strait_peers_down Storage nodes this node counts as down.\n# TYPE strait_peers_down gauge\nstrait_peers_down{{node=\"{name}\"}} {}",
+            r.down.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP strait_repairs_total Repairs finished (block back at its replica count).\n# TYPE strait_repairs_total counter\nstrait_repairs_total{{node=\"{name}\"}} {}",
+            m.repairs_done.load(Ordering::Relaxed)
+        );
+        summary(
+            &mut out,
+            "strait_repair_restore_seconds",
+            "Time from a loss queued for repair to its block restored.",
+            &name,
+            &m.repair_restore_us,
+        );
+    }
     let store = node.store();
     let _ = writeln!(
         out,

@@ -27,11 +27,13 @@ use crate::dci::{DciGovernors, Egress};
 use crate::metrics::NodeMetrics;
 use crate::pipeline::{PipelineConfig, Pipelines, WriteError, WriteParams, Writer};
 use crate::read::{ReadParams, Reader};
+use crate::repair::{RepairConfig, RepairError, RepairReport, RepairStatus, Repairs};
 use crate::replication::{ReplicationError, ReplicationQueue, RpoStatus};
-use crate::store::{BlockStore, OpenReport, StoreConfig, StoreError};
+use crate::store::{BlockStore, OpenReport, ReplicaInfo, StoreConfig, StoreError};
 use crate::topology::{NodeId, Topology};
 use crate::transfer::Transfers;
 use crate::transport::{TlsIdentity, Transport, TransportConfig, TransportError};
+use crate::wire::TrafficClass;
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
@@ -55,6 +57,9 @@ pub struct NodeConfig {
     /// Async replication (the durable log and its workers); `None` disables async writes
     /// from this node.
     pub replication: Option<crate::replication::ReplicationConfig>,
+    /// Repair (the durable queue, the peer watcher); `None`: this node neither notices
+    /// lost replicas nor repairs them.
+    pub repair: Option<RepairConfig>,
 }
 
 impl NodeConfig {
@@ -75,6 +80,7 @@ impl NodeConfig {
             shutdown_grace: Duration::from_secs(5),
             dci: crate::dci::DciConfig::default(),
             replication: None,
+            repair: None,
         }
     }
 }
@@ -98,6 +104,9 @@ pub enum NodeError {
     /// The replication log could not be opened.
     #[error("replication log: {0}")]
     Replication(#[from] crate::replication::ReplicationError),
+    /// The repair queue could not be opened.
+    #[error("repair queue: {0}")]
+    Repair(crate::replication::ReplicationError),
 }
 
 /// What a node holds open: the figures that must return to their baseline once the
@@ -130,7 +139,9 @@ pub struct Node {
     serve_task: TaskSlot,
     replication_task: TaskSlot,
     bandwidth: Option<Arc<Bandwidth>>,
+    /// Share members, and the repair service's dispatcher, watcher and listener.
     bandwidth_tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    repairs: Option<Arc<Repairs>>,
     grace: Duration,
 }
 
@@ -170,14 +181,24 @@ impl Node {
             transport,
             metrics: NodeMetrics::default(),
             events,
+            siblings: Default::default(),
         });
         let pipelines = Pipelines::new(ctx.clone(), config.pipeline.clone(), queue.clone());
-        let (bandwidth, bandwidth_tasks) = match &config.dci.shares {
+        let (bandwidth, mut bandwidth_tasks) = match &config.dci.shares {
             Some(settings) => {
                 let (svc, tasks) = Bandwidth::start(ctx.clone(), settings.clone());
                 (Some(svc), tasks)
             }
             None => (None, Vec::new()),
+        };
+        let repairs = match &config.repair {
+            Some(rc) => {
+                let (svc, tasks) = Repairs::start(ctx.clone(), pipelines.clone(), rc.clone())
+                    .map_err(NodeError::Repair)?;
+                bandwidth_tasks.extend(tasks);
+                Some(svc)
+            }
+            None => None,
         };
         let handlers = Arc::new(AtomicU64::new(0));
         let serve_task = tokio::spawn(dispatch::serve(
@@ -191,7 +212,10 @@ impl Node {
         ));
         let replication_task = queue.clone().map(|q| {
             // The log's pending tasks (after a restart, those not yet done) start now.
-            crate::replication::start(q, Transfers::new(ctx.clone(), pipelines.clone()))
+            crate::replication::start(
+                q,
+                Transfers::new(ctx.clone(), pipelines.clone(), TrafficClass::Async),
+            )
         });
         let node = Node {
             ctx,
@@ -202,6 +226,7 @@ impl Node {
             replication_task: Arc::new(std::sync::Mutex::new(replication_task)),
             bandwidth,
             bandwidth_tasks: Arc::new(std::sync::Mutex::new(bandwidth_tasks)),
+            repairs,
             grace: config.shutdown_grace,
         };
         Ok((node, report))
@@ -243,6 +268,69 @@ impl Node {
     /// newer generation stamp or is gone).
     pub fn replication_dropped(&self) -> u64 {
         self.queue.as_ref().map_or(0, |q| q.dropped())
+    }
+
+    /// Every replica this node holds: block, genstamp, length and state (`rbw`,
+    /// finalized, corrupt), in block order — what a metadata service reconciles against.
+    pub fn block_report(&self) -> Vec<ReplicaInfo> {
+        self.ctx.store.list()
+    }
+
+    /// Repairs `block` now: probes `replicas` (the set it should have, at `genstamp` and
+    /// `len`), and copies it, class `repair`, from the nearest holder to a replacement in
+    /// the IDC of each member that does not hold it — same IDC first, across the DCI only
+    /// when the IDC has no holder (an operator's repair does not wait out the grace
+    /// period). Idempotent; two at once end with one set of copies. Needs
+    /// `NodeConfig::repair`.
+    pub async fn repair(
+        &self,
+        block: BlockId,
+        genstamp: GenStamp,
+        len: u64,
+        replicas: &[NodeId],
+    ) -> Result<RepairReport, RepairError> {
+        let svc = self.repairs.as_ref().ok_or(RepairError::NotConfigured)?;
+        let task = crate::replication::Task {
+            seq: 0,
+            block,
+            genstamp,
+            len,
+            sources: replicas
+                .iter()
+                .map(|&r| self.ctx.name(r).to_string())
+                .collect(),
+            target_idc: String::new(),
+            targets: Vec::new(),
+            created_ms: 0,
+        };
+        // A repair racing another for the same target loses its pipeline to it; the next
+        // attempt finds the target holding the block.
+        let mut attempt = 0;
+        loop {
+            match svc.repair_once(&task, false).await {
+                Err(RepairError::Copy { .. }) if attempt < 3 => attempt += 1,
+                r => return r,
+            }
+        }
+    }
+
+    /// Queues a repair of `block` (durably): `replicas` is the set it should have, `lost`
+    /// the members known lost. The queue runs it with the node's own repairs.
+    pub async fn request_repair(
+        &self,
+        block: BlockId,
+        genstamp: GenStamp,
+        len: u64,
+        replicas: &[NodeId],
+        lost: &[NodeId],
+    ) -> Result<(), RepairError> {
+        let svc = self.repairs.as_ref().ok_or(RepairError::NotConfigured)?;
+        Ok(svc.enqueue(block, genstamp, len, replicas, lost).await?)
+    }
+
+    /// The repair queue's figures; `None` without `NodeConfig::repair`.
+    pub fn repair_status(&self) -> Option<RepairStatus> {
+        self.repairs.as_ref().map(|r| r.status())
     }
 
     /// This node's id.
@@ -313,7 +401,8 @@ impl Node {
             t.abort();
             let _ = t.await;
         }
-        // Share reports stop; this node's grants lapse with their leases.
+        // Share reports and repairs stop (queued repairs stay in their log); this node's
+        // grants lapse with their leases.
         let members: Vec<_> = std::mem::take(
             &mut *self
                 .bandwidth_tasks

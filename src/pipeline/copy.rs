@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{Pipelines, SETUP_SEQ, WriteParams, Writer, open_hop};
+use crate::context::SiblingSet;
 use crate::store::ReplicaState;
 use crate::topology::NodeId;
 use crate::transport::Stream;
@@ -87,6 +88,21 @@ async fn copy_prefix(svc: &Arc<Pipelines>, req: &CopyBlock) -> Result<(), (Statu
     // A copy keeps the source's genstamp; a failed target fails it.
     params.recover = false;
     params.checksum = reader.spec();
+    let whole = info.state == ReplicaState::Finalized && req.len == info.len;
+    if whole {
+        // The new replicas record the set the requester names (without the nodes they
+        // replace); this node's own record moves to it once the copy is done.
+        params.holders = req
+            .replicas
+            .iter()
+            .filter_map(|n| shared.topology.node_by_name(n))
+            .filter(|n| !targets.contains(n))
+            .collect();
+        if !params.holders.contains(&shared.me) {
+            params.holders.insert(0, shared.me);
+        }
+    }
+    let holders = params.holders.clone();
     let mut w = Writer::create(svc, req.block, &targets, params)
         .await
         .map_err(|e| (Status::Unreachable, e.to_string()))?;
@@ -102,10 +118,21 @@ async fn copy_prefix(svc: &Arc<Pipelines>, req: &CopyBlock) -> Result<(), (Statu
             .map_err(|e| (Status::Unreachable, e.to_string()))?;
         off += n as u64;
     }
-    if info.state == ReplicaState::Finalized && req.len == info.len {
+    if whole {
         w.close()
             .await
             .map_err(|e| (Status::Unreachable, e.to_string()))?;
+        if !req.replicas.is_empty() {
+            shared.siblings.record(
+                req.block,
+                SiblingSet {
+                    genstamp: info.genstamp,
+                    len: info.len,
+                    replicas: holders.into_iter().chain(targets).collect(),
+                    lost: Vec::new(),
+                },
+            );
+        }
     } else {
         // Leave the copy in rbw: the pipeline resumes it under a new genstamp.
         w.hflush()

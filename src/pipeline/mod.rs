@@ -122,6 +122,10 @@ pub struct WriteParams {
     /// keep their generation stamp, so a failed node fails the write
     /// ([`WriteError::NodeFailed`]) and the copy is retried as a whole.
     pub recover: bool,
+    /// Nodes outside the pipeline that already hold the block at this genstamp (a copy
+    /// adds replicas to them). Every replica records the whole set — these, the targets
+    /// and the async remote targets — so that the survivors of a node loss can repair it.
+    pub holders: Vec<NodeId>,
 }
 
 impl WriteParams {
@@ -134,6 +138,7 @@ impl WriteParams {
             spares: Vec::new(),
             mode: WriteMode::Sync,
             recover: true,
+            holders: Vec::new(),
         }
     }
 }

@@ -23,9 +23,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Pipelines, SETUP_SEQ, setup_exchange, window_for};
 use crate::block::{BlockId, ChecksumSpec, GenStamp};
-use crate::context::NodeContext;
+use crate::context::{NodeContext, SiblingSet};
 use crate::replication::ReplicationQueue;
 use crate::store::{BlockStore, Durability, ReplicaState, ReplicaWriter, StoreError};
+use crate::topology::NodeId;
 use crate::transport::{FrameReader, FrameWriter, Sink, Source, Stream};
 use crate::wire::{Ack, ErrorFrame, Frame, Packet, Status, WriteBlock};
 
@@ -462,9 +463,13 @@ async fn relay(
     let depth =
         (window_for(svc, shared.me, &targets) / svc.config.packet_bytes.max(1)).clamp(16, 4096);
     let (tx, rx) = mpsc::channel::<Pending>(depth);
+    let names =
+        |v: &[String]| -> Vec<NodeId> { v.iter().filter_map(|n| topo.node_by_name(n)).collect() };
+    let siblings = (names(&req.replicas), names(&req.lost));
     let acker = tokio::spawn(ack_loop(
         svc.clone(),
         local.clone(),
+        siblings,
         rx,
         up_w,
         down_r,
@@ -565,6 +570,7 @@ async fn relay(
 async fn ack_loop(
     svc: Arc<Pipelines>,
     local: Arc<Local>,
+    (replicas, lost): (Vec<NodeId>, Vec<NodeId>),
     mut rx: mpsc::Receiver<Pending>,
     mut up_w: FrameWriter<Sink>,
     mut down_r: Option<FrameReader<Source>>,
@@ -655,6 +661,19 @@ async fn ack_loop(
             }
         }
         let failed = statuses.iter().any(|s| *s != Status::Success);
+        // Final here and below: the replica set is what this write made it. (A failure
+        // below brings a recovery, which records the set it leaves.)
+        if p.last && !failed {
+            shared.siblings.record(
+                block,
+                SiblingSet {
+                    genstamp: local.genstamp(),
+                    len: local.len(),
+                    replicas: replicas.clone(),
+                    lost: lost.clone(),
+                },
+            );
+        }
         let ack = Frame::Ack(Ack {
             seq: p.seq,
             statuses,

@@ -50,6 +50,8 @@ pub struct Writer {
     win: Window,
     /// Async mode: targets left to background replication.
     remote: Vec<NodeId>,
+    /// Every target the write started with (with `remote`), to tell what a recovery lost.
+    planned: Vec<NodeId>,
     pipe: Option<Pipe>,
     /// Bytes not yet sent; starts at `buf_offset` (a chunk boundary).
     buf: BytesMut,
@@ -142,10 +144,12 @@ impl Writer {
             // The writer waits longest: every node below it gives up before it does.
             svc.config.ack_timeout + svc.config.ack_step * targets.len() as u32,
         );
+        let planned = targets.iter().chain(&remote).copied().collect();
         let mut w = Writer {
             block,
             win,
             remote,
+            planned,
             pipe: None,
             buf: BytesMut::new(),
             buf_offset: 0,
@@ -220,6 +224,35 @@ impl Writer {
     }
 
     /// Whether packets may be compressed on DCI hops of this pipeline.
+    /// The block's replica set as this write leaves it: the holders a copy adds to, the
+    /// pipeline, and (async) the remote targets.
+    fn replica_set(&self) -> Vec<NodeId> {
+        let mut v = self.params.holders.clone();
+        for t in self.win.targets().chain(self.remote.iter().copied()) {
+            if !v.contains(&t) {
+                v.push(t);
+            }
+        }
+        v
+    }
+
+    /// Dropped nodes not made up for by a spare: per IDC, as many of its failed nodes as
+    /// it has fewer replicas than the write started with.
+    fn lost(&self) -> Vec<NodeId> {
+        let topo = &self.ctx.topology;
+        let now = self.replica_set();
+        let count =
+            |set: &[NodeId], idc| set.iter().filter(|&&n| topo.location(n).idc == idc).count();
+        let mut lost: Vec<NodeId> = Vec::new();
+        for &f in self.win.failed() {
+            let idc = topo.location(f).idc;
+            if count(&self.planned, idc) > count(&now, idc) + count(&lost, idc) {
+                lost.push(f);
+            }
+        }
+        lost
+    }
+
     fn compression(&self) -> Compression {
         self.ctx.dci.compression()
     }
@@ -464,6 +497,8 @@ impl Writer {
             // Set by the head from this node's certificate when it is a client.
             origin: None,
             resume,
+            replicas: self.replica_set().iter().map(|&t| self.name(t)).collect(),
+            lost: self.lost().iter().map(|&t| self.name(t)).collect(),
         };
         let timeout = self.svc.config.setup_timeout;
         let mut s = tokio::time::timeout(timeout, open_hop(&self.svc, first))
@@ -602,6 +637,7 @@ impl Writer {
                 len: resume,
                 targets: vec![self.name(spare)],
                 class: TrafficClass::Repair,
+                replicas: Vec::new(),
             };
             let timeout = self.svc.config.ack_timeout;
             let copied =

@@ -134,6 +134,8 @@ pub(crate) struct ReplicationQueue {
     dropped: AtomicU64,
     wake: Notify,
     progress: Notify,
+    /// Wakes tasks waiting between attempts (a peer came back).
+    retry_now: Notify,
     queued: Mutex<std::collections::BTreeSet<u64>>,
 }
 
@@ -168,6 +170,7 @@ impl ReplicationQueue {
             dropped: AtomicU64::new(0),
             wake: Notify::new(),
             progress: Notify::new(),
+            retry_now: Notify::new(),
             queued: Mutex::new(Default::default()),
         }))
     }
@@ -216,6 +219,12 @@ impl ReplicationQueue {
         }
     }
 
+    /// Ends the wait of every task between attempts: they try again now (a peer came
+    /// back, so what failed or waited may go through).
+    pub(crate) fn retry_now(&self) {
+        self.retry_now.notify_waiters();
+    }
+
     /// Appends a task durably (its creation time is set now) and wakes the dispatcher.
     pub(crate) async fn append(&self, mut task: Task) -> Result<Task, ReplicationError> {
         task.created_ms = epoch_ms(SystemTime::now());
@@ -259,6 +268,9 @@ pub(crate) enum CopyFailure {
     Obsolete(String),
     /// Try again later (a target or source unreachable, a write failed).
     Retry(String),
+    /// Not yet: try again after this long, without counting it as a failure (a repair
+    /// waiting out its grace period before copying across the DCI).
+    Defer(Duration, String),
 }
 
 /// Copies a task's block to its remote targets; returns the bytes copied across.
@@ -266,8 +278,9 @@ pub(crate) trait Copier: Send + Sync + 'static {
     fn copy<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<u64, CopyFailure>>;
 }
 
-/// Starts the dispatcher that hands pending tasks, in order, to at most `workers`
-/// concurrent copies by `copier`.
+/// Starts the dispatcher: every pending task, in log order, runs its attempts through at
+/// most `workers` slots held by `copier`. A task waiting between attempts (backoff, a
+/// deferral) holds no slot, so it never stalls the tasks behind it.
 pub(crate) fn start(
     queue: Arc<ReplicationQueue>,
     copier: Arc<dyn Copier>,
@@ -287,13 +300,9 @@ pub(crate) fn start(
                 {
                     continue;
                 }
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (queue, copier) = (queue.clone(), copier.clone());
+                let (queue, copier, slots) = (queue.clone(), copier.clone(), slots.clone());
                 workers.spawn(async move {
-                    run_task(&queue, copier.as_ref(), task).await;
-                    drop(permit);
+                    run_task(&queue, copier.as_ref(), &slots, task).await;
                 });
             }
             woken.await;
@@ -301,32 +310,46 @@ pub(crate) fn start(
     })
 }
 
-async fn run_task(queue: &ReplicationQueue, copier: &dyn Copier, task: Task) {
+async fn run_task(queue: &ReplicationQueue, copier: &dyn Copier, slots: &Semaphore, task: Task) {
     let mut backoff = Backoff::new(
         queue.config.backoff_min,
         queue.config.backoff_max,
         task.seq ^ 0x5eed,
     );
     loop {
-        match copier.copy(&task).await {
+        let Ok(permit) = slots.acquire().await else {
+            return;
+        };
+        let result = copier.copy(&task).await;
+        drop(permit);
+        let wait = match result {
             Ok(copied) => {
                 queue.drained.fetch_add(copied, Ordering::Relaxed);
                 break;
             }
             Err(CopyFailure::Obsolete(why)) => {
-                tracing::info!(block = %task.block, genstamp = %task.genstamp, reason = why, "dropping obsolete replication task");
+                tracing::info!(block = %task.block, genstamp = %task.genstamp, reason = why, "dropping obsolete task");
                 queue.dropped.fetch_add(1, Ordering::Relaxed);
                 break;
             }
             Err(CopyFailure::Retry(why)) => {
                 let delay = backoff.next_delay();
-                tracing::debug!(block = %task.block, reason = why, ?delay, "replication attempt failed, backing off");
-                tokio::time::sleep(delay).await;
+                tracing::debug!(block = %task.block, reason = why, ?delay, "copy attempt failed, backing off");
+                delay
             }
+            Err(CopyFailure::Defer(delay, why)) => {
+                tracing::debug!(block = %task.block, reason = why, ?delay, "copy deferred");
+                delay
+            }
+        };
+        let early = queue.retry_now.notified();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = early => {}
         }
     }
     if let Err(e) = queue.log.complete(task.seq).await {
-        tracing::error!(seq = task.seq, error = %e, "cannot record a finished replication task");
+        tracing::error!(seq = task.seq, error = %e, "cannot record a finished task");
     }
     queue
         .queued

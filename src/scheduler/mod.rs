@@ -6,12 +6,15 @@
 //!   one DCI crossing per remote IDC, load spread over sources.
 //! - [`gang`]: all-or-nothing admission of write pipelines (write slots per node,
 //!   immediate refusal, jittered retries until a deadline: no hold-and-wait, no deadlock).
+//! - [`repair`]: peer liveness from probes, which survivor repairs a lost replica, and
+//!   where the new replica goes (rack spread, the same answer on every holder).
 //! - [`shares`]: cluster-wide DCI shares. Members of a link report demand per class; an
 //!   allocator answers with leased grants, weighted max-min fair in class priority order
 //!   (reserved before spot); the sum of what members use stays within the budget at every
 //!   instant, including while grants change and when the allocator dies.
 
 pub mod gang;
+pub mod repair;
 pub mod route;
 pub mod shares;
 

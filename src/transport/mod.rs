@@ -678,6 +678,9 @@ impl Transport {
     /// Stops accepting, closes every connection and releases the sockets (within the
     /// connect timeout). Streams in flight fail.
     pub async fn shutdown(&self) {
+        // Refuse new handshakes first: peers that keep dialling (probes, retries) must not
+        // leave connections queued that keep the socket open after the node is gone.
+        self.inner.endpoint.set_server_config(None);
         self.inner
             .endpoint
             .close(quinn::VarInt::from_u32(0), b"shutdown");

@@ -45,6 +45,10 @@ pub(crate) struct Cluster {
     /// Write slots per node and admission timeout (gang admission), when not the
     /// defaults.
     pub(crate) max_writes: Option<(usize, Duration)>,
+    /// When set, every node runs the repair service with this configuration (its
+    /// `log_dir` is replaced per node; the queue outlives restarts).
+    pub(crate) repair: Option<strait::repair::RepairConfig>,
+    pub(crate) repair_logs: HashMap<String, tempfile::TempDir>,
 }
 
 impl Cluster {
@@ -75,11 +79,26 @@ impl Cluster {
         Self::start_opts(budget, 1.0, None, Some(settings)).await
     }
 
+    /// Starts all eight nodes with the repair service configured like `repair`.
+    pub(crate) async fn start_repairing(repair: strait::repair::RepairConfig) -> Cluster {
+        Self::start_opts_repair(125_000_000, 1.0, None, None, Some(repair)).await
+    }
+
     async fn start_opts(
         budget: u64,
         share: f64,
         replication: Option<strait::replication::ReplicationConfig>,
         shares: Option<strait::dci::SharesSettings>,
+    ) -> Cluster {
+        Self::start_opts_repair(budget, share, replication, shares, None).await
+    }
+
+    async fn start_opts_repair(
+        budget: u64,
+        share: f64,
+        replication: Option<strait::replication::ReplicationConfig>,
+        shares: Option<strait::dci::SharesSettings>,
+        repair: Option<strait::repair::RepairConfig>,
     ) -> Cluster {
         let net = NET.fetch_add(1, Ordering::Relaxed);
         let mut b = Topology::builder().idc("idc-a").idc("idc-b");
@@ -104,6 +123,8 @@ impl Cluster {
             logs: HashMap::new(),
             shares,
             max_writes: None,
+            repair,
+            repair_logs: HashMap::new(),
         };
         for name in NAMES {
             c.dirs
@@ -125,6 +146,9 @@ impl Cluster {
         cfg.transport = TransportConfig {
             connect_timeout: Duration::from_secs(2),
             open_timeout: Duration::from_secs(2),
+            // A stopped node's QUIC socket lingers until its last connection idles out
+            // when peers keep dialling it (repair probes): keep restarts quick.
+            idle_timeout: Duration::from_secs(4),
             ..TransportConfig::default()
         };
         cfg.pipeline = PipelineConfig {
@@ -149,9 +173,18 @@ impl Cluster {
             r.log_dir = dir.path().to_path_buf();
             cfg.replication = Some(r);
         }
+        if let Some(r) = &self.repair {
+            let dir = self
+                .repair_logs
+                .entry(name.to_string())
+                .or_insert_with(|| tempfile::tempdir().unwrap());
+            let mut r = r.clone();
+            r.log_dir = dir.path().to_path_buf();
+            cfg.repair = Some(r);
+        }
         // A node restarted in the same process may find its UDP socket or store lock still
         // held for a moment by the previous instance's tasks: poll for it, bounded.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(8);
         let node = loop {
             match Node::start(cfg.clone()).await {
                 Ok((node, _)) => break node,
@@ -180,6 +213,15 @@ impl Cluster {
     pub(crate) async fn stop(&mut self, name: &str) {
         let node = self.nodes.remove(name).expect("running");
         node.shutdown().await;
+    }
+
+    /// Stops `names` at the same time (a rack or an IDC side losing power).
+    pub(crate) async fn stop_together(&mut self, names: &[&str]) {
+        let nodes: Vec<Node> = names
+            .iter()
+            .map(|n| self.nodes.remove(*n).expect("running"))
+            .collect();
+        futures_util::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
     }
 
     pub(crate) fn node(&self, name: &str) -> &Node {

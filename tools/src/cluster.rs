@@ -2,7 +2,8 @@
 //! processes running `strait node`) on 127.9.x.y, with every cross-IDC QUIC connection
 //! routed through one DCI emulator: a relay in front of every node, one emulated link per
 //! IDC pair and direction shared by all of them; the daemons share each link's budget
-//! through its allocator (`[dci.shares]`). Everything lives in one work directory: topology, certificates,
+//! through its allocator (`[dci.shares]`); each daemon repairs the replicas lost with a
+//! node (`[repair]`). Everything lives in one work directory: topology, certificates,
 //! node configurations, stores, logs and the list of processes started, so that `down`
 //! stops exactly those.
 
@@ -124,6 +125,7 @@ fn node_toml(n: &NodePlan) -> String {
          [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
          [dci.shares]\n\
          [replication]\nlog_dir = \"data/{name}-log\"\npolicy = \"warn\"\n\
+         [repair]\nlog_dir = \"data/{name}-repair\"\n\
          [metrics]\naddr = \"{metrics}\"\n",
         name = n.name,
         metrics = n.metrics

@@ -175,6 +175,8 @@ async fn raw(t: &Transport, peer: NodeId, p: &TransportBenchParams) -> Result<Ph
         remote_targets: vec![],
         origin: None,
         resume: false,
+        replicas: vec![],
+        lost: vec![],
     });
     s.writer.send(&hello).await.map_err(|e| e.to_string())?;
     s.reader.recv().await.map_err(|e| e.to_string())?;
