@@ -5,6 +5,7 @@
 pub mod chaos;
 pub mod dci;
 pub mod pipeline;
+pub mod repair;
 pub mod sched;
 pub mod store;
 pub mod transport;

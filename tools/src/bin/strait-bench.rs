@@ -142,6 +142,29 @@ enum Scenario {
         #[arg(long, default_value = "target/strait-bench-sched")]
         dir: PathBuf,
     },
+    /// Repair: 2 IDCs x 4 nodes, blocks written 2+2, one node stopped under a concurrent
+    /// sync writer: time until every block is back at 2+2 (verified), repair bytes per
+    /// tier, the writer's p99 with and without repair running.
+    Repair {
+        /// Blocks written before the loss.
+        #[arg(long, default_value_t = 64)]
+        blocks: usize,
+        /// Bytes per block.
+        #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+        block_size: usize,
+        /// Bytes per block of the concurrent writer.
+        #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+        writer_block: usize,
+        /// Seconds the writer is measured before the loss (and at least as long after).
+        #[arg(long, default_value_t = 8)]
+        window: u64,
+        /// DCI budget.
+        #[arg(long, default_value = "1gbit", value_parser = parse_rate)]
+        budget: u64,
+        /// Directory for the node stores.
+        #[arg(long, default_value = "target/strait-bench-repair")]
+        dir: PathBuf,
+    },
     /// DCI protection: utilization and overshoot of a DCI budget under a remote-read
     /// backlog, with and without paced sync writes, and the sync ack latency.
     Dci {
@@ -336,6 +359,24 @@ fn bench(scenario: Scenario) -> ExitCode {
                 sched::run(&strait_tools::bench::sched::SchedBenchParams {
                     budget,
                     phase_secs: phase_secs.max(2),
+                    dir,
+                })
+                .await
+            }
+            Scenario::Repair {
+                blocks,
+                block_size,
+                writer_block,
+                window,
+                budget,
+                dir,
+            } => {
+                strait_tools::bench::repair::run(&strait_tools::bench::repair::RepairBenchParams {
+                    blocks: blocks.max(1),
+                    block_size,
+                    writer_block,
+                    window: window.max(1),
+                    budget,
                     dir,
                 })
                 .await
