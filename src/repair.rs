@@ -579,6 +579,92 @@ impl Repairs {
     }
 }
 
+/// Most replicas a client may ask a repair to restore in one IDC (an operator's repair
+/// restores a spec, it does not grow one).
+pub const MAX_CLIENT_REPAIR_PER_IDC: usize = 3;
+
+impl Repairs {
+    /// Serves a `RepairBlock` (an operator's `strait repair`): runs one repair now,
+    /// without the grace period, and answers what it did.
+    pub(crate) async fn serve(
+        &self,
+        mut s: crate::transport::Stream,
+        req: crate::wire::RepairBlock,
+    ) {
+        let answer = self.serve_one(&s, &req).await;
+        let _ = s.writer.send(&Frame::RepairResult(answer)).await;
+    }
+
+    async fn serve_one(
+        &self,
+        s: &crate::transport::Stream,
+        req: &crate::wire::RepairBlock,
+    ) -> crate::wire::RepairResult {
+        use crate::wire::{RepairResult, Status};
+        let topo = &self.ctx.topology;
+        let refuse = |status, message: String| RepairResult {
+            status,
+            replicas: Vec::new(),
+            copied: Vec::new(),
+            tiers: Vec::new(),
+            message,
+        };
+        let mut set = Vec::new();
+        for n in &req.replicas {
+            match topo.node_by_name(n) {
+                Some(id) if topo.node(id).capacity > 0 => set.push(id),
+                _ => return refuse(Status::Rejected, format!("{n:?} is not a storage node")),
+            }
+        }
+        if s.role != crate::transport::PeerRole::Node
+            && topo.idc_ids().any(|idc| {
+                set.iter().filter(|&&n| topo.location(n).idc == idc).count()
+                    > MAX_CLIENT_REPAIR_PER_IDC
+            })
+        {
+            return refuse(
+                Status::Denied,
+                format!(
+                    "a client may ask for at most {MAX_CLIENT_REPAIR_PER_IDC} replicas per IDC"
+                ),
+            );
+        }
+        let task = Task {
+            seq: 0,
+            block: req.block,
+            genstamp: req.genstamp,
+            len: req.len,
+            sources: req.replicas.clone(),
+            target_idc: String::new(),
+            targets: Vec::new(),
+            created_ms: 0,
+        };
+        let names = |v: &[NodeId]| v.iter().map(|&n| self.ctx.name(n).to_string()).collect();
+        match self.repair_once(&task, false).await {
+            Ok(r) => RepairResult {
+                status: Status::Success,
+                replicas: names(&r.replicas),
+                copied: r
+                    .copied
+                    .iter()
+                    .map(|(n, _)| self.ctx.name(*n).to_string())
+                    .collect(),
+                tiers: r.copied.iter().map(|(_, t)| *t as u8).collect(),
+                message: String::new(),
+            },
+            Err(e) => {
+                let status = match &e {
+                    RepairError::NoHolder { .. } => Status::NotFound,
+                    RepairError::Obsolete { .. } => Status::Stale,
+                    RepairError::NoTarget { .. } | RepairError::Copy { .. } => Status::Unreachable,
+                    _ => Status::Rejected,
+                };
+                refuse(status, e.to_string())
+            }
+        }
+    }
+}
+
 impl Copier for Repairs {
     fn copy<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<u64, CopyFailure>> {
         Box::pin(async move {

@@ -338,6 +338,37 @@ pub struct CopyBlock {
     pub replicas: Vec<String>,
 }
 
+/// Asks a node to bring a block back to its replica set (operators' `strait repair`):
+/// the node probes `replicas`, copies the block (class `repair`) from the nearest holder
+/// to a replacement for each member that lacks it, and answers a [`RepairResult`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairBlock {
+    /// The block.
+    pub block: BlockId,
+    /// Its generation stamp.
+    pub genstamp: GenStamp,
+    /// Its length.
+    pub len: u64,
+    /// The set it should have.
+    pub replicas: Vec<String>,
+}
+
+/// The answer to a [`RepairBlock`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairResult {
+    /// `Success`, or why not.
+    pub status: Status,
+    /// Every holder once the repair is done.
+    pub replicas: Vec<String>,
+    /// The new replicas.
+    pub copied: Vec<String>,
+    /// For each new replica, the tier of the hop that fed it (0 node, 1 rack, 2 IDC,
+    /// 3 DCI).
+    pub tiers: Vec<u8>,
+    /// What went wrong, for an operator.
+    pub message: String,
+}
+
 /// Most demand entries in one [`ShareReport`] (one per class and provisioning).
 pub const MAX_DEMANDS: usize = 8;
 
@@ -426,6 +457,10 @@ pub enum Frame {
     ShareReport(ShareReport),
     /// The allocator's grant.
     ShareGrant(ShareGrant),
+    /// Repair request.
+    RepairBlock(RepairBlock),
+    /// Repair answer.
+    RepairResult(RepairResult),
 }
 
 const T_WRITE: u8 = 1;
@@ -437,6 +472,8 @@ const T_COPY: u8 = 6;
 const T_ERROR: u8 = 7;
 const T_SHARE_REPORT: u8 = 8;
 const T_SHARE_GRANT: u8 = 9;
+const T_REPAIR: u8 = 10;
+const T_REPAIR_RESULT: u8 = 11;
 
 // ---- encoding ------------------------------------------------------------------------
 
@@ -444,6 +481,16 @@ fn put_name(dst: &mut BytesMut, s: &str) {
     let b = &s.as_bytes()[..s.len().min(MAX_NAME)];
     dst.put_u8(b.len() as u8);
     dst.put_slice(b);
+}
+
+/// A message cut to [`MAX_MESSAGE`] bytes on a character boundary, u16 length first.
+fn put_message(dst: &mut BytesMut, message: &str) {
+    let mut end = message.len().min(MAX_MESSAGE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    dst.put_u16_le(end as u16);
+    dst.put_slice(&message.as_bytes()[..end]);
 }
 
 fn put_names(dst: &mut BytesMut, names: &[String]) {
@@ -546,12 +593,24 @@ impl Frame {
             Frame::Error(e) => {
                 dst.put_u8(T_ERROR);
                 dst.put_u8(e.status as u8);
-                let mut end = e.message.len().min(MAX_MESSAGE);
-                while !e.message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                dst.put_u16_le(end as u16);
-                dst.put_slice(&e.message.as_bytes()[..end]);
+                put_message(dst, &e.message);
+            }
+            Frame::RepairBlock(r) => {
+                dst.put_u8(T_REPAIR);
+                dst.put_u64_le(r.block.0);
+                dst.put_u64_le(r.genstamp.0);
+                dst.put_u64_le(r.len);
+                put_names(dst, &r.replicas);
+            }
+            Frame::RepairResult(r) => {
+                dst.put_u8(T_REPAIR_RESULT);
+                dst.put_u8(r.status as u8);
+                put_names(dst, &r.replicas);
+                put_names(dst, &r.copied);
+                let n = r.tiers.len().min(MAX_TARGETS);
+                dst.put_u8(n as u8);
+                dst.put_slice(&r.tiers[..n]);
+                put_message(dst, &r.message);
             }
             Frame::ShareReport(r) => {
                 dst.put_u8(T_SHARE_REPORT);
@@ -607,6 +666,19 @@ impl Decoder {
             Ok(())
         }
     }
+    /// A u16-length message of at most [`MAX_MESSAGE`] bytes.
+    fn message(&mut self) -> Result<String, WireError> {
+        let n = self.u16("message length")? as usize;
+        if n > MAX_MESSAGE {
+            return Err(WireError::TooLarge {
+                what: "message",
+                len: n,
+                max: MAX_MESSAGE,
+            });
+        }
+        self.string(n, "message")
+    }
+
     fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
         self.need(1, what)?;
         Ok(self.buf.get_u8())
@@ -843,19 +915,44 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
             class: TrafficClass::from_u8(r.u8("class")?)?,
             replicas: r.names()?,
         }),
-        T_ERROR => {
+        T_ERROR => Frame::Error(ErrorFrame {
+            status: Status::from_u8(r.u8("status")?)?,
+            message: r.message()?,
+        }),
+        T_REPAIR => Frame::RepairBlock(RepairBlock {
+            block: BlockId(r.u64("block")?),
+            genstamp: GenStamp(r.u64("genstamp")?),
+            len: r.block_offset("length")?,
+            replicas: r.names()?,
+        }),
+        T_REPAIR_RESULT => {
             let status = Status::from_u8(r.u8("status")?)?;
-            let n = r.u16("message length")? as usize;
-            if n > MAX_MESSAGE {
-                return Err(WireError::TooLarge {
-                    what: "message",
-                    len: n,
-                    max: MAX_MESSAGE,
+            let replicas = r.names()?;
+            let copied = r.names()?;
+            let n = r.u8("tier count")? as usize;
+            if n != copied.len() {
+                return Err(WireError::BadValue {
+                    what: "tier count",
+                    value: n as u64,
                 });
             }
-            Frame::Error(ErrorFrame {
+            let mut tiers = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = r.u8("tier")?;
+                if t > 3 {
+                    return Err(WireError::BadValue {
+                        what: "tier",
+                        value: u64::from(t),
+                    });
+                }
+                tiers.push(t);
+            }
+            Frame::RepairResult(RepairResult {
                 status,
-                message: r.string(n, "message")?,
+                replicas,
+                copied,
+                tiers,
+                message: r.message()?,
             })
         }
         T_SHARE_REPORT => {
@@ -1011,6 +1108,19 @@ mod tests {
                 targets: vec!["b3".into()],
                 class: TrafficClass::Async,
                 replicas: vec!["a1".into(), "b3".into()],
+            }),
+            Frame::RepairBlock(RepairBlock {
+                block: BlockId(8),
+                genstamp: GenStamp(2),
+                len: 9,
+                replicas: vec!["a1".into(), "b2".into()],
+            }),
+            Frame::RepairResult(RepairResult {
+                status: Status::Success,
+                replicas: vec!["a1".into(), "a3".into()],
+                copied: vec!["a3".into()],
+                tiers: vec![2],
+                message: String::new(),
             }),
             Frame::Error(ErrorFrame {
                 status: Status::Rejected,
@@ -1270,6 +1380,33 @@ mod tests {
                 )),
             (arb_status(), "\\PC{0,200}")
                 .prop_map(|(status, message)| Frame::Error(ErrorFrame { status, message })),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                0..=MAX_BLOCK_SIZE,
+                proptest::collection::vec(arb_name(), 0..=MAX_TARGETS)
+            )
+                .prop_map(|(b, g, len, replicas)| Frame::RepairBlock(RepairBlock {
+                    block: BlockId(b),
+                    genstamp: GenStamp(g),
+                    len,
+                    replicas
+                })),
+            (
+                arb_status(),
+                proptest::collection::vec(arb_name(), 0..=MAX_TARGETS),
+                proptest::collection::vec((arb_name(), 0u8..4), 0..=MAX_TARGETS),
+                "\\PC{0,100}"
+            )
+                .prop_map(|(status, replicas, copied, message)| {
+                    Frame::RepairResult(RepairResult {
+                        status,
+                        replicas,
+                        tiers: copied.iter().map(|c| c.1).collect(),
+                        copied: copied.into_iter().map(|c| c.0).collect(),
+                        message,
+                    })
+                }),
             (
                 arb_name(),
                 proptest::collection::vec(

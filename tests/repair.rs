@@ -349,3 +349,77 @@ async fn two_repairs_of_one_block_at_once_copy_it_once() {
         .unwrap();
     assert!(again.copied.is_empty(), "{again:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_repair_request_is_served_by_a_holder() {
+    use strait::wire::{Frame, RepairBlock, Status};
+    let mut c =
+        Cluster::start_repairing(config(Duration::from_secs(60), Duration::from_secs(3600))).await;
+    write(&c, "a1", 600, &["a1", "a2", "b1", "b2"]).await;
+    c.stop("a2").await;
+    let ask = |replicas: Vec<String>| {
+        let node = c.node("a3").clone();
+        let b1 = c.id("b1");
+        async move {
+            let mut s = node.transport().open(b1).await.unwrap();
+            s.writer
+                .send(&Frame::RepairBlock(RepairBlock {
+                    block: BlockId(600),
+                    genstamp: GenStamp(1),
+                    len: LEN as u64,
+                    replicas,
+                }))
+                .await
+                .unwrap();
+            match s.reader.recv().await.unwrap() {
+                Some(Frame::RepairResult(r)) => r,
+                other => panic!("expected a repair result, got {other:?}"),
+            }
+        }
+    };
+    let set: Vec<String> = ["a1", "a2", "b1", "b2"].map(String::from).to_vec();
+    let r = ask(set.clone()).await;
+    assert_eq!(r.status, Status::Success, "{}", r.message);
+    assert_eq!(r.copied.len(), 1);
+    assert!(r.copied[0].starts_with('a'), "{r:?}");
+    assert!(
+        r.tiers[0] == Tier::Rack as u8 || r.tiers[0] == Tier::Idc as u8,
+        "{r:?}"
+    );
+    assert_eq!(r.replicas.len(), 4);
+    let h = holders(&c, 600);
+    assert_eq!((h.len(), idc_count(&h, 'a')), (4, 2), "{h:?}");
+    assert_eq!(repair_bytes(&c, Tier::Dci), 0);
+    // Again: nothing to copy. A name outside the topology is refused.
+    assert!(ask(set).await.copied.is_empty());
+    assert_eq!(ask(vec!["zz".into()]).await.status, Status::Rejected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_a_read_finds_corrupt_is_copied_back() {
+    let c =
+        Cluster::start_repairing(config(Duration::from_secs(60), Duration::from_secs(3600))).await;
+    let data = write(&c, "a1", 700, &["a1", "a2", "b1", "b2"]).await;
+    let path = c.dirs["a1"].path().join("finalized/00/02/blk_700_1");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[150_000] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let r = c.node("a1").reader(
+        BlockId(700),
+        GenStamp(1),
+        &c.ids(&["a1", "a2", "b1", "b2"]),
+        ReadParams::default(),
+    );
+    assert_eq!(
+        r.read_all().await.unwrap(),
+        data,
+        "read around the bad replica"
+    );
+    wait_for("a1's replica copied back", Duration::from_secs(20), || {
+        holders(&c, 700).contains(&"a1".to_string())
+    })
+    .await;
+    assert_eq!(read_from(&c, "a3", "a1", 700).await, data);
+    assert_eq!(repair_bytes(&c, Tier::Dci), 0);
+    assert_eq!(holders(&c, 700), ["a1", "a2", "b1", "b2"]);
+}

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::bandwidth::Bandwidth;
 use crate::context::NodeContext;
 use crate::pipeline::{self, Pipelines};
+use crate::repair::Repairs;
 use crate::transport::{Incoming, Stream};
 use crate::wire::Frame;
 
@@ -19,6 +20,8 @@ pub(super) struct Services {
     pub(super) bandwidth: Option<Arc<Bandwidth>>,
     /// Streams being served.
     pub(super) handlers: Arc<AtomicU64>,
+    /// The repair service, when this node runs one.
+    pub(super) repairs: Option<Arc<Repairs>>,
 }
 
 /// Serves every incoming stream until the transport shuts down, then waits for the
@@ -71,6 +74,10 @@ async fn handle(services: Services, mut s: Stream) {
         Frame::ShareReport(req) => match &services.bandwidth {
             Some(b) => b.serve(s, req).await,
             None => pipeline::refuse(s, &Frame::ShareReport(req)).await,
+        },
+        Frame::RepairBlock(req) => match &services.repairs {
+            Some(r) => r.serve(s, req).await,
+            None => pipeline::refuse(s, &Frame::RepairBlock(req)).await,
         },
         other => pipeline::refuse(s, &other).await,
     }

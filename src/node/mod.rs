@@ -207,6 +207,7 @@ impl Node {
                 pipelines: pipelines.clone(),
                 bandwidth: bandwidth.clone(),
                 handlers: handlers.clone(),
+                repairs: repairs.clone(),
             },
             incoming,
         ));

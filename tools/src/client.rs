@@ -31,7 +31,25 @@ pub struct ManifestEntry {
     pub replicas: Vec<String>,
 }
 
-fn parse_manifest(text: &str) -> Result<Vec<ManifestEntry>, String> {
+/// The manifest text of `entries`: one line per block, `block genstamp len node,node,…`.
+pub fn format_manifest(entries: &[ManifestEntry]) -> String {
+    entries
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {} {}\n",
+                e.block.0,
+                e.genstamp.0,
+                e.len,
+                e.replicas.join(",")
+            )
+        })
+        .collect()
+}
+
+/// Parses a manifest; a line that is not `block genstamp len node,node,…` is an error
+/// naming it.
+pub fn parse_manifest(text: &str) -> Result<Vec<ManifestEntry>, String> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -120,7 +138,6 @@ pub async fn put(
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let pb = bar(data.len() as u64, "put");
     let t0 = std::time::Instant::now();
-    let mut manifest = String::new();
     let mut excluded = vec![];
     // Client identities never hold replicas.
     for n in topo.nodes() {
@@ -157,23 +174,24 @@ pub async fn put(
         .buffered(PUT_IN_FLIGHT)
         .collect()
         .await;
+    let mut entries = Vec::new();
     for o in outcomes {
         let (block, out) = o?;
-        // The manifest lists every replica the block will have (async: once copied).
-        let names: Vec<&str> = out
-            .replicas
-            .iter()
-            .chain(&out.queued_remote)
-            .map(|&r| topo.node(r).name.as_str())
-            .collect();
-        manifest += &format!(
-            "{} {} {} {}\n",
-            block.0,
-            out.genstamp.0,
-            out.len,
-            names.join(",")
-        );
+        // The manifest lists every replica the block will have (async: once copied), at
+        // its genstamp after any recovery.
+        entries.push(ManifestEntry {
+            block,
+            genstamp: out.genstamp,
+            len: out.len,
+            replicas: out
+                .replicas
+                .iter()
+                .chain(&out.queued_remote)
+                .map(|&r| topo.node(r).name.clone())
+                .collect(),
+        });
     }
+    let manifest = format_manifest(&entries);
     pb.finish_and_clear();
     let acks = node.metrics().pipeline_ack_us.snapshot();
     node.shutdown().await;

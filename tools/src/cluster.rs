@@ -144,6 +144,32 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(out)
 }
 
+/// The `/metrics` text of daemon `name` of the cluster in `dir` (its address from its
+/// configuration file); `None` when it does not answer.
+pub fn metrics(dir: &Path, name: &str) -> Option<String> {
+    let conf = std::fs::read_to_string(dir.join(format!("{name}.toml"))).ok()?;
+    let addr = conf
+        .split("[metrics]")
+        .nth(1)?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("addr = "))?
+        .trim_matches('"')
+        .parse()
+        .ok()?;
+    let r = http_get(addr, "/metrics")?;
+    r.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// The sum of the samples of metric family `name` whose labels contain `label` in a
+/// Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
 fn healthy(addr: SocketAddr) -> bool {
     http_get(addr, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
 }

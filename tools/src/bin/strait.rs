@@ -110,15 +110,49 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
-    /// Verify every replica of a (stopped) store and report the corrupt ones; exits 1 if
-    /// any is corrupt.
+    /// Check replicas; exits 1 if anything is wrong. With --store: verify every replica
+    /// of a (stopped) store and report the corrupt ones. With --manifest: ask every node
+    /// of the running local cluster for each block of the manifest and report
+    /// under-replicated, missing and corrupt blocks.
     Fsck {
         /// The store's directory.
-        #[arg(long)]
-        store: PathBuf,
+        #[arg(
+            long,
+            conflicts_with = "manifest",
+            required_unless_present = "manifest"
+        )]
+        store: Option<PathBuf>,
         /// IO backend: auto, uring, psync.
         #[arg(long, default_value = "auto")]
         backend: strait::store::BackendKind,
+        /// A manifest written by `put`.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Cluster work directory (with --manifest).
+        #[arg(long, default_value = "target/strait-cluster")]
+        dir: PathBuf,
+        /// The client's IDC (with --manifest).
+        #[arg(long, default_value = "idc-a")]
+        from: String,
+        /// With --manifest: also read every replica whole and verify it.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Restore every block of a manifest to its replica set on the running local cluster:
+    /// each under-replicated block is repaired by a live holder (same IDC first, across
+    /// the DCI only when an IDC has no replica left); prints what was copied over which
+    /// tier and rewrites the manifest with the replicas as they are now. Exits 1 if a
+    /// block could not be restored.
+    Repair {
+        /// The manifest written by `put` (rewritten in place).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Cluster work directory.
+        #[arg(long, default_value = "target/strait-cluster")]
+        dir: PathBuf,
+        /// The client's IDC.
+        #[arg(long, default_value = "idc-a")]
+        from: String,
     },
     /// Generate a cluster CA and one certificate per node of a topology (PEM files).
     Certs {
@@ -265,7 +299,54 @@ fn run(cli: Cli) -> Result<(), String> {
                 Ok(())
             }
         },
-        Command::Fsck { store, backend } => {
+        Command::Fsck {
+            manifest: Some(manifest),
+            dir,
+            from,
+            verify,
+            ..
+        } => {
+            let text = std::fs::read_to_string(&manifest)
+                .map_err(|e| format!("{}: {e}", manifest.display()))?;
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let report = rt.block_on(strait_tools::check::fsck(&dir, &text, &from, verify))?;
+            print!("{report}");
+            if report.healthy() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} under-replicated block(s), {} corrupt replica(s)",
+                    report.under_replicated(),
+                    report.corrupt()
+                ))
+            }
+        }
+        Command::Repair {
+            manifest,
+            dir,
+            from,
+        } => {
+            let text = std::fs::read_to_string(&manifest)
+                .map_err(|e| format!("{}: {e}", manifest.display()))?;
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let run = rt.block_on(strait_tools::check::repair(&dir, &text, &from))?;
+            print!("{}", run.report);
+            // Atomically: a crash leaves the old manifest or the new one, never half.
+            let tmp = manifest.with_extension("strait.tmp");
+            std::fs::write(&tmp, &run.manifest)
+                .and_then(|()| std::fs::rename(&tmp, &manifest))
+                .map_err(|e| format!("{}: {e}", manifest.display()))?;
+            if run.failed == 0 {
+                Ok(())
+            } else {
+                Err(format!("{} block(s) not restored", run.failed))
+            }
+        }
+        Command::Fsck {
+            store: Some(store),
+            backend,
+            ..
+        } => {
             let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             let report = rt
                 .block_on(strait_tools::fsck::run(&store, backend))
@@ -277,6 +358,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 Err(format!("{} corrupt replica(s)", report.corrupt.len()))
             }
         }
+        Command::Fsck { .. } => Err("fsck needs --store or --manifest".into()),
         Command::Certs {
             topology,
             out,
