@@ -130,6 +130,19 @@ struct RawClasses {
     repair: [u8; 2],
 }
 
+/// An optional duration field (`"50ms"`, `"2min"`), or `default`.
+fn duration(
+    field: &dyn Fn(&'static str, String) -> ConfigError,
+    name: &'static str,
+    text: Option<String>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, ConfigError> {
+    match text {
+        Some(t) => units::parse_duration(&t).map_err(|e| field(name, e.to_string())),
+        None => Ok(default),
+    }
+}
+
 /// `[dci.shares]`, validated.
 fn shares(
     raw: RawShares,
@@ -142,12 +155,8 @@ fn shares(
         }
         s.floor = f;
     }
-    let dur = |name: &'static str, text: Option<String>, default| match text {
-        Some(t) => units::parse_duration(&t).map_err(|e| field(name, e.to_string())),
-        None => Ok(default),
-    };
-    s.lease = dur("dci.shares.lease", raw.lease, s.lease)?;
-    s.period = dur("dci.shares.period", raw.period, s.period)?;
+    s.lease = duration(field, "dci.shares.lease", raw.lease, s.lease)?;
+    s.period = duration(field, "dci.shares.period", raw.period, s.period)?;
     if s.period.is_zero() || s.lease < 2 * s.period {
         return Err(field(
             "dci.shares.period",
@@ -213,17 +222,19 @@ fn repair(
         }
         r.workers = w;
     }
-    let dur = |name: &'static str, text: Option<String>, default| match text {
-        Some(t) => units::parse_duration(&t).map_err(|e| field(name, e.to_string())),
-        None => Ok(default),
-    };
-    r.remote_grace = dur("repair.remote_grace", raw.remote_grace, r.remote_grace)?;
-    r.probe_interval = dur(
+    r.remote_grace = duration(
+        field,
+        "repair.remote_grace",
+        raw.remote_grace,
+        r.remote_grace,
+    )?;
+    r.probe_interval = duration(
+        field,
         "repair.probe_interval",
         raw.probe_interval,
         r.probe_interval,
     )?;
-    r.down_after = dur("repair.down_after", raw.down_after, r.down_after)?;
+    r.down_after = duration(field, "repair.down_after", raw.down_after, r.down_after)?;
     if r.probe_interval.is_zero() || r.down_after < 2 * r.probe_interval {
         return Err(field(
             "repair.down_after",

@@ -229,18 +229,18 @@ impl Repairs {
         }
     }
 
-    /// Queues (durably) the repair of `block`, whose set `replicas` lost `lost`.
-    pub(crate) async fn enqueue(
+    /// The task that restores `block` to `replicas`, `lost` among them.
+    fn task(
         &self,
         block: BlockId,
         genstamp: GenStamp,
         len: u64,
         replicas: &[NodeId],
         lost: &[NodeId],
-    ) -> Result<(), ReplicationError> {
+    ) -> Task {
         let name = |n: &NodeId| self.ctx.name(*n).to_string();
         let topo = &self.ctx.topology;
-        let task = Task {
+        Task {
             seq: 0,
             block,
             genstamp,
@@ -256,9 +256,41 @@ impl Repairs {
                 .unwrap_or_default(),
             targets: lost.iter().map(name).collect(),
             created_ms: 0,
-        };
+        }
+    }
+
+    /// Queues (durably) the repair of `block`, whose set `replicas` lost `lost`.
+    pub(crate) async fn enqueue(
+        &self,
+        block: BlockId,
+        genstamp: GenStamp,
+        len: u64,
+        replicas: &[NodeId],
+        lost: &[NodeId],
+    ) -> Result<(), ReplicationError> {
+        let task = self.task(block, genstamp, len, replicas, lost);
         tracing::info!(%block, %genstamp, lost = ?task.targets, "repair queued");
         self.queue.append(task).await.map(|_| ())
+    }
+
+    /// Repairs `block` to `replicas` now, without the grace period (an operator's or an
+    /// embedder's call). A repair racing another for the same target loses its pipeline
+    /// to it; the next attempt finds the target holding the block.
+    pub(crate) async fn repair_now(
+        &self,
+        block: BlockId,
+        genstamp: GenStamp,
+        len: u64,
+        replicas: &[NodeId],
+    ) -> Result<RepairReport, RepairError> {
+        let task = self.task(block, genstamp, len, replicas, &[]);
+        let mut attempt = 0;
+        loop {
+            match self.repair_once(&task, false).await {
+                Err(RepairError::Copy { .. }) if attempt < 3 => attempt += 1,
+                r => return r,
+            }
+        }
     }
 
     /// Queues the repairs this node owes for `set` of `block` having lost `lost`: those
@@ -629,18 +661,11 @@ impl Repairs {
                 ),
             );
         }
-        let task = Task {
-            seq: 0,
-            block: req.block,
-            genstamp: req.genstamp,
-            len: req.len,
-            sources: req.replicas.clone(),
-            target_idc: String::new(),
-            targets: Vec::new(),
-            created_ms: 0,
-        };
         let names = |v: &[NodeId]| v.iter().map(|&n| self.ctx.name(n).to_string()).collect();
-        match self.repair_once(&task, false).await {
+        match self
+            .repair_now(req.block, req.genstamp, req.len, &set)
+            .await
+        {
             Ok(r) => RepairResult {
                 status: Status::Success,
                 replicas: names(&r.replicas),

@@ -291,28 +291,7 @@ impl Node {
         replicas: &[NodeId],
     ) -> Result<RepairReport, RepairError> {
         let svc = self.repairs.as_ref().ok_or(RepairError::NotConfigured)?;
-        let task = crate::replication::Task {
-            seq: 0,
-            block,
-            genstamp,
-            len,
-            sources: replicas
-                .iter()
-                .map(|&r| self.ctx.name(r).to_string())
-                .collect(),
-            target_idc: String::new(),
-            targets: Vec::new(),
-            created_ms: 0,
-        };
-        // A repair racing another for the same target loses its pipeline to it; the next
-        // attempt finds the target holding the block.
-        let mut attempt = 0;
-        loop {
-            match svc.repair_once(&task, false).await {
-                Err(RepairError::Copy { .. }) if attempt < 3 => attempt += 1,
-                r => return r,
-            }
-        }
+        svc.repair_now(block, genstamp, len, replicas).await
     }
 
     /// Queues a repair of `block` (durably): `replicas` is the set it should have, `lost`

@@ -1,7 +1,9 @@
 //! `strait cluster up`, a sync 2+2 write and read through the daemons (cross-IDC via the
 //! DCI emulators), put/get, `strait cluster down`.
 
-use std::process::Command;
+mod common;
+
+use common::{cluster_up, strait};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,33 +14,11 @@ use strait::read::ReadParams;
 use strait::topology::{Tier, Topology};
 use strait::transport::TlsIdentity;
 
-fn strait(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_strait"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_up_write_read_down() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
-    let out = strait(&[
-        "cluster",
-        "up",
-        "--dir",
-        &d,
-        "--idcs",
-        "2",
-        "--racks",
-        "1",
-        "--nodes-per-rack",
-        "2",
-        "--dci-rate",
-        "200mbit",
-        "--dci-delay",
-        "2ms",
-    ]);
+    let out = cluster_up(&d, "1", "200mbit");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -101,6 +101,37 @@ pub async fn start_node(
         .0)
 }
 
+/// Two IDCs of `per_idc` nodes each (`a1..`, `b1..`), two nodes per rack, on
+/// `127.<net>.<h>` port `port` (idc-b's hosts from 17), joined by one link of `budget`
+/// bytes/s with a 2 ms RTT.
+pub fn two_idc_topology(
+    net: [u8; 2],
+    port: u16,
+    per_idc: u8,
+    budget: u64,
+) -> Result<std::sync::Arc<strait::topology::Topology>, String> {
+    let mut b = strait::topology::Topology::builder()
+        .idc("idc-a")
+        .idc("idc-b");
+    for (i, idc) in ["a", "b"].iter().enumerate() {
+        for n in 0..per_idc {
+            let host = i as u8 * 16 + n + 1;
+            b = b.node(
+                format!("{idc}{}", n + 1),
+                format!("idc-{idc}"),
+                format!("r{}", n / 2 + 1),
+                std::net::SocketAddr::from(([127, net[0], net[1], host], port)),
+                1 << 40,
+            );
+        }
+    }
+    Ok(std::sync::Arc::new(
+        b.link("idc-a", "idc-b", budget, Duration::from_millis(2))
+            .build()
+            .map_err(|e| e.to_string())?,
+    ))
+}
+
 /// CPU time (user + system) this process has used so far, from `/proc/self/stat`.
 pub fn cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {

@@ -15,7 +15,6 @@
 //! files on the same filesystem (what one disk needs to take the copies).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -55,17 +54,7 @@ pub struct RepairBenchParams {
 const LOST: &str = "a2";
 
 fn pattern(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Bytes::from(
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
+    Bytes::from(super::random_bytes(seed, len))
 }
 
 async fn write(node: &Node, block: BlockId, targets: &[NodeId], data: Bytes) -> Result<(), String> {
@@ -95,24 +84,7 @@ fn place(
 /// Runs the scenario; prints the table and returns the JSON line.
 pub async fn run(p: &RepairBenchParams) -> Result<serde_json::Value, String> {
     let net = std::process::id() as u8;
-    let addr = |h: u8| -> SocketAddr { SocketAddr::from(([127, 7, net, h], 7900)) };
-    let mut b = Topology::builder().idc("idc-a").idc("idc-b");
-    for (i, idc) in ["a", "b"].iter().enumerate() {
-        for n in 0..4u8 {
-            b = b.node(
-                format!("{idc}{}", n + 1),
-                format!("idc-{idc}"),
-                format!("r{}", n / 2 + 1),
-                addr(i as u8 * 16 + n + 1),
-                1 << 40,
-            );
-        }
-    }
-    let topo = Arc::new(
-        b.link("idc-a", "idc-b", p.budget, Duration::from_millis(2))
-            .build()
-            .map_err(|e| e.to_string())?,
-    );
+    let topo = super::two_idc_topology([7, net], 7900, 4, p.budget)?;
     let ca = CertAuthority::generate("repair bench CA").map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&p.dir);
     let mut nodes = Vec::new();

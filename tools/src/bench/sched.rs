@@ -13,7 +13,6 @@
 //! The same *uneven* demand then runs on a cluster where each node holds a static 1/8 of
 //! the budget (today's default, MinIO's approach).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,7 +20,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use strait::dci::{DciGovernor, SharesSettings};
 use strait::node::Node;
-use strait::topology::Topology;
 use strait::transport::CertAuthority;
 use strait::wire::TrafficClass;
 
@@ -89,24 +87,7 @@ struct Cluster {
 }
 
 async fn start(p: &SchedBenchParams, net: u8, shared: bool) -> Result<Cluster, String> {
-    let addr = |h: u8| -> SocketAddr { SocketAddr::from(([127, 6, net, h], 7800)) };
-    let mut b = Topology::builder().idc("idc-a").idc("idc-b");
-    for (i, idc) in ["a", "b"].iter().enumerate() {
-        for n in 0..8u8 {
-            b = b.node(
-                format!("{idc}{}", n + 1),
-                format!("idc-{idc}"),
-                format!("r{}", n / 2 + 1),
-                addr(i as u8 * 16 + n + 1),
-                1 << 40,
-            );
-        }
-    }
-    let topo = Arc::new(
-        b.link("idc-a", "idc-b", p.budget, Duration::from_millis(2))
-            .build()
-            .map_err(|e| e.to_string())?,
-    );
+    let topo = super::two_idc_topology([6, net], 7800, 8, p.budget)?;
     let ca = CertAuthority::generate("sched bench CA").map_err(|e| e.to_string())?;
     let mut nodes = Vec::new();
     for n in topo.nodes() {
