@@ -16,6 +16,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::block::{BlockId, GenStamp};
 use crate::dci::Egress;
 use crate::metrics::NodeMetrics;
+use crate::replication::ReplicationLog;
 use crate::store::BlockStore;
 use crate::topology::{NodeId, Tier, Topology};
 use crate::transport::Transport;
@@ -70,20 +71,36 @@ pub(crate) struct SiblingSet {
     pub(crate) lost: Vec<NodeId>,
 }
 
-/// The replica sets of the blocks finalized on this node (kept in memory: a restarted node
-/// starts empty and learns again from the blocks written and repaired after it), and an
-/// inbox of the blocks a write left under-replicated. The pipeline records; the repair
-/// service reads. Without a repair service nothing reads the inbox, and it is not kept.
-#[derive(Debug, Default)]
+/// Each block's set, with the sequence number of its record in the log once written.
+type SetMap = HashMap<BlockId, (SiblingSet, Option<u64>)>;
+
+/// The replica sets of the blocks finalized on this node, and an inbox of the blocks a
+/// write left under-replicated. The pipeline records; the repair service reads. With the
+/// repair service the sets are also kept in a durable log (the replication log's format,
+/// one record per block and genstamp, the one it replaces marked done), so a restarted
+/// node still knows them; without it they live in memory only and nothing reads the inbox.
+#[derive(Default)]
 pub(crate) struct Siblings {
-    map: Mutex<HashMap<BlockId, SiblingSet>>,
+    /// Each block's set, with its record's sequence number in the log.
+    map: Arc<Mutex<SetMap>>,
     /// Blocks finalized with `lost` nodes, for the repair service (`None`: no service).
     inbox: Mutex<Option<Vec<BlockId>>>,
     pub(crate) wake: Notify,
+    log: std::sync::OnceLock<(ReplicationLog, Arc<Topology>)>,
+    /// Records being written in the background.
+    writing: Arc<(std::sync::atomic::AtomicUsize, Notify)>,
+}
+
+impl std::fmt::Debug for Siblings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Siblings")
+            .field("blocks", &self.map().len())
+            .finish()
+    }
 }
 
 impl Siblings {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<BlockId, SiblingSet>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, SetMap> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -92,16 +109,106 @@ impl Siblings {
         *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
     }
 
-    /// Records the set of a replica finalized here; an older genstamp never replaces a
-    /// newer one.
-    pub(crate) fn record(&self, block: BlockId, set: SiblingSet) {
-        let lost = !set.lost.is_empty();
+    /// Keeps the sets in the log in `dir` from now on, after loading the sets it holds
+    /// (the newest per block; the older ones are marked done). Must run inside a tokio
+    /// runtime; call once, before the node serves.
+    pub(crate) fn persist(
+        &self,
+        dir: &std::path::Path,
+        topology: Arc<Topology>,
+    ) -> Result<(), crate::replication::ReplicationError> {
+        let (log, records) = ReplicationLog::open(dir, 16 << 20)?;
+        let ids = |v: &[String]| -> Vec<NodeId> {
+            v.iter().filter_map(|n| topology.node_by_name(n)).collect()
+        };
+        let mut superseded = Vec::new();
         {
             let mut m = self.map();
-            if m.get(&block).is_some_and(|old| old.genstamp > set.genstamp) {
+            for t in records {
+                let set = SiblingSet {
+                    genstamp: t.genstamp,
+                    len: t.len,
+                    replicas: ids(&t.sources),
+                    lost: ids(&t.targets),
+                };
+                match m.get(&t.block) {
+                    Some((old, _)) if old.genstamp > set.genstamp => superseded.push(t.seq),
+                    Some((_, old_seq)) => {
+                        superseded.extend(*old_seq);
+                        m.insert(t.block, (set, Some(t.seq)));
+                    }
+                    None => {
+                        m.insert(t.block, (set, Some(t.seq)));
+                    }
+                }
+            }
+        }
+        if !superseded.is_empty() {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for seq in superseded {
+                    let _ = log.complete(seq).await;
+                }
+            });
+        }
+        let _ = self.log.set((log, topology));
+        Ok(())
+    }
+
+    /// Records the set of a replica finalized here; an older genstamp never replaces a
+    /// newer one. With a log, the record is written in the background (a crash just
+    /// after finalize may forget the set of that one block).
+    pub(crate) fn record(&self, block: BlockId, set: SiblingSet) {
+        let lost = !set.lost.is_empty();
+        let old_seq = {
+            let mut m = self.map();
+            if m.get(&block)
+                .is_some_and(|(old, _)| old.genstamp > set.genstamp)
+            {
                 return;
             }
-            m.insert(block, set);
+            m.insert(block, (set.clone(), None))
+                .and_then(|(_, seq)| seq)
+        };
+        if let Some((log, topo)) = self.log.get() {
+            let names = |v: &[NodeId]| v.iter().map(|&n| topo.node(n).name.clone()).collect();
+            let task = crate::replication::Task {
+                seq: 0,
+                block,
+                genstamp: set.genstamp,
+                len: set.len,
+                sources: names(&set.replicas),
+                target_idc: String::new(),
+                targets: names(&set.lost),
+                created_ms: 0,
+            };
+            let (log, map, writing) = (log.clone(), self.map.clone(), self.writing.clone());
+            writing.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            tokio::spawn(async move {
+                if let Ok(t) = log.append(task).await {
+                    // Still this set: note where its record is. Replaced meanwhile: the
+                    // record is stale at once.
+                    let stale = {
+                        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+                        match m.get_mut(&block) {
+                            Some((now, seq @ None)) if *now == set => {
+                                *seq = Some(t.seq);
+                                false
+                            }
+                            _ => true,
+                        }
+                    };
+                    if stale {
+                        let _ = log.complete(t.seq).await;
+                    }
+                }
+                if let Some(seq) = old_seq {
+                    let _ = log.complete(seq).await;
+                }
+                if writing.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                    writing.1.notify_waiters();
+                }
+            });
         }
         if lost
             && let Some(inbox) = self
@@ -115,17 +222,29 @@ impl Siblings {
         }
     }
 
+    /// Waits until the records written in the background are durable (a node that stops
+    /// calls this first).
+    pub(crate) async fn flush(&self) {
+        loop {
+            let done = self.writing.1.notified();
+            if self.writing.0.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
     /// The recorded set of `block`.
     pub(crate) fn get(&self, block: BlockId) -> Option<SiblingSet> {
-        self.map().get(&block).cloned()
+        self.map().get(&block).map(|(s, _)| s.clone())
     }
 
     /// Every block whose set names `peer` as a holder.
     pub(crate) fn held_with(&self, peer: NodeId) -> Vec<(BlockId, SiblingSet)> {
         self.map()
             .iter()
-            .filter(|(_, s)| s.replicas.contains(&peer))
-            .map(|(&b, s)| (b, s.clone()))
+            .filter(|(_, (s, _))| s.replicas.contains(&peer))
+            .map(|(&b, (s, _))| (b, s.clone()))
             .collect()
     }
 

@@ -1,7 +1,8 @@
 //! Repair: brings a block back to its replica set after a node loss, without a scan.
 //!
 //! Every replica remembers the set it was written with (`context::Siblings`, recorded by
-//! the pipeline at finalize). Three things queue a repair on the surviving holder that
+//! the pipeline at finalize, kept in a durable log under `log_dir/sets` so a restart does
+//! not forget it). Three things queue a repair on the surviving holder that
 //! owes it (`scheduler::repair::responsible`: the first live holder in the lost node's
 //! IDC, else the first live holder anywhere), so the survivors agree without talking:
 //!
@@ -194,6 +195,8 @@ impl Repairs {
             .filter(|&n| n != ctx.me && topo.node(n).capacity > 0)
             .collect();
         let watch = PeerWatch::new(peers, config.down_after, Instant::now());
+        ctx.siblings
+            .persist(&config.log_dir.join("sets"), ctx.topology.clone())?;
         ctx.siblings.open_inbox();
         let svc = Arc::new(Repairs {
             transfers: Transfers::new(ctx.clone(), pipelines, TrafficClass::Repair),
@@ -404,10 +407,16 @@ impl Repairs {
             s.writer.send(&ping).await.ok()?;
             s.reader.recv().await.ok()?
         };
-        matches!(
+        let answered = matches!(
             tokio::time::timeout(self.config.probe_interval, ask).await,
             Ok(Some(_))
-        )
+        );
+        if !answered {
+            // A peer that restarted leaves a pooled connection that looks alive: the next
+            // probe starts afresh instead of waiting out its idle timeout.
+            self.ctx.transport.forget_connection(peer);
+        }
+        answered
     }
 
     /// Queues the repairs owed for blocks that writes finalized under-replicated and for

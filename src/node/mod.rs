@@ -371,6 +371,8 @@ impl Node {
     /// leave their replicas in `rbw`, recoverable), waits up to the grace period for the
     /// handlers to finish, then aborts the rest.
     pub async fn shutdown(&self) {
+        // The replica sets recorded so far are made durable first (bounded by the grace).
+        let _ = tokio::time::timeout(self.grace, self.ctx.siblings.flush()).await;
         // Replication workers stop; their tasks stay in the log for the next start.
         let replication = self
             .replication_task

@@ -488,6 +488,24 @@ impl Transport {
         self.inner.endpoint.open_connections()
     }
 
+    /// Drops the pooled QUIC connection to `peer` (closing it), so that the next stream
+    /// starts a new one. For a caller that got no answer on a stream: a peer that
+    /// restarted leaves the old connection looking alive until its idle timeout.
+    pub fn forget_connection(&self, peer: NodeId) {
+        let slot = self
+            .inner
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
+        if let Some(slot) = slot
+            && let Ok(mut guard) = slot.try_lock()
+            && let Some(c) = guard.take()
+        {
+            c.close(quinn::VarInt::from_u32(0), b"no answer");
+        }
+    }
+
     /// Opens a framed stream to `peer`, over the link kind the topology calls for.
     pub async fn open(&self, peer: NodeId) -> Result<Stream, TransportError> {
         self.open_via(peer, self.link_kind(peer)).await
