@@ -171,6 +171,18 @@ pub(crate) struct Repairs {
     watch: Mutex<PeerWatch>,
 }
 
+/// Longest wait of a deferred repair before it plans again.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// How long a repair waits for a member's unfinished replica of the block to finish
+/// before it copies over it.
+const WRITING_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long ago `task` was queued.
+fn age(task: &Task) -> Duration {
+    Duration::from_millis(epoch_ms(SystemTime::now()).saturating_sub(task.created_ms))
+}
+
 fn epoch_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -286,7 +298,8 @@ impl Repairs {
         len: u64,
         replicas: &[NodeId],
     ) -> Result<RepairReport, RepairError> {
-        let task = self.task(block, genstamp, len, replicas, &[]);
+        let mut task = self.task(block, genstamp, len, replicas, &[]);
+        task.created_ms = epoch_ms(SystemTime::now());
         let mut attempt = 0;
         loop {
             match self.repair_once(&task, false).await {
@@ -484,13 +497,16 @@ impl Repairs {
             match self.transfers.probe(n, block, genstamp, len).await {
                 Ok(Probe::Holds) => holders.push(n),
                 Ok(Probe::Lacks) => lacking.push(n),
-                // Its pipeline is still finishing: look again later, never copy over it.
-                Ok(Probe::Writing) => {
+                // Its pipeline may still be finishing: look again later. A replica still
+                // unfinished long after the block was final elsewhere is the leftover of
+                // a pipeline that broke (a node killed mid-copy): copy over it.
+                Ok(Probe::Writing) if age(task) < WRITING_PATIENCE => {
                     return Err(RepairError::Copy {
                         block,
                         reason: format!("{} is still writing it", ctx.name(n)),
                     });
                 }
+                Ok(Probe::Writing) => lacking.push(n),
                 Err(e) => {
                     tracing::debug!(%block, node = %ctx.name(n), error = e, "holder probe failed")
                 }
@@ -554,9 +570,7 @@ impl Repairs {
                 .ok_or(RepairError::NoHolder { block, genstamp })?;
             tracing::debug!(%block, ?holders, ?missing, ?plan, "repair plan");
             if grace && plan.dci_crossings() > 0 {
-                let age = Duration::from_millis(
-                    epoch_ms(SystemTime::now()).saturating_sub(task.created_ms),
-                );
+                let age = age(task);
                 if age < self.config.remote_grace {
                     return Err(RepairError::Deferred {
                         block,
@@ -716,8 +730,11 @@ impl Copier for Repairs {
                     Ok(r.bytes.iter().sum())
                 }
                 Err(RepairError::Obsolete { why, .. }) => Err(CopyFailure::Obsolete(why)),
+                // Plans again at least every RECHECK: a holder in the IDC that was only
+                // unreachable for a moment (restarted before anyone counted it down)
+                // turns the plan into a copy inside the IDC.
                 Err(RepairError::Deferred { wait, block }) => Err(CopyFailure::Defer(
-                    wait,
+                    wait.min(RECHECK),
                     format!("{block}: waiting out the remote grace period"),
                 )),
                 Err(e) => Err(CopyFailure::Retry(e.to_string())),

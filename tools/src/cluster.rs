@@ -162,11 +162,11 @@ pub fn metrics(dir: &Path, name: &str) -> Option<String> {
 
 /// The sum of the samples of metric family `name` whose labels contain `label` in a
 /// Prometheus text exposition.
-pub fn metric_sum(text: &str, name: &str, label: &str) -> u64 {
+pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    let prefix = format!("{name}{{");
     text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter(|l| l.starts_with(&prefix) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
         .sum()
 }
 
@@ -412,16 +412,15 @@ pub fn restart_node(dir: &Path, name: &str, metrics: SocketAddr) -> Result<(), S
 
 /// Sums a metric over the daemons' `/metrics` (lines starting with `name{`).
 pub fn scrape_sum(addrs: &[SocketAddr], name: &str) -> f64 {
-    let prefix = format!("{name}{{");
+    scrape_labelled(addrs, name, "")
+}
+
+/// Sums the samples of `name` whose labels contain `label` over the daemons' `/metrics`.
+pub fn scrape_labelled(addrs: &[SocketAddr], name: &str, label: &str) -> f64 {
     addrs
         .iter()
         .filter_map(|&a| http_get(a, "/metrics"))
-        .flat_map(|out| {
-            out.lines()
-                .filter(|l| l.starts_with(&prefix))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .collect::<Vec<_>>()
-        })
+        .map(|out| metric_sum(&out, name, label))
         .sum()
 }
 

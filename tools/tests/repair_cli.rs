@@ -91,7 +91,7 @@ fn a_killed_daemon_is_repaired_without_the_dci_and_fsck_agrees() {
             assert_eq!(nodes.split(',').count(), 4, "{line}");
         }
         // The repairs never crossed the DCI: the survivors' repair counters, from /metrics.
-        let (mut dci, mut inside) = (0, 0);
+        let (mut dci, mut inside) = (0.0, 0.0);
         for n in ["a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4"] {
             if n == victim {
                 continue;
@@ -107,9 +107,9 @@ fn a_killed_daemon_is_repaired_without_the_dci_and_fsck_agrees() {
                         "tier=\"idc\"",
                     );
         }
-        assert_eq!(dci, 0, "no repair byte crossed the DCI");
+        assert_eq!(dci, 0.0, "no repair byte crossed the DCI");
         assert!(
-            inside >= owed_bytes,
+            inside >= owed_bytes as f64,
             "{inside} of {owed_bytes} bytes repaired inside idc-a"
         );
         let o = dir.path().join("out.bin");

@@ -349,6 +349,32 @@ async fn chaos(p: &ChaosParams) -> Result<serde_json::Value, String> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let drained_in = drain0.elapsed();
+    // The repairs the kills left owed finish (bounded: a repair that waits for the DCI
+    // grace period would take longer).
+    let repair0 = Instant::now();
+    while repair0.elapsed() < Duration::from_secs(60) {
+        let a = addrs.clone();
+        let owed = tokio::task::spawn_blocking(move || {
+            cluster::scrape_sum(&a, "strait_repair_queue_depth")
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if owed == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let repaired_in = repair0.elapsed();
+    let repair_tiers = {
+        let a = addrs.clone();
+        tokio::task::spawn_blocking(move || {
+            ["rack", "idc", "dci"].map(|t| {
+                cluster::scrape_labelled(&a, "strait_repair_bytes_total", &format!("tier=\"{t}\""))
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    };
 
     // Every acknowledged block, read back from both IDCs, and counted where it is.
     let acked = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -436,6 +462,19 @@ async fn chaos(p: &ChaosParams) -> Result<serde_json::Value, String> {
         (
             "async drain after writes (s)",
             format!("{:.1}", drained_in.as_secs_f64()),
+        ),
+        (
+            "repair queues empty after that (s)",
+            format!("{:.1}", repaired_in.as_secs_f64()),
+        ),
+        (
+            "repair MB over rack / idc / dci",
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                repair_tiers[0] / 1e6,
+                repair_tiers[1] / 1e6,
+                repair_tiers[2] / 1e6
+            ),
         ),
         ("async tasks left", format!("{pending}")),
     ] {
