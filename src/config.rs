@@ -35,7 +35,7 @@
 //!
 //! [repair]                             # optional: notice lost replicas and restore them
 //! log_dir = "data/a1-repair"           # the durable repair queue
-//! workers = 4                          # repairs at once
+//! workers = 2                          # repairs at once
 //! remote_grace = "60s"                 # a repair that must cross the DCI waits this long
 //! probe_interval = "1s"                # how often each storage node is probed
 //! down_after = "3s"                    # silence after which a node counts as down
@@ -495,7 +495,7 @@ addr = "127.0.0.1:9100"
         let rep = c.node.repair.unwrap();
         assert_eq!(rep.log_dir, f.dir.path().join("repair"));
         assert_eq!(rep.remote_grace, std::time::Duration::from_secs(120));
-        assert_eq!(rep.workers, 4);
+        assert_eq!(rep.workers, 2);
         assert_eq!(c.node.dci.shares, None);
         let shared = format!("{GOOD}\n[dci.shares]\nlease = \"3s\"\nspot = [\"repair\"]\n");
         let s = parse(&f, &shared).unwrap().node.dci.shares.unwrap();

@@ -55,7 +55,9 @@ pub struct RepairConfig {
     /// Directory of the durable repair queue (not inside the block store, not the
     /// replication log's).
     pub log_dir: PathBuf,
-    /// Repairs run at once.
+    /// Repairs run at once. Two measured here (`strait-bench repair`, 2 IDCs x 4 nodes,
+    /// a concurrent sync writer): the writer's p99 x1.36 during repair against x2.2 with
+    /// four, the restore 0.5 s slower.
     pub workers: usize,
     /// How long a repair whose only source is in another IDC waits before it copies
     /// across the DCI, counted from when it was queued.
@@ -71,7 +73,7 @@ impl RepairConfig {
     pub fn new(log_dir: impl Into<PathBuf>) -> Self {
         RepairConfig {
             log_dir: log_dir.into(),
-            workers: 4,
+            workers: 2,
             remote_grace: Duration::from_secs(60),
             probe_interval: Duration::from_secs(1),
             down_after: Duration::from_secs(3),

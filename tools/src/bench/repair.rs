@@ -47,6 +47,8 @@ pub struct RepairBenchParams {
     pub window: u64,
     /// DCI budget, bytes per second.
     pub budget: u64,
+    /// Repairs each node runs at once (`RepairConfig::workers`).
+    pub workers: usize,
     /// Directory for the node stores and repair queues.
     pub dir: std::path::PathBuf,
 }
@@ -91,7 +93,9 @@ pub async fn run(p: &RepairBenchParams) -> Result<serde_json::Value, String> {
     for n in topo.nodes() {
         let queue = p.dir.join(format!("{}-repair", n.name));
         let node = super::start_node(&topo, &ca, &n.name, p.dir.join(&n.name), |cfg| {
-            cfg.repair = Some(RepairConfig::new(queue));
+            let mut r = RepairConfig::new(queue);
+            r.workers = p.workers;
+            cfg.repair = Some(r);
         })
         .await?;
         nodes.push(node);
@@ -343,6 +347,7 @@ pub async fn run(p: &RepairBenchParams) -> Result<serde_json::Value, String> {
         "sync_p99_during_us": after.at(0.99),
         "sync_p99_ratio": r3(p99_ratio),
         "writer_failed": failed,
+        "workers": p.workers,
     }))
 }
 

@@ -161,6 +161,9 @@ enum Scenario {
         /// DCI budget.
         #[arg(long, default_value = "1gbit", value_parser = parse_rate)]
         budget: u64,
+        /// Repairs each node runs at once.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
         /// Directory for the node stores.
         #[arg(long, default_value = "target/strait-bench-repair")]
         dir: PathBuf,
@@ -369,6 +372,7 @@ fn bench(scenario: Scenario) -> ExitCode {
                 writer_block,
                 window,
                 budget,
+                workers,
                 dir,
             } => {
                 strait_tools::bench::repair::run(&strait_tools::bench::repair::RepairBenchParams {
@@ -377,6 +381,7 @@ fn bench(scenario: Scenario) -> ExitCode {
                     writer_block,
                     window: window.max(1),
                     budget,
+                    workers: workers.max(1),
                     dir,
                 })
                 .await
