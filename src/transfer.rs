@@ -152,6 +152,7 @@ impl Transfers {
             compression: Compression::None,
         });
         s.writer.send(&probe).await.map_err(|e| e.to_string())?;
+        let _ = s.writer.finish().await;
         match s.reader.recv().await.map_err(|e| e.to_string())? {
             Some(Frame::ReadResponse(r)) if r.status == Status::Success => {
                 Ok(match (r.finalized, r.replica_len == len) {
