@@ -410,6 +410,30 @@ pub fn restart_node(dir: &Path, name: &str, metrics: SocketAddr) -> Result<(), S
     Ok(())
 }
 
+/// The pid the launcher recorded last for daemon `name`.
+pub fn pid_of(dir: &std::path::Path, name: &str) -> Result<u32, String> {
+    processes(dir)?
+        .into_iter()
+        .rev()
+        .find(|(_, n)| n == name)
+        .map(|(p, _)| p)
+        .ok_or_else(|| format!("no process for {name}"))
+}
+
+/// Sends signal `sig` (`-9`, `-STOP`, …) to `pid`.
+pub fn signal(pid: u32, sig: &str) -> Result<(), String> {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map_err(|e| e.to_string())?
+        .success();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("kill {sig} {pid} failed"))
+    }
+}
+
 /// Sums a metric over the daemons' `/metrics` (lines starting with `name{`).
 pub fn scrape_sum(addrs: &[SocketAddr], name: &str) -> f64 {
     scrape_labelled(addrs, name, "")

@@ -1,7 +1,8 @@
 //! `strait demo`: the main job on an embedded default. Starts a local 2-IDC × 4-node
 //! cluster behind emulated DCI links, writes a data set in sync and in async mode, reads
 //! it back from each IDC, stops the whole of IDC B and shows reads and async writes going
-//! on, brings IDC B back and shows the backlog draining, then prints a table and stops
+//! on, brings IDC B back and shows the backlog draining, kills a node with `kill -9` and
+//! waits for its replicas to be repaired inside its IDC, then prints a table and stops
 //! the cluster.
 
 use std::fmt::Write as _;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use strait::wire::WriteMode;
 
 use crate::bench::{Latency, Table, random_bytes};
+use crate::check;
 use crate::client::{self, GetResult, PutResult};
 use crate::cluster::{self, ClusterSpec, NodePlan};
 
@@ -211,6 +213,28 @@ async fn scenario(
     });
     let dci = scrape("strait_dci_wire_bytes_total").await - dci0;
 
+    // A node lost for good: its replicas come back inside idc-a, not over the DCI.
+    println!("5. kill -9 of a2 ...");
+    let repair_dci0 = scrape_labelled(&metrics, "tier=\"dci\"").await;
+    let pid = cluster::pid_of(dir, "a2")?;
+    cluster::signal(pid, "-KILL")?;
+    let t0 = Instant::now();
+    loop {
+        let mut healthy = true;
+        for m in [&s.manifest, &a.manifest] {
+            healthy &= check::fsck(dir, m, "idc-a", false).await?.healthy();
+        }
+        if healthy {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err("the blocks a2 held were not repaired within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let repaired_in = t0.elapsed().as_secs_f64();
+    let repair_dci = scrape_labelled(&metrics, "tier=\"dci\"").await - repair_dci0;
+
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -248,6 +272,10 @@ async fn scenario(
         spec.dci_rate / 1_000_000,
         client::PUT_IN_FLIGHT
     );
+    let _ = writeln!(
+        out,
+        "kill -9 of a2: every block back at 2+2 after {repaired_in:.1} s, {repair_dci} repair bytes over the DCI"
+    );
     let _ = writeln!(out, "RPO lag after idc-b returned (seconds: MiB pending):");
     let step = (timeline.len() / 8).max(1);
     let samples: Vec<String> = timeline
@@ -258,6 +286,16 @@ async fn scenario(
         .collect();
     let _ = writeln!(out, "  {}", samples.join("  "));
     Ok(out)
+}
+
+/// Repair bytes with `label` summed over the daemons (those that answer).
+async fn scrape_labelled(metrics: &[std::net::SocketAddr], label: &'static str) -> f64 {
+    let m = metrics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        cluster::scrape_labelled(&m, "strait_repair_bytes_total", label)
+    })
+    .await
+    .unwrap_or(0.0)
 }
 
 async fn wait_drained<F, Fut>(scrape: &F) -> f64

@@ -28,6 +28,8 @@ fn demo_runs_to_completion() {
         "read sync set from idc-b",
         "DCI bytes per block byte written: 1.0",
         "RPO lag",
+        "kill -9 of a2: every block back at 2+2",
+        " 0 repair bytes over the DCI",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }

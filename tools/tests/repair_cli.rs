@@ -6,7 +6,6 @@
 mod common;
 
 use common::{cluster_up, strait, text};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -40,22 +39,9 @@ fn a_killed_daemon_is_repaired_without_the_dci_and_fsck_agrees() {
             .map(|l| l.split_whitespace().nth(2).unwrap().parse::<u64>().unwrap())
             .sum();
         assert!(owed > 0);
-        let pids = std::fs::read_to_string(dir.path().join("cluster.pids")).unwrap();
-        let pid = pids
-            .lines()
-            .find_map(|l| {
-                let (p, name) = l.split_once(' ')?;
-                (name == victim).then_some(p.to_string())
-            })
-            .unwrap();
+        let pid = strait_tools::cluster::pid_of(dir.path(), victim).unwrap();
         let t0 = Instant::now();
-        assert!(
-            Command::new("kill")
-                .args(["-9", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        strait_tools::cluster::signal(pid, "-KILL").unwrap();
 
         // fsck says under-replicated until the survivors have restored every block.
         let took = loop {

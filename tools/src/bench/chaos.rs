@@ -65,29 +65,6 @@ fn content(block: BlockId, len: usize) -> Vec<u8> {
     random_bytes(block.0, len)
 }
 
-/// The pid the launcher recorded last for daemon `name`.
-fn pid_of(dir: &std::path::Path, name: &str) -> Result<u32, String> {
-    cluster::processes(dir)?
-        .into_iter()
-        .rev()
-        .find(|(_, n)| n == name)
-        .map(|(p, _)| p)
-        .ok_or_else(|| format!("no process for {name}"))
-}
-
-fn signal(pid: u32, sig: &str) -> Result<(), String> {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .map_err(|e| e.to_string())?
-        .success();
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("kill {sig} {pid} failed"))
-    }
-}
-
 /// Whether `node` holds `block` finalized at `gs` (asked over the network).
 async fn holds(from: &Node, node: NodeId, block: BlockId, gs: GenStamp) -> bool {
     let ask = async {
@@ -299,20 +276,20 @@ async fn chaos(p: &ChaosParams) -> Result<serde_json::Value, String> {
     for e in 0..events {
         tokio::time::sleep_until((t0 + gap * (e as u32 + 1)).into()).await;
         let (name, metrics) = daemons[rng.random_range(0..daemons.len())].clone();
-        let pid = pid_of(dir, &name)?;
+        let pid = cluster::pid_of(dir, &name)?;
         // Stalls are spread among the kills: every (events / stalls)-th event.
         let stall = p.stalls > 0 && e % (events / p.stalls).max(1) == 0 && stalls < p.stalls;
         if stall {
-            signal(pid, "-STOP")?;
+            cluster::signal(pid, "-STOP")?;
             tokio::time::sleep(Duration::from_secs(3)).await;
-            signal(pid, "-CONT")?;
+            cluster::signal(pid, "-CONT")?;
             stalls += 1;
             log.push(format!(
                 "{:>5.1}s stall {name} 3s",
                 t0.elapsed().as_secs_f64()
             ));
         } else {
-            signal(pid, "-KILL")?;
+            cluster::signal(pid, "-KILL")?;
             tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
             let (d, n) = (dir.clone(), name.clone());
             tokio::task::spawn_blocking(move || cluster::restart_node(&d, &n, metrics))
