@@ -157,6 +157,8 @@ pub struct Allocator {
     quiet_until: Instant,
     quiet: bool,
     members: BTreeMap<NodeId, Member>,
+    /// When the last report came in (`None`: none yet).
+    last_report: Option<Instant>,
 }
 
 impl Allocator {
@@ -184,6 +186,7 @@ impl Allocator {
         Ok(Allocator {
             quiet_until: now + config.lease,
             quiet: true,
+            last_report: None,
             config,
             epoch,
             seq: 0,
@@ -207,10 +210,26 @@ impl Allocator {
         now: Instant,
     ) -> Result<Grant, SharesError> {
         let epoch = self.epoch;
-        let m = self
-            .members
-            .get_mut(&node)
-            .ok_or(SharesError::NotMember(node))?;
+        if !self.members.contains_key(&node) {
+            return Err(SharesError::NotMember(node));
+        }
+        // An instance nobody reported to for a lease (members went elsewhere, say while
+        // this node was unreachable) knows nothing of the grants issued meanwhile: it
+        // starts over quiet, as a new instance would.
+        if self
+            .last_report
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.lease)
+        {
+            self.quiet = true;
+            self.quiet_until = now + self.config.lease;
+            for m in self.members.values_mut() {
+                m.reported = None;
+            }
+        }
+        self.last_report = Some(self.last_report.map_or(now, |t| t.max(now)));
+        let Some(m) = self.members.get_mut(&node) else {
+            return Err(SharesError::NotMember(node));
+        };
         m.demand = demand.to_vec();
         m.reported = Some(now);
         match holding {
@@ -688,6 +707,57 @@ mod tests {
             .handle_report(n1, &want(TrafficClass::Sync, 100 * MB), holds(&g1), later)
             .unwrap();
         assert_eq!(g1b.rate, 50 * MB);
+    }
+
+    #[test]
+    fn an_allocator_nobody_reported_to_for_a_lease_starts_over_quiet() {
+        // Members 1..3 fail over to this instance while member 0 (the usual allocator)
+        // is briefly unreachable, then go back to it. When 0 dies later, with its own
+        // grant in hand, they come here again: this instance must not hand out the
+        // budget as if 0 held nothing.
+        let t0 = Instant::now();
+        let lease = Duration::from_secs(1);
+        let cfg = SharesConfig {
+            floor: 0.0,
+            lease,
+            ..SharesConfig::new(100 * MB, members(4))
+        };
+        let mut a = Allocator::new(cfg, 3, t0).unwrap();
+        let big = want(TrafficClass::Async, 100 * MB);
+        let report = |a: &mut Allocator, i: usize, at: Instant| {
+            a.handle_report(NodeId::from_index(i), &big, None, at)
+                .unwrap()
+                .rate
+        };
+        // Past its first quiet lease, it grants (members report more often than a lease).
+        for i in 1..4 {
+            report(&mut a, i, t0);
+            report(&mut a, i, t0 + Duration::from_millis(600));
+        }
+        let t1 = t0 + lease + Duration::from_millis(100);
+        assert!(
+            report(&mut a, 1, t1) > 0,
+            "it granted before the members left"
+        );
+        // Three leases without a report, then the members are back: quiet again.
+        let t2 = t1 + 3 * lease;
+        for i in 1..4 {
+            assert_eq!(
+                report(&mut a, i, t2),
+                0,
+                "member {i} right after the silence"
+            );
+        }
+        // Member 0 never reports (dead): a lease later the survivors, reporting as often
+        // as members do, share the link.
+        for k in 1..4 {
+            for i in 1..4 {
+                report(&mut a, i, t2 + Duration::from_millis(250 * k));
+            }
+        }
+        let t3 = t2 + lease + Duration::from_millis(100);
+        let total: u64 = (1..4).map(|i| report(&mut a, i, t3)).sum();
+        assert!(total > 0 && total <= 100 * MB, "{total}");
     }
 
     #[test]
