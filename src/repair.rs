@@ -305,7 +305,12 @@ impl Repairs {
         let mut attempt = 0;
         loop {
             match self.repair_once(&task, false).await {
-                Err(RepairError::Copy { .. }) if attempt < 3 => attempt += 1,
+                Err(RepairError::Copy { .. }) if attempt < 3 => {
+                    attempt += 1;
+                    // Backoff between attempts (not a wait for an event: the other
+                    // repair, or the pipeline finishing, may take any time).
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
                 r => return r,
             }
         }
