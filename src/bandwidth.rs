@@ -229,9 +229,14 @@ impl Bandwidth {
                 other => Err(format!("unexpected answer {other:?}")),
             }
         };
-        let r = tokio::time::timeout(self.settings.period, exchange)
+        // A slow answer is not a dead allocator: waiting only a report period (50 ms)
+        // made members under load move to the next node while this one still granted
+        // to the rest — two allocators at once, and a sum over the budget. Half a lease
+        // still leaves the grant in hand time to be renewed.
+        let limit = self.settings.lease / 2;
+        let r = tokio::time::timeout(limit, exchange)
             .await
-            .unwrap_or_else(|_| Err("no answer within a report period".into()));
+            .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")));
         if r.is_err() {
             // A late answer must not be read as the answer to the next report.
             *conn = None;
