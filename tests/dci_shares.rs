@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::Cluster;
 use strait::dci::{DciGovernor, SharesSettings};
+use strait::transport::filter::{FrameAction, Hop};
 use strait::wire::{Frame, ShareReport, Status, TrafficClass};
 
 const BUDGET: u64 = 40_000_000;
@@ -217,4 +218,51 @@ async fn only_members_of_the_sending_idc_get_grants() {
         Some(Frame::ShareGrant(g)) => assert_eq!(g.status, Status::NotFound),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_allocator_keeps_its_members() {
+    // a1 answers every report 250 ms late (more than a report period, less than half a
+    // lease): a slow allocator, not a dead one. Its members stay with it, so there is
+    // never a second allocator granting the same budget.
+    let mut c = Cluster::start_shared(BUDGET, settings()).await;
+    // A filter applies to the streams opened after it is set: a1 restarts with it, and
+    // the members open new report streams to it.
+    c.stop("a1").await;
+    c.start_node("a1").await;
+    let restarted = Instant::now();
+    c.node("a1")
+        .transport()
+        .set_frame_filter(Some(Arc::new(|_: Hop, f: &Frame| match f {
+            Frame::ShareGrant(_) => FrameAction::Delay(Duration::from_millis(250)),
+            _ => FrameAction::Pass,
+        })));
+    let govs: Vec<DciGovernor> = SENDERS.iter().map(|n| governor(&c, n)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    for g in &govs {
+        saturate(g.clone(), TrafficClass::Async, stop.clone());
+    }
+    let idc_b = c.topo.idc_by_name("idc-b").unwrap();
+    let a1 = c.id("a1");
+    let from_a1 = |c: &Cluster| {
+        ["a2", "a3", "a4"].iter().all(|n| {
+            c.node(n)
+                .dci_share(idc_b)
+                .is_some_and(|s| s.leased && s.allocator == Some(a1))
+        })
+    };
+    // The restart failed each member once, so each skipped a1 for two leases; then
+    // they come back to it.
+    until(
+        "every member leases from a1 again",
+        Duration::from_secs(10),
+        || restarted.elapsed() > 3 * settings().lease && from_a1(&c),
+    )
+    .await;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        assert!(from_a1(&c), "a member left a slow allocator");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
 }
