@@ -15,10 +15,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use strait::block::{BlockId, GenStamp};
 use strait::node::Node;
-use strait::read::ReadParams;
+use strait::read::{ReadError, ReadParams, ReplicaFailure};
 use strait::topology::{NodeId, Topology};
-use strait::wire::{Compression, Frame, ReadBlock, RepairBlock, Status, TrafficClass};
+use strait::wire::{
+    Compression, Frame, ReadBlock, ReadResponse, RepairBlock, Status, TrafficClass,
+};
 
 use crate::client::{ManifestEntry, client, format_manifest, parse_manifest};
 
@@ -139,18 +142,32 @@ async fn ask(node: &Node, peer: NodeId, frame: &Frame) -> Result<Option<Frame>, 
     s.reader.recv().await.map_err(|e| e.to_string())
 }
 
-async fn held(node: &Node, peer: NodeId, e: &ManifestEntry, verify: bool) -> Held {
+/// What `peer` says it holds of `block` at `genstamp` (a zero-length read): its answer,
+/// `Ok(None)` for anything but a read response, `Err` when it cannot be asked.
+pub async fn probe(
+    node: &Node,
+    peer: NodeId,
+    block: BlockId,
+    genstamp: GenStamp,
+) -> Result<Option<ReadResponse>, String> {
     let probe = Frame::ReadBlock(ReadBlock {
-        block: e.block,
-        genstamp: e.genstamp,
+        block,
+        genstamp,
         offset: 0,
         len: 0,
         class: TrafficClass::Repair,
         compression: Compression::None,
     });
-    let answer = match ask(node, peer, &probe).await {
-        Ok(Some(Frame::ReadResponse(r))) => r,
-        Ok(_) => return Held::No,
+    match ask(node, peer, &probe).await? {
+        Some(Frame::ReadResponse(r)) => Ok(Some(r)),
+        _ => Ok(None),
+    }
+}
+
+async fn held(node: &Node, peer: NodeId, e: &ManifestEntry, verify: bool) -> Held {
+    let answer = match probe(node, peer, e.block, e.genstamp).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Held::No,
         Err(_) => return Held::Unreachable,
     };
     match answer.status {
@@ -160,12 +177,16 @@ async fn held(node: &Node, peer: NodeId, e: &ManifestEntry, verify: bool) -> Hel
     }
     if verify {
         let r = node.reader(e.block, e.genstamp, &[peer], ReadParams::default());
-        if let Err(err) = r.read(0, e.len).await {
-            return if err.to_string().contains("corrupt") {
-                Held::Corrupt
-            } else {
-                Held::Unreachable
-            };
+        match r.read(0, e.len).await {
+            Ok(_) => {}
+            Err(ReadError::NoReplica { tried, .. })
+                if tried
+                    .iter()
+                    .any(|(_, f)| matches!(f, ReplicaFailure::Corrupt(_))) =>
+            {
+                return Held::Corrupt;
+            }
+            Err(_) => return Held::Unreachable,
         }
     }
     Held::Ok

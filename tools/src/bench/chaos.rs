@@ -25,7 +25,7 @@ use strait::pipeline::WriteParams;
 use strait::placement::{self, NodeStates};
 use strait::read::ReadParams;
 use strait::topology::{NodeId, Origin, Topology};
-use strait::wire::{Compression, Frame, ReadBlock, Status, TrafficClass, WriteMode};
+use strait::wire::{Status, WriteMode};
 
 use super::{Table, random_bytes};
 use crate::cluster::{self, ClusterSpec};
@@ -67,29 +67,11 @@ fn content(block: BlockId, len: usize) -> Vec<u8> {
 
 /// Whether `node` holds `block` finalized at `gs` (asked over the network).
 async fn holds(from: &Node, node: NodeId, block: BlockId, gs: GenStamp) -> bool {
-    let ask = async {
-        let mut s = from.transport().open(node).await.ok()?;
-        s.writer
-            .send(&Frame::ReadBlock(ReadBlock {
-                block,
-                genstamp: gs,
-                offset: 0,
-                len: 0,
-                class: TrafficClass::Read,
-                compression: Compression::None,
-            }))
-            .await
-            .ok()?;
-        match s.reader.recv().await.ok()? {
-            Some(Frame::ReadResponse(r)) => Some(r.status == Status::Success && r.finalized),
-            _ => Some(false),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), ask)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    let ask = crate::check::probe(from, node, block, gs);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), ask).await,
+        Ok(Ok(Some(r))) if r.status == Status::Success && r.finalized
+    )
 }
 
 /// One writer's job.
