@@ -23,6 +23,9 @@ use crate::block::{BlockId, ChecksumKind, ChecksumSpec, GenStamp, MAX_BLOCK_SIZE
 pub const VERSION: u8 = 1;
 /// Size of the length prefix.
 pub const LEN_PREFIX: usize = 4;
+/// Ends a framed stream on a byte stream that carries several one after another (a
+/// reused TLS-over-TCP connection): a zero length prefix, which no frame has.
+pub const END_MARK: [u8; LEN_PREFIX] = [0; LEN_PREFIX];
 /// Largest packet payload (compressed or not).
 pub const MAX_PAYLOAD: usize = 4 << 20;
 /// Largest number of chunk checksums in one packet.

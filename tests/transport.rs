@@ -497,3 +497,175 @@ async fn identity_files_round_trip_and_bad_files_are_errors() {
 }
 
 use rustls::pki_types::pem::PemObject;
+
+/// One request/response stream that ends cleanly both ways: sends `frames`, ends the
+/// stream, reads every echo and the peer's end.
+async fn clean_exchange(t: &Transport, peer: NodeId, frames: &[Frame]) -> Result<(), String> {
+    let mut s = t.open(peer).await.map_err(|e| e.to_string())?;
+    for f in frames {
+        s.writer.send(f).await.map_err(|e| e.to_string())?;
+    }
+    s.writer.finish().await.map_err(|e| e.to_string())?;
+    for f in frames {
+        let back = s.reader.recv().await.map_err(|e| e.to_string())?;
+        if back.as_ref() != Some(f) {
+            return Err(format!("echo mismatch: {back:?}"));
+        }
+    }
+    match s.reader.recv().await {
+        Ok(None) => Ok(()),
+        other => Err(format!("expected the end of the stream, got {other:?}")),
+    }
+}
+
+/// Waits (bounded) until `t` keeps `n` idle TCP connections.
+async fn idle_tcp(t: &Transport, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.idle_tcp_connections() != n {
+        assert!(Instant::now() < deadline, "never {n} idle TCP connections");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_tcp_streams_reuse_one_connection() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_a2, a2_in) = start(&topo, &ca, "a2").await;
+    let mut errors = echo(a2_in);
+    let a2 = topo.node_by_name("a2").unwrap();
+    for _ in 0..20 {
+        clean_exchange(&a1, a2, &sample_frames()).await.unwrap();
+        idle_tcp(&a1, 1).await;
+    }
+    let c = a1.counters();
+    assert_eq!(c.connections[1].load(Ordering::Relaxed), 1, "one handshake");
+    assert_eq!(c.tcp_reused.load(Ordering::Relaxed), 19);
+    assert!(errors.try_recv().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_stream_that_does_not_end_cleanly_closes_its_connection() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_a2, a2_in) = start(&topo, &ca, "a2").await;
+    echo(a2_in);
+    let a2 = topo.node_by_name("a2").unwrap();
+    // The opener drops its stream without ending it: nothing is kept.
+    exchange(&a1, a2).await.unwrap();
+    // A stream that ends cleanly afterwards needs a connection of its own, and is kept.
+    clean_exchange(&a1, a2, &sample_frames()).await.unwrap();
+    idle_tcp(&a1, 1).await;
+    assert_eq!(a1.counters().connections[1].load(Ordering::Relaxed), 2);
+    // The acceptor drops a stream without ending it: nothing is kept either.
+    let (b1, _) = start(&topo, &ca, "b1").await;
+    let (_b2, mut b2_in) = start(&topo, &ca, "b2").await;
+    tokio::spawn(async move {
+        while let Some(mut s) = b2_in.accept().await {
+            if let Ok(Some(f)) = s.reader.recv().await {
+                let _ = s.writer.send(&f).await;
+            }
+        }
+    });
+    let b2 = topo.node_by_name("b2").unwrap();
+    for _ in 0..2 {
+        let mut s = b1.open_via(b2, LinkKind::TcpTls).await.unwrap();
+        s.writer.send(&sample_frames()[0]).await.unwrap();
+        s.writer.finish().await.unwrap();
+        assert!(s.reader.recv().await.unwrap().is_some());
+        assert!(!matches!(s.reader.recv().await, Ok(Some(_))));
+    }
+    assert_eq!(b1.counters().connections[1].load(Ordering::Relaxed), 2);
+    assert_eq!(b1.counters().tcp_reused.load(Ordering::Relaxed), 0);
+}
+
+/// Accepts streams; reads one frame of each, answers it, ends the stream and drops it
+/// without reading the rest.
+fn answer_first(mut incoming: Incoming) {
+    tokio::spawn(async move {
+        while let Some(mut s) = incoming.accept().await {
+            tokio::spawn(async move {
+                if let Ok(Some(f)) = s.reader.recv().await {
+                    let _ = s.writer.send(&f).await;
+                    let _ = s.writer.finish().await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_stops_reading_early_still_keeps_the_connection() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_a2, a2_in) = start(&topo, &ca, "a2").await;
+    answer_first(a2_in);
+    let a2 = topo.node_by_name("a2").unwrap();
+    for _ in 0..5 {
+        let mut s = a1.open(a2).await.unwrap();
+        for f in sample_frames() {
+            s.writer.send(&f).await.unwrap();
+        }
+        s.writer.finish().await.unwrap();
+        assert_eq!(
+            s.reader.recv().await.unwrap().as_ref(),
+            Some(&sample_frames()[0])
+        );
+        drop(s);
+        idle_tcp(&a1, 1).await;
+    }
+    assert_eq!(a1.counters().connections[1].load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_to_a_restarted_peer_is_not_reused() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (a2t, a2_in) = start(&topo, &ca, "a2").await;
+    echo(a2_in);
+    let a2 = topo.node_by_name("a2").unwrap();
+    clean_exchange(&a1, a2, &sample_frames()).await.unwrap();
+    idle_tcp(&a1, 1).await;
+    a2t.shutdown().await;
+    drop(a2t);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (_a2t, a2_in) = loop {
+        match Transport::bind(a2, topo.clone(), &ca.identity("a2").unwrap(), config()).await {
+            Ok(x) => break x,
+            Err(TransportError::Bind { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("rebind: {e}"),
+        }
+    };
+    echo(a2_in);
+    // The first stream after the restart works: the closed idle connection is noticed
+    // before it is used.
+    clean_exchange(&a1, a2, &sample_frames()).await.unwrap();
+    assert_eq!(a1.counters().connections[1].load(Ordering::Relaxed), 2);
+    assert_eq!(a1.counters().tcp_reused.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_mark_on_a_quic_stream_is_malformed() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_b1, b1_in) = start(&topo, &ca, "b1").await;
+    let mut errors = echo(b1_in);
+    let b1 = topo.node_by_name("b1").unwrap();
+    let mut s = a1.open(b1).await.unwrap();
+    s.writer
+        .get_mut()
+        .expect("open stream")
+        .send_bytes(Bytes::copy_from_slice(&strait::wire::END_MARK))
+        .await
+        .unwrap();
+    let (_, kind, err) = errors.recv().await.unwrap();
+    assert_eq!(kind, LinkKind::Quic);
+    assert!(matches!(err, FramedError::Malformed(_)), "{err}");
+}

@@ -6,6 +6,10 @@
 //! of the read buffer. [`FrameWriter`] encodes a frame's head into a small reused buffer and
 //! hands the payload to the sink as its own `Bytes`, so a sink that can take ownership
 //! (quinn's `write_chunk`) sends it without a copy.
+//!
+//! A byte stream that carries several framed streams one after another (a reused
+//! TLS-over-TCP connection) ends each with [`wire::END_MARK`], a length prefix no frame
+//! can have; [`EndMarks`] says whether a stream accepts it.
 
 use std::future::Future;
 use std::io;
@@ -31,28 +35,70 @@ pub enum FramedError {
     Io(#[from] io::Error),
 }
 
-/// Reads frames from an `AsyncRead`.
-#[derive(Debug)]
-pub struct FrameReader<R> {
-    inner: R,
-    buf: BytesMut,
+/// A byte stream under a [`FrameReader`] that may end a framed stream with
+/// [`wire::END_MARK`] and carry more after it. The defaults refuse the mark (a zero length
+/// prefix is then a malformed frame).
+pub trait EndMarks {
+    /// Whether an end mark ends the framed stream on this byte stream.
+    fn accepts_end_mark(&self) -> bool {
+        false
+    }
+    /// Called once the end mark was read; `rest` holds the bytes read after it, which the
+    /// byte stream may take (they belong to whatever it carries next).
+    fn end_marked(&mut self, rest: &mut BytesMut) {
+        let _ = rest;
+    }
+    /// Called when the reader is dropped before the end mark, with the bytes it read but
+    /// did not decode (the byte stream may still need them to find the mark).
+    fn unread(&mut self, buf: &mut BytesMut) {
+        let _ = buf;
+    }
 }
 
-impl<R: AsyncRead + Unpin> FrameReader<R> {
+impl EndMarks for tokio::io::DuplexStream {}
+impl<T> EndMarks for tokio::io::ReadHalf<T> {}
+impl EndMarks for quinn::RecvStream {}
+
+/// Reads frames from an `AsyncRead`.
+#[derive(Debug)]
+pub struct FrameReader<R: EndMarks> {
+    inner: R,
+    buf: BytesMut,
+    /// The end mark was read: the stream is over, whatever follows is not ours.
+    ended: bool,
+}
+
+impl<R: AsyncRead + EndMarks + Unpin> FrameReader<R> {
     /// Wraps a stream.
     pub fn new(inner: R) -> Self {
+        Self::with_buffer(inner, BytesMut::new())
+    }
+
+    /// Wraps a stream whose first bytes were already read into `buf`.
+    pub(crate) fn with_buffer(inner: R, buf: BytesMut) -> Self {
         FrameReader {
             inner,
-            buf: BytesMut::new(),
+            buf,
+            ended: false,
         }
     }
 
-    /// The next frame, or `None` when the stream ended cleanly between frames.
+    /// The next frame, or `None` when the stream ended cleanly between frames (the byte
+    /// stream ended, or an end mark where the byte stream accepts one).
     pub async fn recv(&mut self) -> Result<Option<Frame>, FramedError> {
         loop {
+            if self.ended {
+                return Ok(None);
+            }
             if self.buf.len() >= wire::LEN_PREFIX {
                 let prefix: [u8; wire::LEN_PREFIX] =
                     self.buf[..wire::LEN_PREFIX].try_into().unwrap_or_default();
+                if prefix == wire::END_MARK && self.inner.accepts_end_mark() {
+                    bytes::Buf::advance(&mut self.buf, wire::LEN_PREFIX);
+                    self.ended = true;
+                    self.inner.end_marked(&mut self.buf);
+                    return Ok(None);
+                }
                 let need = wire::LEN_PREFIX + wire::frame_len(prefix)?;
                 if self.buf.len() >= need {
                     return Ok(wire::decode_frame(&mut self.buf)?);
@@ -75,6 +121,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The underlying stream.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
+    }
+}
+
+impl<R: EndMarks> Drop for FrameReader<R> {
+    fn drop(&mut self) {
+        if !self.ended && !self.buf.is_empty() {
+            self.inner.unread(&mut self.buf);
+        }
     }
 }
 

@@ -4,8 +4,10 @@
 //! TLS-over-TCP listener on the same address. Every stream that crosses an IDC boundary is
 //! QUIC (multiplexing without head-of-line blocking, congestion control in user space);
 //! inside an IDC the configured [`LinkKind`] is used. Outgoing QUIC connections are pooled:
-//! one per peer, reused by many concurrent streams, re-established when lost. Each TCP
-//! stream is its own TLS connection (TCP has no streams to multiplex).
+//! one per peer, reused by many concurrent streams, re-established when lost. A TLS-over-TCP
+//! connection carries one stream at a time (TCP has no streams to multiplex); once a
+//! stream has ended cleanly in both directions the connection carries the next one to
+//! that peer (`reuse`), so a stream costs no handshake while a connection is idle.
 //!
 //! Peers are identified by the node name in their certificate, which must be a node of
 //! the topology; anyone else is refused. Windows are sized from the bandwidth-delay
@@ -19,6 +21,7 @@ pub mod filter;
 #[allow(dead_code, unreachable_pub)]
 mod filter;
 pub mod framed;
+mod reuse;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -34,7 +37,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 
 use crate::topology::{NodeId, Tier, Topology};
-pub use framed::{ByteSink, FrameReader, FrameWriter, FramedError, IoSink};
+pub use framed::{ByteSink, EndMarks, FrameReader, FrameWriter, FramedError, IoSink};
+use reuse::TlsTcp;
+pub use reuse::{TcpSink, TcpSource};
 pub use tls::{CertAuthority, PeerRole, TlsIdentity};
 
 /// How a hop is carried.
@@ -194,16 +199,30 @@ impl std::fmt::Debug for Stream {
     }
 }
 
-type TlsTcp = tokio_rustls::TlsStream<TcpStream>;
-
 /// The receiving half of a link stream.
 pub enum Source {
     /// A QUIC stream.
     Quic(quinn::RecvStream),
-    /// One TLS-over-TCP connection.
-    Tcp(tokio::io::ReadHalf<TlsTcp>),
+    /// A TLS-over-TCP connection, for this stream.
+    Tcp(TcpSource),
     /// An in-process pipe.
     Local(tokio::io::ReadHalf<tokio::io::DuplexStream>),
+}
+
+impl EndMarks for Source {
+    fn accepts_end_mark(&self) -> bool {
+        matches!(self, Source::Tcp(_))
+    }
+    fn end_marked(&mut self, rest: &mut bytes::BytesMut) {
+        if let Source::Tcp(s) = self {
+            s.end_marked(rest);
+        }
+    }
+    fn unread(&mut self, buf: &mut bytes::BytesMut) {
+        if let Source::Tcp(s) = self {
+            s.unread(buf);
+        }
+    }
 }
 
 impl AsyncRead for Source {
@@ -224,8 +243,8 @@ impl AsyncRead for Source {
 pub enum Sink {
     /// A QUIC stream (zero-copy payloads).
     Quic(quinn::SendStream),
-    /// One TLS-over-TCP connection.
-    Tcp(IoSink<tokio::io::WriteHalf<TlsTcp>>),
+    /// A TLS-over-TCP connection, for this stream.
+    Tcp(TcpSink),
     /// An in-process pipe.
     Local(IoSink<tokio::io::WriteHalf<tokio::io::DuplexStream>>),
 }
@@ -261,6 +280,17 @@ pub struct LinkCounters {
     pub streams_opened: [std::sync::atomic::AtomicU64; 4],
     /// Connections established, by link kind (0 = QUIC, 1 = TCP).
     pub connections: [std::sync::atomic::AtomicU64; 2],
+    /// TCP streams opened on an idle connection (no handshake).
+    pub tcp_reused: std::sync::atomic::AtomicU64,
+}
+
+/// Idle TLS-over-TCP connections kept per peer, at most: enough for the streams a node
+/// opens to one peer back to back; each idles for a third of the idle timeout.
+const MAX_IDLE_TCP: usize = 16;
+
+struct IdleTcp {
+    conn: TlsTcp,
+    since: std::time::Instant,
 }
 
 struct Inner {
@@ -271,6 +301,10 @@ struct Inner {
     tls_client: Arc<rustls::ClientConfig>,
     /// One QUIC connection per peer, behind a per-peer lock so concurrent opens share it.
     pool: std::sync::Mutex<HashMap<NodeId, Arc<AsyncMutex<Option<quinn::Connection>>>>>,
+    /// Idle TLS-over-TCP connections this node opened, per peer, newest last.
+    tcp_idle: std::sync::Mutex<HashMap<NodeId, Vec<IdleTcp>>>,
+    /// Set at shutdown: idle connections close, none is kept from then on.
+    closing: tokio::sync::watch::Sender<bool>,
     counters: LinkCounters,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Test seam: the filter put on the frames of streams opened from now on.
@@ -401,6 +435,8 @@ impl Transport {
             endpoint: endpoint.clone(),
             tls_client: client_tls,
             pool: std::sync::Mutex::new(HashMap::new()),
+            tcp_idle: std::sync::Mutex::new(HashMap::new()),
+            closing: tokio::sync::watch::Sender::new(false),
             counters: LinkCounters::default(),
             tasks: std::sync::Mutex::new(Vec::new()),
             filter: std::sync::RwLock::new(None),
@@ -488,10 +524,26 @@ impl Transport {
         self.inner.endpoint.open_connections()
     }
 
-    /// Drops the pooled QUIC connection to `peer` (closing it), so that the next stream
-    /// starts a new one. For a caller that got no answer on a stream: a peer that
+    /// Idle TLS-over-TCP connections this node keeps for its next streams (all peers).
+    pub fn idle_tcp_connections(&self) -> usize {
+        self.inner
+            .tcp_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Drops the pooled QUIC connection and the idle TCP connections to `peer` (closing
+    /// them), so that the next stream starts a new one. For a caller that got no answer on a stream: a peer that
     /// restarted leaves the old connection looking alive until its idle timeout.
     pub fn forget_connection(&self, peer: NodeId) {
+        self.inner
+            .tcp_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
         let slot = self
             .inner
             .pool
@@ -631,6 +683,32 @@ impl Transport {
     }
 
     async fn open_tcp(&self, peer: NodeId) -> Result<Stream, TransportError> {
+        let conn = match self.take_idle_tcp(peer) {
+            Some(c) => {
+                self.inner
+                    .counters
+                    .tcp_reused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                c
+            }
+            None => self.connect_tcp(peer).await?,
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let (source, sink) = reuse::split(conn, move |whole| {
+            if let Some(inner) = weak.upgrade() {
+                spawn_detached(Transport { inner }.keep_idle_tcp(peer, whole));
+            }
+        });
+        Ok(Stream {
+            peer,
+            role: PeerRole::Node,
+            kind: LinkKind::TcpTls,
+            reader: FrameReader::new(Source::Tcp(source)),
+            writer: FrameWriter::new(Sink::Tcp(sink)).with_filter(self.attach(peer)),
+        })
+    }
+
+    async fn connect_tcp(&self, peer: NodeId) -> Result<TlsTcp, TransportError> {
         let node = self.inner.topology.node(peer);
         let after = self.inner.config.connect_timeout;
         let connect_err = |reason: String| TransportError::Connect {
@@ -660,14 +738,105 @@ impl Transport {
                     after,
                 })??;
         self.inner.counters.connections[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (r, w) = tokio::io::split(tokio_rustls::TlsStream::Client(tls));
-        Ok(Stream {
+        Ok(tokio_rustls::TlsStream::Client(tls))
+    }
+
+    /// The newest idle connection to `peer` that is young enough and still looks open;
+    /// older or closed ones are dropped on the way.
+    fn take_idle_tcp(&self, peer: NodeId) -> Option<TlsTcp> {
+        let keep = self.inner.config.idle_timeout / 3;
+        let mut idle = self
+            .inner
+            .tcp_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&peer)?;
+        while let Some(c) = list.pop() {
+            if c.since.elapsed() < keep && reuse::looks_open(&c.conn) {
+                return Some(c.conn);
+            }
+        }
+        None
+    }
+
+    /// The opener's end of a stream that ended cleanly: once the acceptor says it keeps the
+    /// connection, keep it idle for the next stream to `peer`.
+    async fn keep_idle_tcp(self, peer: NodeId, whole: reuse::Whole) {
+        let within = self.inner.config.open_timeout;
+        let Some((mut conn, rest)) = reuse::finish_reading(whole, within).await else {
+            tracing::trace!(peer = %self.peer_name(peer), "TCP connection closed: no end mark from the peer");
+            return;
+        };
+        if !reuse::await_ready(&mut conn, rest, within).await || *self.inner.closing.borrow() {
+            tracing::trace!(peer = %self.peer_name(peer), "TCP connection closed: the peer does not keep it");
+            return;
+        }
+        let mut idle = self
+            .inner
+            .tcp_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(peer).or_default();
+        if list.len() < MAX_IDLE_TCP {
+            list.push(IdleTcp {
+                conn,
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+
+    /// A TLS-over-TCP connection accepted from `peer` as the halves of a stream; each time a
+    /// stream ends cleanly the connection waits for the peer's next one.
+    fn accepted_tcp(
+        &self,
+        conn: TlsTcp,
+        rest: bytes::BytesMut,
+        peer: NodeId,
+        role: PeerRole,
+        tx: mpsc::Sender<Stream>,
+    ) -> Stream {
+        let weak = Arc::downgrade(&self.inner);
+        let next_tx = tx;
+        let (source, sink) = reuse::split(conn, move |whole| {
+            if let Some(inner) = weak.upgrade() {
+                spawn_detached(Transport { inner }.await_next_tcp(whole, peer, role, next_tx));
+            }
+        });
+        Stream {
             peer,
-            role: PeerRole::Node,
+            role,
             kind: LinkKind::TcpTls,
-            reader: FrameReader::new(Source::Tcp(r)),
-            writer: FrameWriter::new(Sink::Tcp(IoSink(w))).with_filter(self.attach(peer)),
-        })
+            reader: FrameReader::with_buffer(Source::Tcp(source), rest),
+            writer: FrameWriter::new(Sink::Tcp(sink)).with_filter(self.attach(peer)),
+        }
+    }
+
+    /// The acceptor's end of a stream that ended cleanly: waits (up to the idle timeout,
+    /// or until shutdown) for the peer's next stream on the connection.
+    async fn await_next_tcp(
+        self,
+        whole: reuse::Whole,
+        peer: NodeId,
+        role: PeerRole,
+        tx: mpsc::Sender<Stream>,
+    ) {
+        let mut closing = self.inner.closing.subscribe();
+        let (within, idle) = (
+            self.inner.config.open_timeout,
+            self.inner.config.idle_timeout,
+        );
+        let next = async {
+            let (conn, rest) = reuse::finish_reading(whole, within).await?;
+            reuse::await_next(conn, rest, idle).await
+        };
+        let next = tokio::select! {
+            n = next => n,
+            _ = closing.wait_for(|c| *c) => None,
+        };
+        if let Some((conn, rest)) = next {
+            let s = self.accepted_tcp(conn, rest, peer, role, tx.clone());
+            let _ = tx.send(s).await;
+        }
     }
 
     /// Identifies a peer from its verified certificate chain.
@@ -699,6 +868,12 @@ impl Transport {
         // Refuse new handshakes first: peers that keep dialling (probes, retries) must not
         // leave connections queued that keep the socket open after the node is gone.
         self.inner.endpoint.set_server_config(None);
+        self.inner.closing.send_replace(true);
+        self.inner
+            .tcp_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.inner
             .endpoint
             .close(quinn::VarInt::from_u32(0), b"shutdown");
@@ -723,6 +898,14 @@ impl Transport {
             self.inner.endpoint.wait_idle(),
         )
         .await;
+    }
+}
+
+/// Spawns `f` on the current runtime, if there is one (a stream's halves may be dropped
+/// while a runtime shuts down; the connection then just closes).
+fn spawn_detached(f: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        h.spawn(f);
     }
 }
 
@@ -854,16 +1037,14 @@ async fn accept_tcp(
                     return;
                 }
             };
-            let (r, w) = tokio::io::split(tokio_rustls::TlsStream::Server(tls));
-            let _ = tx
-                .send(Stream {
-                    peer,
-                    role,
-                    kind: LinkKind::TcpTls,
-                    reader: FrameReader::new(Source::Tcp(r)),
-                    writer: FrameWriter::new(Sink::Tcp(IoSink(w))).with_filter(t.attach(peer)),
-                })
-                .await;
+            let s = t.accepted_tcp(
+                tokio_rustls::TlsStream::Server(tls),
+                bytes::BytesMut::new(),
+                peer,
+                role,
+                tx.clone(),
+            );
+            let _ = tx.send(s).await;
         });
     }
 }

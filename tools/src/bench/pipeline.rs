@@ -248,15 +248,33 @@ async fn write_blocks(
     })
 }
 
+/// TLS-over-TCP connections made and streams carried on an idle connection, summed over
+/// the bench's nodes.
+fn tcp_streams(b: &Bench) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    b.nodes
+        .iter()
+        .chain(std::iter::once(&b.client))
+        .map(|n| {
+            let c = n.transport().counters();
+            (c.connections[1].load(Relaxed), c.tcp_reused.load(Relaxed))
+        })
+        .fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1))
+}
+
 /// Runs the scenario; prints the table and returns the JSON summary.
 pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
     std::fs::create_dir_all(&p.dir).map_err(|e| format!("{}: {e}", p.dir.display()))?;
     let mut rows = Vec::new();
+    let mut handshakes = Vec::new();
     for (k, &link) in p.links.iter().enumerate() {
         let bench = start(p, link, (std::process::id() as u8).wrapping_add(k as u8)).await?;
         let targets: Vec<NodeId> = bench.idc_a.iter().chain(&bench.idc_b).copied().collect();
         let (single, single_lat) = run_blocks(&bench, &targets[..1], p, SINGLE_HOP_IDS).await?;
+        let before = tcp_streams(&bench);
         let (full, full_lat) = run_blocks(&bench, &targets, p, REPLICATED_IDS).await?;
+        let after = tcp_streams(&bench);
+        handshakes.push((after.0 - before.0, after.1 - before.1));
         for n in bench.nodes.iter().chain(std::iter::once(&bench.client)) {
             n.shutdown().await;
         }
@@ -338,6 +356,8 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         "block_p50_us": fl.blocks.at(0.5),
         "block_p99_us": fl.blocks.at(0.99),
         "cpu_s_per_gb": r3(full.cpu_s_per_gb()),
+        "tcp_connects": handshakes[0].0,
+        "tcp_reused": handshakes[0].1,
     });
     for (link, single, _, full, _) in rows.iter().skip(1) {
         let k = link.to_string().replace('-', "_");

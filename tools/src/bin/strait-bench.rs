@@ -222,6 +222,14 @@ fn main() -> ExitCode {
         Scenario::Node(args) => Some(strait_tools::helpers::run_node(args)),
         Scenario::DciEmu(args) => Some(strait_tools::helpers::run_dci_emu(args)),
         scenario => {
+            // In-process nodes log here: warnings by default, `RUST_LOG` for more.
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .try_init();
             return bench(scenario);
         }
     };
