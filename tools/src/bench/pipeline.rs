@@ -195,6 +195,36 @@ async fn run_blocks(
     Ok((phase, res?))
 }
 
+/// Writes one block; its packet-ack latencies and how long it took.
+async fn write_one(
+    writer: &Node,
+    block: BlockId,
+    targets: &[NodeId],
+    mode: WriteMode,
+    data: &Bytes,
+    block_size: usize,
+) -> Result<(AckHistogram, std::time::Duration), String> {
+    let t0 = std::time::Instant::now();
+    let mut params = WriteParams::new(GenStamp(1));
+    params.mode = mode;
+    let mut w = writer
+        .writer(block, targets, params)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut left = block_size;
+    while left > 0 {
+        let n = left.min(data.len());
+        w.write(data.slice(..n)).await.map_err(|e| e.to_string())?;
+        left -= n;
+    }
+    let h = w.ack_latency().clone();
+    let out = w.close().await.map_err(|e| e.to_string())?;
+    if mode == WriteMode::Sync && out.replicas.len() != targets.len() {
+        return Err(format!("{block} lost replicas: {:?}", out.failed));
+    }
+    Ok((h, t0.elapsed()))
+}
+
 /// Writes each block of `ids` (`block_size` bytes of `data`, repeated) through
 /// `targets`, `in_flight` blocks at a time; returns the merged packet-ack latencies and
 /// the per-block latencies. A sync block must keep every replica.
@@ -207,26 +237,14 @@ async fn write_blocks(
     block_size: usize,
     in_flight: usize,
 ) -> Result<RunLatency, String> {
-    let one = |block: BlockId| async move {
-        let t0 = std::time::Instant::now();
-        let mut params = WriteParams::new(GenStamp(1));
-        params.mode = mode;
-        let mut w = writer
-            .writer(block, targets, params)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut left = block_size;
-        while left > 0 {
-            let n = left.min(data.len());
-            w.write(data.slice(..n)).await.map_err(|e| e.to_string())?;
-            left -= n;
-        }
-        let h = w.ack_latency().clone();
-        let out = w.close().await.map_err(|e| e.to_string())?;
-        if mode == WriteMode::Sync && out.replicas.len() != targets.len() {
-            return Err(format!("{block} lost replicas: {:?}", out.failed));
-        }
-        Ok::<_, String>((h, t0.elapsed()))
+    // Each block is its own task, as a client's writers would be: polled together inside
+    // one future they would all run on one thread.
+    let one = |block: BlockId| {
+        let (writer, targets, data) = (writer.clone(), targets.to_vec(), data.clone());
+        let task = tokio::spawn(async move {
+            write_one(&writer, block, &targets, mode, &data, block_size).await
+        });
+        async move { task.await.map_err(|e| e.to_string())? }
     };
     let mut acks: Option<AckHistogram> = None;
     let mut blocks = Latency::default();
