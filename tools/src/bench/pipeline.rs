@@ -139,12 +139,25 @@ async fn start(p: &PipelineBenchParams, link: LinkKind, net: u8) -> Result<Bench
 const SINGLE_HOP_IDS: u64 = 1 << 40;
 const REPLICATED_IDS: u64 = 2 << 40;
 const ASYNC_IDS: u64 = 3 << 40;
+/// Blocks up to this size are "small": the run also measures the filesystem's floor.
+const SMALL_BLOCK: usize = 1 << 20;
 
 /// Latencies of one run: packet acks as the writer saw them, and whole blocks (create to
 /// close: the latency of a block that fits in one packet).
 struct RunLatency {
     acks: Latency,
     blocks: Latency,
+    /// From asking for a writer to the pipeline being set up (every replica created).
+    setups: Latency,
+    /// From the last write to `close` returning (every replica final and acked).
+    closes: Latency,
+}
+
+/// How long one block took: set up, whole.
+struct BlockTimes {
+    setup: std::time::Duration,
+    close: std::time::Duration,
+    whole: std::time::Duration,
 }
 
 impl RunLatency {
@@ -195,7 +208,7 @@ async fn run_blocks(
     Ok((phase, res?))
 }
 
-/// Writes one block; its packet-ack latencies and how long it took.
+/// Writes one block; its packet-ack latencies and how long its stages took.
 async fn write_one(
     writer: &Node,
     block: BlockId,
@@ -203,7 +216,7 @@ async fn write_one(
     mode: WriteMode,
     data: &Bytes,
     block_size: usize,
-) -> Result<(AckHistogram, std::time::Duration), String> {
+) -> Result<(AckHistogram, BlockTimes), String> {
     let t0 = std::time::Instant::now();
     let mut params = WriteParams::new(GenStamp(1));
     params.mode = mode;
@@ -211,6 +224,7 @@ async fn write_one(
         .writer(block, targets, params)
         .await
         .map_err(|e| e.to_string())?;
+    let setup = t0.elapsed();
     let mut left = block_size;
     while left > 0 {
         let n = left.min(data.len());
@@ -218,11 +232,17 @@ async fn write_one(
         left -= n;
     }
     let h = w.ack_latency().clone();
+    let t_close = std::time::Instant::now();
     let out = w.close().await.map_err(|e| e.to_string())?;
     if mode == WriteMode::Sync && out.replicas.len() != targets.len() {
         return Err(format!("{block} lost replicas: {:?}", out.failed));
     }
-    Ok((h, t0.elapsed()))
+    let times = BlockTimes {
+        setup,
+        close: t_close.elapsed(),
+        whole: t0.elapsed(),
+    };
+    Ok((h, times))
 }
 
 /// Writes each block of `ids` (`block_size` bytes of `data`, repeated) through
@@ -247,13 +267,16 @@ async fn write_blocks(
         async move { task.await.map_err(|e| e.to_string())? }
     };
     let mut acks: Option<AckHistogram> = None;
-    let mut blocks = Latency::default();
+    let (mut blocks, mut setups, mut closes) =
+        (Latency::default(), Latency::default(), Latency::default());
     let mut done = futures_util::stream::iter(ids.iter().copied())
         .map(one)
         .buffer_unordered(in_flight.max(1));
     while let Some(r) = done.next().await {
         let (h, took) = r?;
-        blocks.record(took);
+        blocks.record(took.whole);
+        setups.record(took.setup);
+        closes.record(took.close);
         match acks.as_mut() {
             Some(a) => a.add(&h).map_err(|e| e.to_string())?,
             None => acks = Some(h),
@@ -263,7 +286,63 @@ async fn write_blocks(
     Ok(RunLatency {
         acks: Latency::from_hdr(&acks),
         blocks,
+        setups,
+        closes,
     })
+}
+
+/// The floor the filesystem sets for small blocks, measured in the same run: each of
+/// `blocks` x `replicas` block files created with O_DIRECT in a directory per replica,
+/// written, `fdatasync`ed and closed, by `in_flight` x `replicas` threads at once. No
+/// network, no checksums, one file per replica: what writing these replicas durably as
+/// files costs on this disk and filesystem now (on ext4 without a journal, creating an
+/// inode after many deletions costs several times what it does otherwise).
+fn fs_floor(p: &PipelineBenchParams, replicas: usize) -> Result<Phase, String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let dir = p.dir.join("fs-floor");
+    let _ = std::fs::remove_dir_all(&dir);
+    for r in 0..replicas {
+        std::fs::create_dir_all(dir.join(format!("r{r}"))).map_err(|e| e.to_string())?;
+    }
+    let len = p.block_size.div_ceil(4096) * 4096;
+    let threads = (p.in_flight * replicas).max(1);
+    let total = (p.blocks * p.block_size) as u64;
+    let (c0, t0) = (super::cpu_seconds(), std::time::Instant::now());
+    let res: Result<(), String> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let dir = &dir;
+                s.spawn(move || -> Result<(), String> {
+                    let (mut v, off) = super::store::aligned_vec(len);
+                    v[off..off + len].fill(0x5a);
+                    for i in (t..p.blocks * replicas).step_by(threads) {
+                        let path = dir.join(format!("r{}/blk_{}", i % replicas, i / replicas));
+                        let f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .custom_flags(libc::O_DIRECT)
+                            .open(&path)
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        f.write_all_at(&v[off..off + len], 0)
+                            .and_then(|()| f.sync_data())
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| "fs floor thread panicked".to_string())?
+        })
+    });
+    let phase = Phase {
+        bytes: total,
+        wall: t0.elapsed(),
+        cpu: super::cpu_seconds() - c0,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    res.map(|()| phase)
 }
 
 /// TLS-over-TCP connections made and streams carried on an idle connection, summed over
@@ -285,6 +364,7 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
     std::fs::create_dir_all(&p.dir).map_err(|e| format!("{}: {e}", p.dir.display()))?;
     let mut rows = Vec::new();
     let mut handshakes = Vec::new();
+    let mut floor = None;
     for (k, &link) in p.links.iter().enumerate() {
         let bench = start(p, link, (std::process::id() as u8).wrapping_add(k as u8)).await?;
         let targets: Vec<NodeId> = bench.idc_a.iter().chain(&bench.idc_b).copied().collect();
@@ -295,6 +375,11 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         handshakes.push((after.0 - before.0, after.1 - before.1));
         for n in bench.nodes.iter().chain(std::iter::once(&bench.client)) {
             n.shutdown().await;
+        }
+        // Small blocks: the filesystem's floor, before anything is deleted (deleting
+        // first would slow its creates on ext4 without a journal).
+        if k == 0 && p.block_size <= SMALL_BLOCK {
+            floor = Some(fs_floor(p, targets.len())?);
         }
         let _ = std::fs::remove_dir_all(&p.dir);
         rows.push((link, single, single_lat, full, full_lat));
@@ -351,8 +436,33 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
             t.row(cells);
         }
     }
+    if let Some(f) = &floor {
+        t.row(vec![
+            "-".into(),
+            format!("files only ({})", p.spec.total()),
+            format!("{:.0}", f.mb_s()),
+            format!("{:.0}", p.blocks as f64 / f.wall.as_secs_f64().max(1e-9)),
+            format!("{:.2}", f.mb_s() / rows[0].1.mb_s()),
+            format!("{:.2}", f.cpu_s_per_gb()),
+        ]);
+    }
     print!("{}", t.render());
+    if floor.is_some() {
+        println!(
+            "files only: each replica one O_DIRECT file in a directory per replica, created, written, fdatasync'd, {} threads; the filesystem's floor for these blocks",
+            p.in_flight * p.spec.total()
+        );
+    }
     let (link, single, _, full, fl) = rows.first().ok_or("no link measured")?;
+    let acked = fl.acks.count() > 0;
+    println!(
+        "{} {link}: pipeline setup p50 {} us p99 {} us; close (last packet to every replica final) p50 {} us p99 {} us",
+        p.spec,
+        fl.setups.at(0.5),
+        fl.setups.at(0.99),
+        fl.closes.at(0.5),
+        fl.closes.at(0.99)
+    );
     let mut out = json!({
         "scenario": "pipeline",
         "spec": p.spec.to_string(),
@@ -367,16 +477,26 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         "blocks_per_s": r3(p.blocks as f64 / full.wall.as_secs_f64().max(1e-9)),
         "single_hop_mb_s": r3(single.mb_s()),
         "ratio": r3(full.mb_s() / single.mb_s()),
-        "ack_p50_us": fl.acks.at(0.5),
-        "ack_p90_us": fl.acks.at(0.9),
-        "ack_p99_us": fl.acks.at(0.99),
-        "ack_p999_us": fl.acks.at(0.999),
+        // A block of one packet has no packet acks before its close: no figure, not 0.
+        "ack_p50_us": acked.then(|| fl.acks.at(0.5)),
+        "ack_p90_us": acked.then(|| fl.acks.at(0.9)),
+        "ack_p99_us": acked.then(|| fl.acks.at(0.99)),
+        "ack_p999_us": acked.then(|| fl.acks.at(0.999)),
         "block_p50_us": fl.blocks.at(0.5),
         "block_p99_us": fl.blocks.at(0.99),
+        "setup_p50_us": fl.setups.at(0.5),
+        "setup_p99_us": fl.setups.at(0.99),
+        "close_p50_us": fl.closes.at(0.5),
+        "close_p99_us": fl.closes.at(0.99),
         "cpu_s_per_gb": r3(full.cpu_s_per_gb()),
         "tcp_connects": handshakes[0].0,
         "tcp_reused": handshakes[0].1,
     });
+    if let Some(f) = &floor {
+        let per_s = p.blocks as f64 / f.wall.as_secs_f64().max(1e-9);
+        out["fs_floor_blocks_per_s"] = json!(r3(per_s));
+        out["fs_floor_ratio"] = json!(r3(full.mb_s() / f.mb_s()));
+    }
     for (link, single, _, full, _) in rows.iter().skip(1) {
         let k = link.to_string().replace('-', "_");
         out[format!("{k}_mb_s")] = json!(r3(full.mb_s()));

@@ -180,7 +180,7 @@ fn bench_raw(p: &StoreBenchParams) -> Result<Measured, String> {
 }
 
 /// An over-allocated Vec and the offset at which `len` bytes are 4096-aligned.
-fn aligned_vec(len: usize) -> (Vec<u8>, usize) {
+pub(super) fn aligned_vec(len: usize) -> (Vec<u8>, usize) {
     let v = vec![0u8; len + 4096];
     let off = (4096 - v.as_ptr() as usize % 4096) % 4096;
     (v, off)
