@@ -13,25 +13,32 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Parser;
 use strait::daemon::{self, DaemonError};
+
+/// Runs one strait node from a TOML configuration file until SIGTERM or SIGINT.
+#[derive(Parser)]
+#[command(
+    name = "daemon",
+    after_help = "Exit codes: 0 stopped cleanly; 2 usage or configuration error; 3 could not run."
+)]
+struct Args {
+    /// The node's configuration file.
+    #[arg(long)]
+    config: PathBuf,
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
-        .init();
-    let mut args = std::env::args().skip(1);
-    let path = match (args.next().as_deref(), args.next()) {
-        (Some("--config"), Some(p)) => PathBuf::from(p),
-        _ => {
-            eprintln!("usage: daemon --config <node.toml>");
-            return ExitCode::from(2);
-        }
-    };
-    match daemon::run(&path).await {
+        .try_init();
+    // clap exits 2 on a usage error.
+    let args = Args::parse();
+    match daemon::run(&args.config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ DaemonError::Config(_)) => {
             eprintln!("daemon: {e}");
@@ -39,7 +46,7 @@ async fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("daemon: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(3)
         }
     }
 }

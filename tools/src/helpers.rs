@@ -72,17 +72,17 @@ fn parse_peer(s: &str) -> Result<(std::net::IpAddr, String), String> {
     ))
 }
 
-/// Runs the daemon (logs to stderr, `RUST_LOG` honoured, default `info`).
-pub fn run_node(args: NodeArgs) -> Result<(), String> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+/// Runs the daemon (logs to stderr, `RUST_LOG` honoured, default `info`). A refused
+/// configuration is a usage error (exit 2).
+pub fn run_node(args: NodeArgs) -> Result<(), crate::cli::Failure> {
+    use crate::cli::Failure;
+    crate::cli::init_logging("info");
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Failure::CannotRun(e.to_string()))?;
     rt.block_on(strait::daemon::run(&args.config))
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            strait::daemon::DaemonError::Config(_) => Failure::Usage(e.to_string()),
+            e => Failure::CannotRun(e.to_string()),
+        })
 }
 
 /// Runs the emulator until killed.

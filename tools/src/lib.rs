@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod dciemu;

@@ -50,6 +50,7 @@ fn a_killed_daemon_is_repaired_without_the_dci_and_fsck_agrees() {
             if fsck.status.success() {
                 break t0.elapsed();
             }
+            assert_eq!(fsck.status.code(), Some(1), "found a problem: {out}");
             assert!(
                 out.contains("under-replicated") || out.contains("unreachable"),
                 "{out}"

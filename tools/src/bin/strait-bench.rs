@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use strait::placement::ReplicationSpec;
 use strait::store::BackendKind;
 use strait::transport::LinkKind;
-use strait::units;
 use strait_tools::bench::dci::{self, DciBenchParams};
 use strait_tools::bench::pipeline::{self, PipelineBenchParams};
 use strait_tools::bench::sched;
@@ -91,9 +90,9 @@ enum Scenario {
         /// Replication spec over two IDCs.
         #[arg(long, default_value = "2+2")]
         spec: ReplicationSpec,
-        /// Write mode (sync; async arrives with async replication).
-        #[arg(long, default_value = "sync")]
-        mode: String,
+        /// Write mode.
+        #[arg(long, value_enum, default_value_t = Mode::Sync)]
+        mode: Mode,
         /// Blocks per measurement.
         #[arg(long, default_value_t = 4)]
         blocks: usize,
@@ -116,8 +115,8 @@ enum Scenario {
         /// Where the writer runs: `client` (a separate node, 4 network hops for 2+2) or
         /// `first` (on the first replica's node, as HDFS clients on datanodes). Async mode
         /// always writes from the first replica's node, which holds the log.
-        #[arg(long, default_value = "client")]
-        writer: String,
+        #[arg(long, value_enum, default_value_t = WriterAt::Client)]
+        writer: WriterAt,
         /// DCI budget between the two IDCs.
         #[arg(long, default_value = "10gbit", value_parser = parse_rate)]
         dci_budget: u64,
@@ -205,40 +204,32 @@ enum Scenario {
     },
 }
 
-fn parse_rate(s: &str) -> Result<u64, String> {
-    units::parse_rate(s).map_err(|e| e.to_string())
-}
+use strait_tools::cli::{Mode, parse_rate, parse_size_usize as parse_size};
 
-fn parse_size(s: &str) -> Result<usize, String> {
-    units::parse_bytes(s)
-        .map(|v| v as usize)
-        .map_err(|e| e.to_string())
+/// Where a pipeline bench's writer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WriterAt {
+    /// A separate client node (4 network hops for 2+2).
+    Client,
+    /// The first replica's node, as HDFS clients on datanodes.
+    First,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The processes of a bench cluster run with runtimes of their own.
     let helper = match cli.scenario {
-        Scenario::Node(args) => Some(strait_tools::helpers::run_node(args)),
-        Scenario::DciEmu(args) => Some(strait_tools::helpers::run_dci_emu(args)),
+        Scenario::Node(args) => strait_tools::helpers::run_node(args),
+        Scenario::DciEmu(args) => strait_tools::helpers::run_dci_emu(args).map_err(Into::into),
         scenario => {
             // In-process nodes log here: warnings by default, `RUST_LOG` for more.
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "warn".into()),
-                )
-                .with_writer(std::io::stderr)
-                .try_init();
+            strait_tools::cli::init_logging("warn");
             return bench(scenario);
         }
     };
     match helper {
-        Some(Err(e)) => {
-            eprintln!("strait-bench: {e}");
-            ExitCode::FAILURE
-        }
-        _ => ExitCode::SUCCESS,
+        Err(f) => f.exit("strait-bench"),
+        Ok(()) => ExitCode::SUCCESS,
     }
 }
 
@@ -315,16 +306,8 @@ fn bench(scenario: Scenario) -> ExitCode {
                 links,
                 dir,
             } => {
-                let writer_on_first = match writer.as_str() {
-                    "client" => false,
-                    "first" => true,
-                    other => return Err(format!("--writer {other}: expected client or first")),
-                };
-                let mode = match mode.as_str() {
-                    "sync" => strait::wire::WriteMode::Sync,
-                    "async" => strait::wire::WriteMode::Async,
-                    other => return Err(format!("--mode {other}: expected sync or async")),
-                };
+                let writer_on_first = writer == WriterAt::First;
+                let mode = strait::wire::WriteMode::from(mode);
                 let packet = if packet == 0 {
                     strait::pipeline::PipelineConfig::default().packet_bytes
                 } else {

@@ -7,13 +7,15 @@ use clap::{Parser, Subcommand};
 use strait::placement::ReplicationSpec;
 use strait::topology::Topology;
 use strait::transport::{CertAuthority, PeerRole};
+use strait_tools::cli::{Failure, Mode, parse_duration, parse_rate, parse_size};
 use strait_tools::plan::{self, PlanParams, Summary};
 
 #[derive(Parser)]
 #[command(
     name = "strait",
     version,
-    about = "strait: block replication across data centres"
+    about = "strait: block replication across data centres",
+    after_help = strait_tools::cli::EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,14 +64,14 @@ enum Command {
         spec: ReplicationSpec,
         /// Write mode: sync (both IDCs before the ack) or async (the local IDC; the
         /// pipeline head queues the remote copy).
-        #[arg(long, default_value = "sync")]
-        mode: String,
+        #[arg(long, value_enum, default_value_t = Mode::Sync)]
+        mode: Mode,
         /// The client's IDC.
         #[arg(long, default_value = "idc-a")]
         from: String,
         /// Bytes per block.
-        #[arg(long, default_value = "64MiB")]
-        block_size: String,
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        block_size: u64,
         /// Where to write the manifest (default: FILE.strait).
         #[arg(long)]
         manifest: Option<PathBuf>,
@@ -96,11 +98,11 @@ enum Command {
         #[arg(long, default_value = "target/strait-demo")]
         dir: PathBuf,
         /// Bytes per data set.
-        #[arg(long, default_value = "256MiB")]
-        set: String,
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        set: u64,
         /// Bytes per block (HDFS uses 128 MiB; blocks are written one after another).
-        #[arg(long, default_value = "64MiB")]
-        block_size: String,
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        block_size: u64,
     },
     /// Run a storage node (the daemon) from a TOML configuration file, until
     /// SIGTERM or SIGINT. Same as `cargo run --example daemon -- --config FILE`.
@@ -191,11 +193,11 @@ enum ClusterAction {
         #[arg(long, default_value_t = 2)]
         nodes_per_rack: usize,
         /// DCI budget (and emulated rate) per direction.
-        #[arg(long, default_value = "1gbit")]
-        dci_rate: String,
+        #[arg(long, default_value = "1gbit", value_parser = parse_rate)]
+        dci_rate: u64,
         /// One-way DCI delay.
-        #[arg(long, default_value = "5ms")]
-        dci_delay: String,
+        #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+        dci_delay: std::time::Duration,
     },
     /// Stop exactly the processes `up` started.
     Down {
@@ -206,18 +208,36 @@ enum ClusterAction {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // In-process nodes (put, get, demo, repair) log warnings; the daemon logs from info.
+    strait_tools::cli::init_logging(if matches!(cli.command, Command::Node(_)) {
+        "info"
+    } else {
+        "warn"
+    });
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("strait: {e}");
-            ExitCode::FAILURE
-        }
+        Err(f) => f.exit("strait"),
     }
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+/// A topology file, or a usage error naming it.
+fn topology_file(path: &std::path::Path) -> Result<Topology, Failure> {
+    Topology::from_file(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+/// A file the user named, or a usage error naming it.
+fn read_input(path: &std::path::Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Runtime::new().map_err(|e| Failure::CannotRun(e.to_string()))
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::DciEmu(args) => strait_tools::helpers::run_dci_emu(args),
+        Command::DciEmu(args) => Ok(strait_tools::helpers::run_dci_emu(args)?),
         Command::Put {
             file,
             dir,
@@ -227,16 +247,14 @@ fn run(cli: Cli) -> Result<(), String> {
             block_size,
             manifest,
         } => {
-            let mode = match mode.as_str() {
-                "sync" => strait::wire::WriteMode::Sync,
-                "async" => strait::wire::WriteMode::Async,
-                other => return Err(format!("--mode {other}: expected sync or async")),
-            };
-            let block_size = strait::units::parse_bytes(&block_size)
-                .map_err(|e| format!("--block-size: {e}"))?;
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let rt = runtime()?;
             let r = rt.block_on(strait_tools::client::put(
-                &dir, &file, &spec, mode, &from, block_size,
+                &dir,
+                &file,
+                &spec,
+                mode.into(),
+                &from,
+                block_size,
             ))?;
             let path = manifest.unwrap_or_else(|| file.with_extension("strait"));
             std::fs::write(&path, &r.manifest).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -250,9 +268,8 @@ fn run(cli: Cli) -> Result<(), String> {
             from,
             out,
         } => {
-            let text = std::fs::read_to_string(&manifest)
-                .map_err(|e| format!("{}: {e}", manifest.display()))?;
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let text = read_input(&manifest)?;
+            let rt = runtime()?;
             let r = rt.block_on(strait_tools::client::get(&dir, &text, &from))?;
             std::fs::write(&out, &r.data).map_err(|e| format!("{}: {e}", out.display()))?;
             println!("{}; wrote {}", r.summary, out.display());
@@ -263,11 +280,10 @@ fn run(cli: Cli) -> Result<(), String> {
             set,
             block_size,
         } => {
-            let set = strait::units::parse_bytes(&set).map_err(|e| format!("--set: {e}"))? as usize;
-            let block = strait::units::parse_bytes(&block_size)
-                .map_err(|e| format!("--block-size: {e}"))?;
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            let report = rt.block_on(strait_tools::demo::run(&dir, set, block))?;
+            let set =
+                usize::try_from(set).map_err(|_| Failure::Usage("--set: too large".into()))?;
+            let rt = runtime()?;
+            let report = rt.block_on(strait_tools::demo::run(&dir, set, block_size))?;
             print!("{report}");
             Ok(())
         }
@@ -285,10 +301,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     idcs,
                     racks,
                     nodes_per_rack,
-                    dci_rate: strait::units::parse_rate(&dci_rate)
-                        .map_err(|e| format!("--dci-rate: {e}"))?,
-                    dci_delay: strait::units::parse_duration(&dci_delay)
-                        .map_err(|e| format!("--dci-delay: {e}"))?,
+                    dci_rate,
+                    dci_delay,
                 };
                 let summary = strait_tools::cluster::up(&dir, &spec)?;
                 print!("{summary}");
@@ -306,19 +320,18 @@ fn run(cli: Cli) -> Result<(), String> {
             verify,
             ..
         } => {
-            let text = std::fs::read_to_string(&manifest)
-                .map_err(|e| format!("{}: {e}", manifest.display()))?;
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let text = read_input(&manifest)?;
+            let rt = runtime()?;
             let report = rt.block_on(strait_tools::check::fsck(&dir, &text, &from, verify))?;
             print!("{report}");
             if report.healthy() {
                 Ok(())
             } else {
-                Err(format!(
+                Err(Failure::Found(format!(
                     "{} under-replicated block(s), {} corrupt replica(s)",
                     report.under_replicated(),
                     report.corrupt()
-                ))
+                )))
             }
         }
         Command::Repair {
@@ -326,9 +339,8 @@ fn run(cli: Cli) -> Result<(), String> {
             dir,
             from,
         } => {
-            let text = std::fs::read_to_string(&manifest)
-                .map_err(|e| format!("{}: {e}", manifest.display()))?;
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let text = read_input(&manifest)?;
+            let rt = runtime()?;
             let run = rt.block_on(strait_tools::check::repair(&dir, &text, &from))?;
             print!("{}", run.report);
             // Atomically: a crash leaves the old manifest or the new one, never half.
@@ -339,7 +351,10 @@ fn run(cli: Cli) -> Result<(), String> {
             if run.failed == 0 {
                 Ok(())
             } else {
-                Err(format!("{} block(s) not restored", run.failed))
+                Err(Failure::Found(format!(
+                    "{} block(s) not restored",
+                    run.failed
+                )))
             }
         }
         Command::Fsck {
@@ -347,7 +362,7 @@ fn run(cli: Cli) -> Result<(), String> {
             backend,
             ..
         } => {
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            let rt = runtime()?;
             let report = rt
                 .block_on(strait_tools::fsck::run(&store, backend))
                 .map_err(|e| format!("fsck {}: {e}", store.display()))?;
@@ -355,20 +370,24 @@ fn run(cli: Cli) -> Result<(), String> {
             if report.corrupt.is_empty() {
                 Ok(())
             } else {
-                Err(format!("{} corrupt replica(s)", report.corrupt.len()))
+                Err(Failure::Found(format!(
+                    "{} corrupt replica(s)",
+                    report.corrupt.len()
+                )))
             }
         }
-        Command::Fsck { .. } => Err("fsck needs --store or --manifest".into()),
+        Command::Fsck { .. } => Err(Failure::Usage("fsck needs --store or --manifest".into())),
         Command::Certs {
             topology,
             out,
             ca_key,
             clients,
         } => {
-            let topo = Topology::from_file(&topology)
-                .map_err(|e| format!("{}: {e}", topology.display()))?;
+            let topo = topology_file(&topology)?;
             if let Some(c) = clients.iter().find(|c| topo.node_by_name(c).is_none()) {
-                return Err(format!("--clients: {c:?} is not in the topology"));
+                return Err(Failure::Usage(format!(
+                    "--clients: {c:?} is not in the topology"
+                )));
             }
             let ca = CertAuthority::generate("strait cluster CA").map_err(|e| e.to_string())?;
             let role = |n: &str| {
@@ -407,14 +426,14 @@ fn run(cli: Cli) -> Result<(), String> {
             seed,
             examples,
         } => {
-            let topo = Topology::from_file(&topology)
-                .map_err(|e| format!("{}: {e}", topology.display()))?;
-            let writers = plan::parse_writer(&topo, &writer)?;
+            let topo = topology_file(&topology)?;
+            let writers = plan::parse_writer(&topo, &writer).map_err(Failure::Usage)?;
             let excluded = exclude
                 .iter()
                 .map(|n| {
-                    topo.node_by_name(n)
-                        .ok_or_else(|| format!("--exclude {n:?} is not a node of the topology"))
+                    topo.node_by_name(n).ok_or_else(|| {
+                        Failure::Usage(format!("--exclude {n:?} is not a node of the topology"))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let params = PlanParams {
@@ -435,7 +454,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             );
             if report.placed == 0 && blocks > 0 {
-                return Err("no block could be placed".into());
+                return Err(Failure::Found("no block could be placed".into()));
             }
             Ok(())
         }
