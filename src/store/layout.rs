@@ -69,6 +69,16 @@ impl Inner {
         o.open(path)
     }
 
+    /// Creates (or empties) a replica's data file and opens it for writing, in one open.
+    pub(super) fn create_data(&self, path: &Path, spec: ChecksumSpec) -> io::Result<File> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).create(true).truncate(true);
+        if self.uses_direct(spec) {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(path)
+    }
+
     pub(super) fn uses_direct(&self, spec: ChecksumSpec) -> bool {
         self.direct_io && (spec.bytes_per_chunk() as usize).is_multiple_of(ALIGN)
     }

@@ -394,10 +394,9 @@ impl BlockStore {
                 .map_err(|e| io_err("create", &meta_path, e))?;
             std::os::unix::fs::FileExt::write_all_at(&meta, &meta::encode_header(block, spec), 0)
                 .map_err(|e| io_err("write", &meta_path, e))?;
-            File::create(&data_path).map_err(|e| io_err("create", &data_path, e))?;
             let data = inner
-                .open_data(&data_path, spec, true)
-                .map_err(|e| io_err("open", &data_path, e))?;
+                .create_data(&data_path, spec)
+                .map_err(|e| io_err("create", &data_path, e))?;
             Ok((data, data_path, meta, meta_path))
         })
         .await;
