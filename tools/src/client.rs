@@ -118,11 +118,59 @@ fn bar(total: u64, what: &str) -> ProgressBar {
 
 /// Blocks `put` writes at the same time, each through its own pipeline (measured on the
 /// demo's 1 Gbit/s, 10 ms RTT DCI with 64 MiB blocks: 2 in flight 89.5 MB/s, 4 in flight
-/// 101 MB/s). The file is read whole first (it is not streamed yet).
+/// 101 MB/s).
 pub const PUT_IN_FLIGHT: usize = 4;
 
+/// Blocks `get` reads at the same time (read-ahead), each from its nearest replica.
+pub const GET_IN_FLIGHT: usize = 4;
+
+/// Bytes a block's writer or reader holds from the file at once: the file is streamed in
+/// pieces of this size, so `put` and `get` hold about `IN_FLIGHT` x (piece + the
+/// pipeline's window) whatever the size of the file.
+pub const PIECE: u64 = 4 << 20;
+
+/// Bytes `get` asks a replica for at once.
+pub const GET_PIECE: u64 = 8 << 20;
+
+/// Reads `len` bytes of `file` at `offset` (on a blocking thread).
+async fn read_piece(file: &Arc<std::fs::File>, offset: u64, len: u64) -> Result<Bytes, String> {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, offset)
+            .map(|()| Bytes::from(buf))
+            .map_err(|e| format!("read at {offset}: {e}"))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Writes `bytes` to `file` at `offset` (on a blocking thread).
+async fn write_piece(file: &Arc<std::fs::File>, offset: u64, bytes: Bytes) -> Result<(), String> {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        std::os::unix::fs::FileExt::write_all_at(&*file, &bytes, offset)
+            .map_err(|e| format!("write at {offset}: {e}"))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// The process's peak resident memory (VmHWM), bytes; 0 where /proc does not say.
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Writes `file` as blocks of `block_size` with `spec` from a client in `idc`,
-/// [`PUT_IN_FLIGHT`] blocks at a time; returns the manifest text and a summary.
+/// [`PUT_IN_FLIGHT`] blocks at a time, each streamed from the file in [`PIECE`]s;
+/// returns the manifest text and a summary.
 pub async fn put(
     dir: &Path,
     file: &Path,
@@ -131,12 +179,17 @@ pub async fn put(
     idc: &str,
     block_size: u64,
 ) -> Result<PutResult, String> {
-    let data = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let size = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", file.display()))?
+        .len();
+    let f = Arc::new(f);
     let (node, topo) = client(dir, idc).await?;
     let origin = Origin::in_idc(topo.location(node.id()).idc);
     let states = NodeStates::from_topology(&topo);
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
-    let pb = bar(data.len() as u64, "put");
+    let pb = bar(size, "put");
     let t0 = std::time::Instant::now();
     let mut excluded = vec![];
     // Client identities never hold replicas.
@@ -147,14 +200,16 @@ pub async fn put(
     }
     // Placement first (one random source), then the writes, `PUT_IN_FLIGHT` at a time:
     // while one block's pipeline drains (last acks, finalize), the next one streams.
+    let block_size = block_size.max(1);
     let mut plans = Vec::new();
-    for chunk in data.chunks(block_size.max(1) as usize) {
+    for start in (0..size).step_by(block_size as usize) {
         let p = placement::choose_targets(&topo, &origin, spec, &excluded, &states, &mut rng)
             .map_err(|e| e.to_string())?;
-        plans.push((BlockId(rng.random()), p.targets().to_vec(), chunk));
+        let len = block_size.min(size - start);
+        plans.push((BlockId(rng.random()), p.targets().to_vec(), start, len));
     }
-    let writes = plans.into_iter().map(|(block, targets, chunk)| {
-        let (node, pb) = (&node, &pb);
+    let writes = plans.into_iter().map(|(block, targets, start, len)| {
+        let (node, pb, f) = (&node, &pb, &f);
         async move {
             let mut params = WriteParams::new(GenStamp(1));
             params.mode = mode;
@@ -162,11 +217,15 @@ pub async fn put(
                 .writer(block, &targets, params)
                 .await
                 .map_err(|e| e.to_string())?;
-            w.write(Bytes::copy_from_slice(chunk))
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut done = 0;
+            while done < len {
+                let n = PIECE.min(len - done);
+                let piece = read_piece(f, start + done, n).await?;
+                w.write(piece).await.map_err(|e| e.to_string())?;
+                done += n;
+                pb.inc(n);
+            }
             let out = w.close().await.map_err(|e| e.to_string())?;
-            pb.inc(chunk.len() as u64);
             Ok::<_, String>((block, out))
         }
     });
@@ -196,18 +255,20 @@ pub async fn put(
     let acks = node.metrics().pipeline_ack_us.snapshot();
     node.shutdown().await;
     let secs = t0.elapsed().as_secs_f64();
-    let mb_s = data.len() as f64 / 1e6 / secs.max(1e-9);
+    let mb_s = size as f64 / 1e6 / secs.max(1e-9);
+    let peak = peak_rss();
     let summary = format!(
-        "put {}: {} bytes in {} blocks, {mb_s:.1} MB/s, spec {spec} ({mode:?})",
+        "put {}: {size} bytes in {} blocks, {mb_s:.1} MB/s, spec {spec} ({mode:?}), peak RSS {} MiB",
         file.display(),
-        data.len(),
         manifest.lines().count(),
+        peak >> 20,
     );
     Ok(PutResult {
         manifest,
         summary,
         acks,
         mb_s,
+        peak_rss: peak,
     })
 }
 
@@ -222,13 +283,15 @@ pub struct PutResult {
     pub acks: hdrhistogram::Histogram<u64>,
     /// Throughput.
     pub mb_s: f64,
+    /// The process's peak resident memory when it finished, bytes.
+    pub peak_rss: u64,
 }
 
 /// What `get` did.
 #[derive(Debug)]
 pub struct GetResult {
-    /// The bytes.
-    pub data: Vec<u8>,
+    /// Bytes written to the output file.
+    pub bytes: u64,
     /// For people.
     pub summary: String,
     /// Bytes that came over the DCI.
@@ -237,36 +300,64 @@ pub struct GetResult {
     pub mb_s: f64,
     /// Read latencies (µs).
     pub reads: hdrhistogram::Histogram<u64>,
+    /// The process's peak resident memory when it finished, bytes.
+    pub peak_rss: u64,
 }
 
-/// Reads the blocks of `manifest` from a client in `idc`; returns the bytes and a
-/// summary with the bytes read per distance tier.
-pub async fn get(dir: &Path, manifest: &str, idc: &str) -> Result<GetResult, String> {
+/// Reads the blocks of `manifest` from a client in `idc` into the file `out`,
+/// [`GET_IN_FLIGHT`] blocks at a time, each in [`PIECE`]s written where they belong;
+/// returns a summary with the bytes read per distance tier.
+pub async fn get(dir: &Path, manifest: &str, idc: &str, out: &Path) -> Result<GetResult, String> {
     let entries = parse_manifest(manifest)?;
     let (node, topo) = client(dir, idc).await?;
     let total: u64 = entries.iter().map(|e| e.len).sum();
+    let f = std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    f.set_len(total)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    let f = Arc::new(f);
     let pb = bar(total, "get");
     let t0 = std::time::Instant::now();
-    let mut out = Vec::with_capacity(total as usize);
+    let mut start = 0;
+    let mut blocks = Vec::new();
     for e in &entries {
-        let replicas: Vec<_> = e
-            .replicas
-            .iter()
-            .filter_map(|n| topo.node_by_name(n))
-            .collect();
-        let r = node.reader(e.block, e.genstamp, &replicas, ReadParams::default());
-        let bytes = r.read_all().await.map_err(|err| err.to_string())?;
-        if bytes.len() as u64 != e.len {
-            return Err(format!(
-                "{}: read {} bytes, manifest says {}",
-                e.block,
-                bytes.len(),
-                e.len
-            ));
-        }
-        out.extend_from_slice(&bytes);
-        pb.inc(e.len);
+        blocks.push((e, start));
+        start += e.len;
     }
+    let reads = blocks.into_iter().map(|(e, start)| {
+        let (node, topo, pb, f) = (&node, &topo, &pb, &f);
+        async move {
+            let replicas: Vec<_> = e
+                .replicas
+                .iter()
+                .filter_map(|n| topo.node_by_name(n))
+                .collect();
+            let r = node.reader(e.block, e.genstamp, &replicas, ReadParams::default());
+            let mut done = 0;
+            while done < e.len {
+                let n = GET_PIECE.min(e.len - done);
+                let bytes = r.read(done, n).await.map_err(|err| err.to_string())?;
+                if bytes.len() as u64 != n {
+                    return Err(format!(
+                        "{}: read {} bytes at {done}, the manifest says the block has {}",
+                        e.block,
+                        bytes.len(),
+                        e.len
+                    ));
+                }
+                write_piece(f, start + done, bytes).await?;
+                done += n;
+                pb.inc(n);
+            }
+            Ok::<_, String>(())
+        }
+    });
+    let mut done = futures_util::stream::iter(reads).buffer_unordered(GET_IN_FLIGHT);
+    while let Some(r) = done.next().await {
+        r?;
+    }
+    drop(done);
+    f.sync_all()
+        .map_err(|e| format!("{}: {e}", out.display()))?;
     pb.finish_and_clear();
     let m = node.metrics();
     let tiers: Vec<String> = Tier::ALL
@@ -277,19 +368,21 @@ pub async fn get(dir: &Path, manifest: &str, idc: &str) -> Result<GetResult, Str
     let reads = m.read_us.snapshot();
     node.shutdown().await;
     let secs = t0.elapsed().as_secs_f64();
-    let mb_s = out.len() as f64 / 1e6 / secs.max(1e-9);
+    let mb_s = total as f64 / 1e6 / secs.max(1e-9);
+    let peak = peak_rss();
     let summary = format!(
-        "get: {} bytes from {} blocks, {mb_s:.1} MB/s; bytes by tier: {}",
-        out.len(),
+        "get: {total} bytes from {} blocks, {mb_s:.1} MB/s, peak RSS {} MiB; bytes by tier: {}",
         entries.len(),
+        peak >> 20,
         tiers.join(", ")
     );
     Ok(GetResult {
-        data: out,
+        bytes: total,
         summary,
         dci_bytes,
         mb_s,
         reads,
+        peak_rss: peak,
     })
 }
 

@@ -66,8 +66,11 @@ async fn put(
 }
 
 async fn get(dir: &Path, manifest: &str, idc: &str, expect: &[u8]) -> Result<GetResult, String> {
-    let r = client::get(dir, manifest, idc).await?;
-    if r.data != expect {
+    let out = dir.join(format!("read-{idc}.bin"));
+    let r = client::get(dir, manifest, idc, &out).await?;
+    let read = std::fs::read(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let _ = std::fs::remove_file(&out);
+    if read != expect {
         return Err(format!(
             "data read from {idc} differs from what was written"
         ));

@@ -14,6 +14,18 @@ use strait::read::ReadParams;
 use strait::topology::{Tier, Topology};
 use strait::transport::TlsIdentity;
 
+/// Bytes of the file put and got to check that memory stays bounded.
+const BIG: usize = 256 << 20;
+
+/// The "peak RSS N MiB" a put or get summary ends with.
+fn peak_rss_mib(out: &str) -> usize {
+    out.split("peak RSS ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {out}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_up_write_read_down() {
     let dir = tempfile::tempdir().unwrap();
@@ -97,7 +109,45 @@ async fn cluster_up_write_read_down() {
         ]);
         let get_out = String::from_utf8_lossy(&get.stdout).to_string();
         let async_put = strait(&["put", &f, "--dir", &d, "--mode", "async"]);
+        // A file much larger than what put and get may hold: both stream it.
+        let big = dir.path().join("big.bin");
+        let big_data: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&big, &big_data).unwrap();
+        let b = big.display().to_string();
+        let big_put = strait(&[
+            "put",
+            &b,
+            "--dir",
+            &d,
+            "--mode",
+            "async",
+            "--block-size",
+            "16MiB",
+        ]);
+        let big_out = dir.path().join("big.out");
+        let big_get = strait(&[
+            "get",
+            &dir.path().join("big.strait").display().to_string(),
+            "--dir",
+            &d,
+            "--out",
+            &big_out.display().to_string(),
+        ]);
         checks = tokio::spawn(async move {
+            for run in [&big_put, &big_get] {
+                let out = common::text(run);
+                assert!(run.status.success(), "{out}");
+                let peak = peak_rss_mib(&out);
+                assert!(
+                    peak < BIG >> 21,
+                    "held {peak} MiB for a {} MiB file: {out}",
+                    BIG >> 20
+                );
+            }
+            assert!(
+                std::fs::read(&big_out).unwrap() == big_data,
+                "big file read back"
+            );
             assert!(
                 put.status.success(),
                 "{put_out}\n{}",

@@ -270,8 +270,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let text = read_input(&manifest)?;
             let rt = runtime()?;
-            let r = rt.block_on(strait_tools::client::get(&dir, &text, &from))?;
-            std::fs::write(&out, &r.data).map_err(|e| format!("{}: {e}", out.display()))?;
+            let r = rt.block_on(strait_tools::client::get(&dir, &text, &from, &out))?;
             println!("{}; wrote {}", r.summary, out.display());
             Ok(())
         }
