@@ -41,8 +41,14 @@ const SERVE_PACKET_BYTES: u64 = 256 << 10;
 #[derive(Debug, Clone)]
 pub struct ReadParams {
     /// Start the same read on another replica in the same IDC when the first has not
-    /// answered after this long; `None` disables hedging.
+    /// answered after this long, plus the time the range takes at `hedge_rate`; `None`
+    /// disables hedging.
     pub hedge_after: Option<Duration>,
+    /// Bytes per second below which a replica streaming a range counts as slow: a read
+    /// of `len` bytes is hedged after `hedge_after + len / hedge_rate`. Default 100 MB/s,
+    /// a tenth of what a healthy local replica streams here; a large range is otherwise
+    /// read twice whenever it takes longer than a small one.
+    pub hedge_rate: u64,
     /// Limit for one replica to answer a read.
     pub replica_timeout: Duration,
 }
@@ -51,6 +57,7 @@ impl Default for ReadParams {
     fn default() -> Self {
         ReadParams {
             hedge_after: Some(Duration::from_millis(50)),
+            hedge_rate: 100_000_000,
             replica_timeout: Duration::from_secs(10),
         }
     }
@@ -164,6 +171,9 @@ pub struct Reader {
     genstamp: GenStamp,
     order: Vec<NodeId>,
     params: ReadParams,
+    /// The replica length a replica reported (0 until one did): sizes the hedge delay of
+    /// a read "to the end".
+    learned_len: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Reader {
@@ -201,6 +211,7 @@ impl Reader {
             genstamp,
             order,
             params,
+            learned_len: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -255,7 +266,17 @@ impl Reader {
             loop {
                 let hedge = async {
                     match self.params.hedge_after {
-                        Some(d) if next < group.len() => tokio::time::sleep(d).await,
+                        Some(d) if next < group.len() => {
+                            tokio::time::sleep(d).await;
+                            // A healthy replica has answered by now and said how long
+                            // the block is: the range gets the time it takes at
+                            // `hedge_rate` before another replica is asked too.
+                            let known = self.learned_len.load(std::sync::atomic::Ordering::Relaxed);
+                            let range = len.min(known.saturating_sub(offset));
+                            let rate = self.params.hedge_rate.max(1) as f64;
+                            let more = (range as f64 / rate).min(3600.0);
+                            tokio::time::sleep(Duration::from_secs_f64(more)).await
+                        }
                         _ => std::future::pending().await,
                     }
                 };
@@ -317,6 +338,8 @@ impl Reader {
 
     async fn read_local_store(&self, offset: u64, len: u64) -> Result<Bytes, ReplicaFailure> {
         let r = self.shared.store.reader(self.block, self.genstamp).await?;
+        self.learned_len
+            .fetch_max(r.len(), std::sync::atomic::Ordering::Relaxed);
         let len = clamp_len(offset, len, r.len())?;
         let mut out = BytesMut::with_capacity(len as usize);
         let mut pos = offset;
@@ -368,6 +391,8 @@ impl Reader {
             }
             s => return Err(ReplicaFailure::from_peer(s, String::new())),
         }
+        self.learned_len
+            .fetch_max(resp.replica_len, std::sync::atomic::Ordering::Relaxed);
         let len = clamp_len(offset, len, resp.replica_len)?;
         let spec = resp.checksum;
         let bpc = u64::from(spec.bytes_per_chunk());

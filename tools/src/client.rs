@@ -356,8 +356,6 @@ pub async fn get(dir: &Path, manifest: &str, idc: &str, out: &Path) -> Result<Ge
         r?;
     }
     drop(done);
-    f.sync_all()
-        .map_err(|e| format!("{}: {e}", out.display()))?;
     pb.finish_and_clear();
     let m = node.metrics();
     let tiers: Vec<String> = Tier::ALL
