@@ -1,5 +1,5 @@
 //! The daemon's HTTP endpoint: `GET /metrics` answers with the node's counters in the
-//! Prometheus text format, `GET /health` with `ok`.
+//! Prometheus text format, `GET /health` with `ok pid <process id>`.
 //!
 //! Exposed: block bytes per distance tier (read, served, pipeline in/out), DCI bytes on
 //! the wire and saved by compression, each DCI governor's queue and granted bytes per
@@ -360,7 +360,9 @@ async fn answer(mut sock: tokio::net::TcpStream, node: &Node) {
     }
     let (status, body) = match get_path(&buf[..n]) {
         Some("/metrics") => ("200 OK", render(node)),
-        Some("/health") => ("200 OK", "ok\n".to_string()),
+        // Says which process answers, so that a launcher can tell its own daemon from
+        // another one holding the address.
+        Some("/health") => ("200 OK", format!("ok pid {}\n", std::process::id())),
         _ => ("404 Not Found", "not found\n".to_string()),
     };
     let resp = format!(

@@ -170,8 +170,12 @@ pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-fn healthy(addr: SocketAddr) -> bool {
-    http_get(addr, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+/// Whether the daemon at `addr` is process `pid` and healthy (another process holding
+/// the address, e.g. a second cluster on the same addresses, does not count).
+fn healthy(addr: SocketAddr, pid: u32) -> bool {
+    http_get(addr, "/health").is_some_and(|r| {
+        r.starts_with("HTTP/1.1 200") && r.trim_end().ends_with(&format!("ok pid {pid}"))
+    })
 }
 
 /// Generates everything in `dir`, starts the emulators and daemons, waits until every
@@ -273,7 +277,7 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
             .unwrap_or(0);
         // Healthy means *our* process answers: one that died (address taken by a stray
         // process, bad config) is an error, not a success reported by someone else.
-        while !healthy(n.metrics) || !alive(pid) {
+        while !healthy(n.metrics, pid) || !alive(pid) {
             if !alive(pid) {
                 return Err(format!(
                     "{} exited at start (address in use?); see {}; run `strait cluster down --dir {}`",
@@ -401,7 +405,7 @@ pub fn restart_node(dir: &Path, name: &str, metrics: SocketAddr) -> Result<(), S
     std::io::Write::write_all(&mut f, format!("{} {name}\n", child.id()).as_bytes())
         .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !healthy(metrics) {
+    while !healthy(metrics, child.id()) {
         if Instant::now() > deadline {
             return Err(format!("{name} not healthy after restart"));
         }

@@ -14,6 +14,9 @@ use strait::read::ReadParams;
 use strait::topology::{Tier, Topology};
 use strait::transport::TlsIdentity;
 
+/// Local clusters use fixed addresses: the tests of this file take turns.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Bytes of the file put and got to check that memory stays bounded.
 const BIG: usize = 256 << 20;
 
@@ -28,6 +31,7 @@ fn peak_rss_mib(out: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_up_write_read_down() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
     let out = cluster_up(&d, "1", "200mbit");
@@ -187,4 +191,28 @@ async fn cluster_up_write_read_down() {
     );
     checks.unwrap();
     assert!(!dir.path().join("cluster.pids").exists());
+}
+
+#[test]
+fn a_second_cluster_on_the_same_addresses_is_refused() {
+    let _turn = ONE_CLUSTER_AT_A_TIME.blocking_lock();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (da, db) = (
+        a.path().display().to_string(),
+        b.path().display().to_string(),
+    );
+    let first = cluster_up(&da, "1", "200mbit");
+    // The second cluster's daemons cannot bind; the first one's answer their /health,
+    // which must not pass for theirs.
+    let second = cluster_up(&db, "1", "200mbit");
+    let down_b = strait(&["cluster", "down", "--dir", &db]);
+    let down_a = strait(&["cluster", "down", "--dir", &da]);
+    assert!(first.status.success(), "{}", common::text(&first));
+    assert!(
+        !second.status.success(),
+        "second cluster reported up: {}",
+        common::text(&second)
+    );
+    assert!(down_a.status.success(), "{}", common::text(&down_a));
+    let _ = down_b;
 }
