@@ -222,8 +222,9 @@ fn main() -> ExitCode {
         Scenario::Node(args) => strait_tools::helpers::run_node(args),
         Scenario::DciEmu(args) => strait_tools::helpers::run_dci_emu(args).map_err(Into::into),
         scenario => {
-            // In-process nodes log here: warnings by default, `RUST_LOG` for more.
-            strait_tools::cli::init_logging("warn");
+            // In-process nodes log here: errors by default (the chaos scenario's kills
+            // would flood the output with warnings), `RUST_LOG=warn` or more to see them.
+            strait_tools::cli::init_logging("error");
             return bench(scenario);
         }
     };
