@@ -187,6 +187,30 @@ async fn many_streams_share_one_connection() {
     );
 }
 
+/// Shuts `t` (node `name`) down and binds it again. quinn releases the UDP socket from
+/// its own driver task once the last handle is gone, so the address frees up shortly
+/// after shutdown: wait for it, bounded.
+async fn restart(
+    t: Transport,
+    topo: &Arc<Topology>,
+    ca: &CertAuthority,
+    name: &str,
+) -> (Transport, Incoming) {
+    t.shutdown().await;
+    drop(t);
+    let id = topo.node_by_name(name).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Transport::bind(id, topo.clone(), &ca.identity(name).unwrap(), config()).await {
+            Ok(x) => return x,
+            Err(TransportError::Bind { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("rebind: {e}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_peer_restart() {
     let topo = topology();
@@ -196,21 +220,7 @@ async fn reconnects_after_peer_restart() {
     echo(b1_in);
     let b1 = topo.node_by_name("b1").unwrap();
     exchange(&a1, b1).await.unwrap();
-    b1t.shutdown().await;
-    drop(b1t);
-    // quinn releases the UDP socket from its own driver task once the last handle is
-    // gone, so the address frees up shortly after shutdown: wait for it, bounded.
-    let b1_id = topo.node_by_name("b1").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (_b1t, b1_in) = loop {
-        match Transport::bind(b1_id, topo.clone(), &ca.identity("b1").unwrap(), config()).await {
-            Ok(x) => break x,
-            Err(TransportError::Bind { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("rebind: {e}"),
-        }
-    };
+    let (_b1t, b1_in) = restart(b1t, &topo, &ca, "b1").await;
     echo(b1_in);
     // The pooled connection is dead; at most one exchange may fail while the pool finds
     // out, then a fresh connection is made.
@@ -630,18 +640,7 @@ async fn an_idle_connection_to_a_restarted_peer_is_not_reused() {
     let a2 = topo.node_by_name("a2").unwrap();
     clean_exchange(&a1, a2, &sample_frames()).await.unwrap();
     idle_tcp(&a1, 1).await;
-    a2t.shutdown().await;
-    drop(a2t);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (_a2t, a2_in) = loop {
-        match Transport::bind(a2, topo.clone(), &ca.identity("a2").unwrap(), config()).await {
-            Ok(x) => break x,
-            Err(TransportError::Bind { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("rebind: {e}"),
-        }
-    };
+    let (_a2t, a2_in) = restart(a2t, &topo, &ca, "a2").await;
     echo(a2_in);
     // The first stream after the restart works: the closed idle connection is noticed
     // before it is used.
