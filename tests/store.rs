@@ -90,6 +90,16 @@ async fn round_trip_sizes(backend: BackendKind) {
     cfg.verify_on_open = true;
     let (store, report) = BlockStore::open(cfg).await.unwrap();
     assert_eq!(report.finalized, sizes.len());
+    let open = store.create(BlockId(999), GS, spec).await.unwrap();
+    assert_eq!(
+        store.counts(),
+        strait::store::ReplicaCounts {
+            finalized: sizes.len(),
+            rbw: 1,
+            corrupt: 0
+        }
+    );
+    drop(open);
     assert!(
         report.recovered_rbw.is_empty() && report.quarantined.is_empty(),
         "{report:?}"

@@ -30,6 +30,24 @@ fn class_name(c: crate::wire::TrafficClass) -> &'static str {
     }
 }
 
+/// A label value as the text format wants it: backslash, double quote and newline
+/// escaped (topology names may hold any of them but `/` and whitespace).
+fn label(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 4);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn tiers(out: &mut String, name: &str, help: &str, node: &str, c: &TierCounters) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
     for t in Tier::ALL {
@@ -58,7 +76,7 @@ fn summary(out: &mut String, name: &str, help: &str, node: &str, h: &LatencyHist
 /// Renders every metric of `node` in the Prometheus text format.
 pub fn render(node: &Node) -> String {
     let mut out = String::with_capacity(4096);
-    let name = node.topology().node(node.id()).name.clone();
+    let name = label(&node.topology().node(node.id()).name).into_owned();
     let m = node.metrics();
     tiers(
         &mut out,
@@ -93,7 +111,7 @@ pub fn render(node: &Node) -> String {
         "# HELP strait_peer_bytes_total Block bytes exchanged with each peer.\n# TYPE strait_peer_bytes_total counter"
     );
     for (peer, received, sent) in m.peers.snapshot() {
-        let pn = &node.topology().node(peer).name;
+        let pn = label(&node.topology().node(peer).name);
         let _ = writeln!(
             out,
             "strait_peer_bytes_total{{node=\"{name}\",peer=\"{pn}\",direction=\"in\"}} {received}"
@@ -124,7 +142,7 @@ pub fn render(node: &Node) -> String {
     );
     let mut granted = String::new();
     for (idc, g) in node.governors().iter() {
-        let to = &node.topology().idc(idc).name;
+        let to = label(&node.topology().idc(idc).name);
         for c in CLASSES {
             let s = g.stats(c);
             let _ = writeln!(
@@ -148,7 +166,7 @@ pub fn render(node: &Node) -> String {
     // The governor's rate now, and with cluster-wide shares, the lease behind it.
     let mut rate = String::new();
     for (idc, g) in node.governors().iter() {
-        let to = &node.topology().idc(idc).name;
+        let to = label(&node.topology().idc(idc).name);
         let _ = writeln!(
             rate,
             "strait_dci_rate_bytes_per_second{{node=\"{name}\",to=\"{to}\"}} {}",
@@ -267,16 +285,15 @@ pub fn render(node: &Node) -> String {
         out,
         "# HELP strait_replicas Replicas held, by state.\n# TYPE strait_replicas gauge"
     );
-    let list = store.list();
-    for (state, label) in [
-        (crate::store::ReplicaState::Finalized, "finalized"),
-        (crate::store::ReplicaState::Rbw, "rbw"),
-        (crate::store::ReplicaState::Corrupt, "corrupt"),
+    let counts = store.counts();
+    for (state, n) in [
+        ("finalized", counts.finalized),
+        ("rbw", counts.rbw),
+        ("corrupt", counts.corrupt),
     ] {
         let _ = writeln!(
             out,
-            "strait_replicas{{node=\"{name}\",state=\"{label}\"}} {}",
-            list.iter().filter(|r| r.state == state).count()
+            "strait_replicas{{node=\"{name}\",state=\"{state}\"}} {n}"
         );
     }
     if let Ok(r) = node.rpo() {
@@ -375,7 +392,14 @@ async fn answer(mut sock: tokio::net::TcpStream, node: &Node) {
 
 #[cfg(test)]
 mod tests {
-    use super::get_path;
+    use super::{get_path, label};
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a1"), "a1");
+        assert_eq!(label(r#"a"1\x"#), r#"a\"1\\x"#);
+        assert_eq!(label("a\nb"), "a\\nb");
+    }
 
     #[test]
     fn paths_match_exactly() {

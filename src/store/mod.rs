@@ -140,6 +140,17 @@ impl ReplicaState {
     }
 }
 
+/// Replicas of a store by state ([`BlockStore::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaCounts {
+    /// Finalized replicas.
+    pub finalized: usize,
+    /// Replicas being written (or recovered as such).
+    pub rbw: usize,
+    /// Quarantined replicas.
+    pub corrupt: usize,
+}
+
 /// What the store knows of one replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplicaInfo {
@@ -312,6 +323,20 @@ impl BlockStore {
             state: e.state,
             len: e.len,
         })
+    }
+
+    /// How many replicas this store holds in each state: finalized, rbw, corrupt. Counts
+    /// under the index lock without copying it (what a metrics scrape wants).
+    pub fn counts(&self) -> ReplicaCounts {
+        let mut c = ReplicaCounts::default();
+        for e in self.index().values() {
+            match e.state {
+                ReplicaState::Finalized => c.finalized += 1,
+                ReplicaState::Rbw => c.rbw += 1,
+                ReplicaState::Corrupt => c.corrupt += 1,
+            }
+        }
+        c
     }
 
     /// Every replica held here, in block order.
