@@ -151,6 +151,10 @@ async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
         metrics.contains("strait_replicas{node=\"a1\",state=\"finalized\"} 1"),
         "{metrics}"
     );
+    // Summaries carry _sum and _count, so rates and means aggregate across nodes.
+    for line in ["strait_read_seconds_sum{", "strait_read_seconds_count{"] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
     assert!(
         metrics
             .contains("strait_peer_bytes_total{node=\"a1\",peer=\"a2\",direction=\"out\"} 1300000"),

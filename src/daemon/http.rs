@@ -70,6 +70,12 @@ fn summary(out: &mut String, name: &str, help: &str, node: &str, h: &LatencyHist
             h.value_at_quantile(q) as f64 / 1e6
         );
     }
+    // hdrhistogram keeps no exact sum: mean × count, within its 3 significant digits.
+    let _ = writeln!(
+        out,
+        "{name}_sum{{node=\"{node}\"}} {}",
+        h.mean() * h.len() as f64 / 1e6
+    );
     let _ = writeln!(out, "{name}_count{{node=\"{node}\"}} {}", h.len());
 }
 
