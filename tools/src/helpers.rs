@@ -32,17 +32,34 @@ pub struct DciEmuArgs {
     #[arg(long, value_parser = parse_peer)]
     pub peer: Vec<(std::net::IpAddr, String)>,
     /// Rate cap per link and direction (0: none).
-    #[arg(long, default_value = "1gbit")]
-    pub rate: String,
+    #[arg(long, default_value = "1gbit", value_parser = parse_cap)]
+    pub rate: u64,
     /// One-way delay.
-    #[arg(long, default_value = "5ms")]
-    pub delay: String,
+    #[arg(long, default_value = "5ms", value_parser = crate::cli::parse_duration)]
+    pub delay: std::time::Duration,
     /// Queue limit per link and direction.
-    #[arg(long, default_value = "4MiB")]
-    pub queue: String,
+    #[arg(long, default_value = "4MiB", value_parser = crate::cli::parse_size)]
+    pub queue: u64,
     /// Loss probability, 0..=1.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_loss)]
     pub loss: f64,
+}
+
+/// A rate cap: a rate, or `0` for none.
+fn parse_cap(s: &str) -> Result<u64, String> {
+    if s == "0" {
+        Ok(0)
+    } else {
+        crate::cli::parse_rate(s)
+    }
+}
+
+/// A probability, 0..=1.
+fn parse_loss(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s}: expected a probability within 0..=1")),
+    }
 }
 
 fn parse_relay(s: &str) -> Result<crate::dciemu::Relay, String> {
@@ -87,21 +104,11 @@ pub fn run_node(args: NodeArgs) -> Result<(), crate::cli::Failure> {
 
 /// Runs the emulator until killed.
 pub fn run_dci_emu(a: DciEmuArgs) -> Result<(), String> {
-    use strait::units;
-    let rate = if a.rate == "0" {
-        0
-    } else {
-        units::parse_rate(&a.rate).map_err(|e| format!("--rate: {e}"))?
-    };
     let params = crate::dciemu::LinkParams {
-        rate,
-        delay: units::parse_duration(&a.delay).map_err(|e| format!("--delay: {e}"))?,
-        queue_bytes: units::parse_bytes(&a.queue).map_err(|e| format!("--queue: {e}"))?,
-        loss: if (0.0..=1.0).contains(&a.loss) {
-            a.loss
-        } else {
-            return Err("--loss must be within 0..=1".into());
-        },
+        rate: a.rate,
+        delay: a.delay,
+        queue_bytes: a.queue,
+        loss: a.loss,
     };
     let layout = match (a.listen, a.target) {
         (Some(listen), Some(target)) => crate::dciemu::EmuLayout {
@@ -123,13 +130,13 @@ pub fn run_dci_emu(a: DciEmuArgs) -> Result<(), String> {
     pairs.sort();
     pairs.dedup();
     println!(
-        "dci-emu: {} relays into {} IDCs, {} per link and direction, +{}, queue {}, loss {}",
+        "dci-emu: {} relays into {} IDCs, {} per link and direction, +{:?}, queue {}, loss {}",
         layout.relays.len(),
         pairs.len(),
-        units::fmt_rate(rate),
-        a.delay,
-        a.queue,
-        a.loss
+        strait::units::fmt_rate(params.rate),
+        params.delay,
+        strait::units::fmt_bytes(params.queue_bytes),
+        params.loss
     );
     let stats = std::sync::Arc::new(crate::dciemu::EmuStats::default());
     rt.spawn(report(stats.clone()));

@@ -19,6 +19,24 @@ fn bad_flags_and_bad_files_are_usage_errors() {
         &["cluster", "up", "--dci-rate", "fast"],
         &["cluster", "up", "--dci-delay", "soon"],
         &["fsck"],
+        &[
+            "dci-emu",
+            "--listen",
+            "127.0.0.1:1",
+            "--target",
+            "127.0.0.1:2",
+            "--loss",
+            "2",
+        ],
+        &[
+            "dci-emu",
+            "--listen",
+            "127.0.0.1:1",
+            "--target",
+            "127.0.0.1:2",
+            "--queue",
+            "big",
+        ],
         &["get", "/nonexistent.strait", "--out", "/dev/null"],
     ] {
         let (c, out) = code(args);
