@@ -293,37 +293,10 @@ async fn chaos(p: &ChaosParams) -> Result<serde_json::Value, String> {
 
     // The async backlog drains (the logs survived the kills).
     let addrs: Vec<_> = daemons.iter().map(|(_, a)| *a).collect();
-    let drain0 = Instant::now();
-    let mut pending = f64::MAX;
-    while drain0.elapsed() < Duration::from_secs(120) {
-        let a = addrs.clone();
-        pending = tokio::task::spawn_blocking(move || {
-            cluster::scrape_sum(&a, "strait_replication_pending_tasks")
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        if pending == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let drained_in = drain0.elapsed();
+    let (pending, drained_in) = settle(&addrs, "strait_replication_pending_tasks", 120).await?;
     // The repairs the kills left owed finish (bounded: a repair that waits for the DCI
     // grace period would take longer).
-    let repair0 = Instant::now();
-    while repair0.elapsed() < Duration::from_secs(60) {
-        let a = addrs.clone();
-        let owed = tokio::task::spawn_blocking(move || {
-            cluster::scrape_sum(&a, "strait_repair_queue_depth")
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        if owed == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let repaired_in = repair0.elapsed();
+    let (_, repaired_in) = settle(&addrs, "strait_repair_queue_depth", 60).await?;
     let repair_tiers = {
         let a = addrs.clone();
         tokio::task::spawn_blocking(move || {
@@ -464,4 +437,26 @@ async fn chaos(p: &ChaosParams) -> Result<serde_json::Value, String> {
         "replicas_histogram": histogram.iter().map(|(k, v)| (k.to_string(), *v)).map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<_, _>>(),
         "async_tasks_left": pending,
     }))
+}
+
+/// Polls the sum of `metric` over `addrs` until it is 0 or `limit_s` seconds passed; the
+/// last sum and how long it took.
+async fn settle(
+    addrs: &[std::net::SocketAddr],
+    metric: &'static str,
+    limit_s: u64,
+) -> Result<(f64, Duration), String> {
+    let t0 = Instant::now();
+    let mut sum = f64::MAX;
+    while t0.elapsed() < Duration::from_secs(limit_s) {
+        let a = addrs.to_vec();
+        sum = tokio::task::spawn_blocking(move || cluster::scrape_sum(&a, metric))
+            .await
+            .map_err(|e| e.to_string())?;
+        if sum == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((sum, t0.elapsed()))
 }
