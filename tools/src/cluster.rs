@@ -250,7 +250,10 @@ pub fn up(dir: &Path, spec: &ClusterSpec) -> Result<String, String> {
             args.push("--peer".into());
             args.push(format!("{},{}", n.addr.ip(), idc_name(n.idc)));
         }
-        let pid = spawn(Command::new(&strait).args(&args), "dci-emu.log")?;
+        let pid = spawn(
+            Command::new(&strait).current_dir(dir).args(&args),
+            "dci-emu.log",
+        )?;
         pids.push((pid, "dci-emu".into()));
         for n in nodes.iter().filter(|n| !n.client) {
             let pid = spawn(
@@ -337,15 +340,24 @@ pub fn down(dir: &Path) -> Result<String, String> {
     }
 }
 
-/// The processes `up` (and [`restart_node`]) started: pid and name.
+/// The processes `up` (and [`restart_node`]) started that still run: pid and name. A pid
+/// in the state file counts only while its process works in `dir`, as every process `up`
+/// starts does: the state of a cluster that died unseen (its launcher killed) lists pids
+/// that may since belong to anything, which must never be signalled.
 pub fn processes(dir: &Path) -> Result<Vec<(u32, String)>, String> {
     let text = std::fs::read_to_string(dir.join(STATE))
         .map_err(|e| format!("no cluster in {}: {e}", dir.display()))?;
+    let here = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             Some((f.next()?.parse().ok()?, f.next().unwrap_or("").to_string()))
+        })
+        .filter(|(pid, _)| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == here)
         })
         .collect())
 }
@@ -461,4 +473,24 @@ fn is_zombie(pid: u32) -> bool {
         s.rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_never_signals_a_pid_it_did_not_start() {
+        // A state file left by a cluster that died unseen, naming a pid that now belongs
+        // to someone else: this test process (it works in another directory).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE),
+            format!("{} a1\n4194999 a2\n", std::process::id()),
+        )
+        .unwrap();
+        assert_eq!(processes(dir.path()).unwrap(), vec![]);
+        assert_eq!(down(dir.path()).unwrap(), "stopped 0 processes");
+        assert!(!dir.path().join(STATE).exists());
+    }
 }
