@@ -106,6 +106,17 @@ fn repair_bytes(c: &Cluster, tier: Tier) -> u64 {
         .sum()
 }
 
+/// The repair bytes over `tiers` once they reach `want` (within 10 s): a repair counts
+/// its bytes when its copy returns, a moment after the target shows the replica.
+async fn repair_bytes_settled(c: &Cluster, tiers: &[Tier], want: u64) -> u64 {
+    let sum = || tiers.iter().map(|&t| repair_bytes(c, t)).sum::<u64>();
+    wait_for("repair bytes counted", Duration::from_secs(10), || {
+        sum() >= want
+    })
+    .await;
+    sum()
+}
+
 fn pending(c: &Cluster) -> usize {
     c.nodes
         .values()
@@ -150,7 +161,7 @@ async fn a_stopped_node_is_restored_inside_its_idc_without_a_dci_byte() {
     assert_eq!(dci_bytes(&c), before, "no byte crossed the DCI");
     assert_eq!(repair_bytes(&c, Tier::Dci), 0);
     assert_eq!(
-        repair_bytes(&c, Tier::Rack) + repair_bytes(&c, Tier::Idc),
+        repair_bytes_settled(&c, &[Tier::Rack, Tier::Idc], 8 * LEN as u64).await,
         8 * LEN as u64,
         "each block copied once, inside idc-a"
     );
@@ -210,7 +221,7 @@ async fn a_lost_idc_side_waits_out_the_grace_then_crosses_the_dci_once() {
         "restored after {restored:?}, before the grace"
     );
     assert_eq!(
-        repair_bytes(&c, Tier::Dci),
+        repair_bytes_settled(&c, &[Tier::Dci], 3 * LEN as u64).await,
         3 * LEN as u64,
         "one crossing per block"
     );
@@ -457,7 +468,7 @@ async fn a_restarted_survivor_still_knows_what_it_owes() {
     .await;
     assert_eq!(repair_bytes(&c, Tier::Dci), 0);
     assert_eq!(
-        repair_bytes(&c, Tier::Rack) + repair_bytes(&c, Tier::Idc),
+        repair_bytes_settled(&c, &[Tier::Rack, Tier::Idc], 3 * LEN as u64).await,
         3 * LEN as u64
     );
 }
