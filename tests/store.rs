@@ -432,6 +432,61 @@ async fn interrupted_finalize_is_finished(backend: BackendKind) {
     assert!(store.reader(BlockId(14), GS).await.is_err());
 }
 
+/// Finalize's renames are not waited for: a crash can undo them and leave the replica,
+/// sealed, in `rbw`. One whose chunks all verify was acknowledged and comes back
+/// finalized; one that does not verify (the crash came inside finalize's commit) comes
+/// back as a replica being written, cut to its verified prefix, and stays that way.
+async fn sealed_replica_left_in_rbw_is_finished(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChecksumSpec::default();
+    let good = pattern(15, 3 * 65_536 + 17);
+    let torn = pattern(16, 3 * 65_536 + 17);
+    {
+        let store = open(dir.path(), backend).await;
+        for (block, data) in [(15, &good), (16, &torn)] {
+            let w = store.create(BlockId(block), GS, spec).await.unwrap();
+            write_all(&w, data, 65_536, Durability::Buffered).await;
+            w.finalize().await.unwrap();
+        }
+    }
+    // The crash took both renames back.
+    let (fin, rbw) = (
+        dir.path().join("finalized/00/00"),
+        dir.path().join("rbw/00/00"),
+    );
+    for name in ["blk_15_1", "blk_15_1.meta", "blk_16_1", "blk_16_1.meta"] {
+        std::fs::rename(fin.join(name), rbw.join(name)).unwrap();
+    }
+    // Block 16's second chunk never reached the disk.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(rbw.join("blk_16_1"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xff; 64], 65_536 + 100).unwrap();
+    drop(f);
+    for round in 0..2 {
+        let mut cfg = StoreConfig::new(dir.path());
+        cfg.backend = backend;
+        let (store, report) = BlockStore::open(cfg).await.unwrap();
+        assert_eq!(report.finalized, 1, "round {round}: {report:?}");
+        let info = store.get(BlockId(15)).unwrap();
+        assert_eq!(
+            (info.state, info.len),
+            (ReplicaState::Finalized, good.len() as u64)
+        );
+        assert_eq!(read_all(&store, BlockId(15), GS).await, good);
+        // Cut to its verified prefix, and not sealed any more: the second open (which
+        // sees a prefix whose chunks all verify) must not promote it.
+        let info = store.get(BlockId(16)).unwrap();
+        assert_eq!(info.state, ReplicaState::Rbw, "round {round}");
+        assert!(info.len <= 65_536, "round {round}: {}", info.len);
+        assert_eq!(
+            read_all(&store, BlockId(16), GS).await,
+            &torn[..info.len as usize]
+        );
+    }
+}
+
 async fn second_open_is_locked(backend: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let _store = open(dir.path(), backend).await;
@@ -482,5 +537,6 @@ conformance!(
     genstamp_bump_and_truncate,
     rbw_recovery_cuts_to_verified_prefix,
     interrupted_finalize_is_finished,
+    sealed_replica_left_in_rbw_is_finished,
     second_open_is_locked,
 );

@@ -7,6 +7,7 @@
 mod common;
 
 use common::pattern;
+use std::time::Duration;
 use strait::block::{BlockId, ChecksumSpec, GenStamp};
 use strait::store::faults::{Fault, FaultOp, FaultPlan, FaultRule};
 use strait::store::{BlockStore, Durability, ReplicaState, StoreConfig, StoreError};
@@ -142,6 +143,25 @@ async fn failed_sync_at_finalize_leaves_the_replica_unfinalized() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Io { op: "fsync", .. }), "{err}");
     assert_eq!(store.get(BlockId(5)).unwrap().state, ReplicaState::Rbw);
+}
+
+/// One durability wait per replica: finalize makes data, meta and the seal durable with
+/// one group commit and does not wait for a second one after its renames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_waits_for_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let store = open(dir.path(), Some(&plan)).await;
+    // A rule that changes nothing counts the syncs.
+    plan.add(FaultRule::new(FaultOp::Sync, Fault::Delay(Duration::ZERO)));
+    write_block(&store, BlockId(9), &pattern(9, 65_536))
+        .await
+        .unwrap();
+    assert_eq!(plan.injected(), 1);
+    assert_eq!(
+        store.get(BlockId(9)).unwrap().state,
+        ReplicaState::Finalized
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,13 +5,20 @@
 //!  0      8   magic "STRAITMD"
 //!  8      2   format version (LE), currently 1
 //! 10      1   checksum kind tag (1 = CRC32C)
-//! 11      1   reserved, 0
+//! 11      1   flags: bit 0 = sealed (see below), other bits 0
 //! 12      4   bytes per chunk (LE)
 //! 16      8   block id (LE), so a misnamed file is caught
 //! 24      4   CRC32C of bytes 0..24 (LE)
 //! 28      4   reserved, 0
 //! 32    4*n   one checksum per chunk (LE)
 //! ```
+//! **Sealed**: finalize rewrites the header with the sealed flag before the one group
+//! commit that makes the replica durable, then moves it into `finalized` without waiting
+//! for that move to be durable. A replica found in `rbw` after a crash whose header is
+//! sealed and whose every chunk verifies was acknowledged as final: recovery finishes the
+//! move instead of handing it back as a replica being written. (A sealed header whose
+//! chunks do not all verify was never acknowledged: the crash came inside the commit.)
+//!
 //! Pure encoding and decoding; the store does the IO.
 
 use crate::block::{BlockId, ChecksumKind, ChecksumSpec};
@@ -20,6 +27,8 @@ use crate::block::{BlockId, ChecksumKind, ChecksumSpec};
 pub(crate) const HEADER_LEN: usize = 32;
 const MAGIC: &[u8; 8] = b"STRAITMD";
 const VERSION: u16 = 1;
+/// Header flag: the replica was finalized (see the module doc).
+const SEALED: u8 = 1;
 
 /// Why a meta header was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +49,9 @@ pub enum MetaError {
     /// Chunk size outside the supported range.
     #[error("bad bytes per chunk {0}")]
     ChunkSize(u32),
+    /// Flag bits this version does not know.
+    #[error("unknown meta header flags {0:#04x}")]
+    Flags(u8),
     /// The header's own checksum does not match.
     #[error("meta header checksum mismatch")]
     HeaderChecksum,
@@ -53,12 +65,30 @@ pub enum MetaError {
     },
 }
 
+/// A decoded header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub spec: ChecksumSpec,
+    /// Finalize sealed the replica (see the module doc).
+    pub sealed: bool,
+}
+
 /// Encodes the header for a replica of `block`.
 pub(crate) fn encode_header(block: BlockId, spec: ChecksumSpec) -> [u8; HEADER_LEN] {
+    encode(block, spec, false)
+}
+
+/// Encodes the header finalize writes: the same, with the sealed flag.
+pub(crate) fn encode_sealed_header(block: BlockId, spec: ChecksumSpec) -> [u8; HEADER_LEN] {
+    encode(block, spec, true)
+}
+
+fn encode(block: BlockId, spec: ChecksumSpec, sealed: bool) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(MAGIC);
     h[8..10].copy_from_slice(&VERSION.to_le_bytes());
     h[10] = spec.kind().tag();
+    h[11] = if sealed { SEALED } else { 0 };
     h[12..16].copy_from_slice(&spec.bytes_per_chunk().to_le_bytes());
     h[16..24].copy_from_slice(&block.0.to_le_bytes());
     let crc = crc32c::crc32c(&h[0..24]);
@@ -67,7 +97,7 @@ pub(crate) fn encode_header(block: BlockId, spec: ChecksumSpec) -> [u8; HEADER_L
 }
 
 /// Decodes and checks a header read from the meta file of `block`.
-pub(crate) fn decode_header(block: BlockId, bytes: &[u8]) -> Result<ChecksumSpec, MetaError> {
+pub(crate) fn decode_header(block: BlockId, bytes: &[u8]) -> Result<Header, MetaError> {
     let h = bytes
         .get(..HEADER_LEN)
         .ok_or(MetaError::Truncated(bytes.len()))?;
@@ -83,6 +113,9 @@ pub(crate) fn decode_header(block: BlockId, bytes: &[u8]) -> Result<ChecksumSpec
         return Err(MetaError::Version(version));
     }
     let kind = ChecksumKind::from_tag(h[10]).ok_or(MetaError::ChecksumKind(h[10]))?;
+    if h[11] & !SEALED != 0 {
+        return Err(MetaError::Flags(h[11]));
+    }
     let bpc = le32(12..16);
     let found = BlockId(u64::from_le_bytes(h[16..24].try_into().unwrap_or_default()));
     if found != block {
@@ -91,9 +124,13 @@ pub(crate) fn decode_header(block: BlockId, bytes: &[u8]) -> Result<ChecksumSpec
             found,
         });
     }
-    match kind {
-        ChecksumKind::Crc32c => ChecksumSpec::crc32c(bpc).map_err(|_| MetaError::ChunkSize(bpc)),
-    }
+    let spec = match kind {
+        ChecksumKind::Crc32c => ChecksumSpec::crc32c(bpc).map_err(|_| MetaError::ChunkSize(bpc))?,
+    };
+    Ok(Header {
+        spec,
+        sealed: h[11] & SEALED != 0,
+    })
 }
 
 /// Byte offset in the meta file of the checksum of chunk `index`.
@@ -123,7 +160,26 @@ mod tests {
     fn header_round_trip_and_damage() {
         let spec = ChecksumSpec::crc32c(8192).unwrap();
         let h = encode_header(BlockId(42), spec);
-        assert_eq!(decode_header(BlockId(42), &h), Ok(spec));
+        let open = Header {
+            spec,
+            sealed: false,
+        };
+        assert_eq!(decode_header(BlockId(42), &h), Ok(open));
+        let sealed = encode_sealed_header(BlockId(42), spec);
+        assert_eq!(
+            decode_header(BlockId(42), &sealed),
+            Ok(Header {
+                sealed: true,
+                ..open
+            })
+        );
+        // Only the header checksum differs between the two, and it covers the flag.
+        let mut forged = h;
+        forged[11] = 1;
+        assert_eq!(
+            decode_header(BlockId(42), &forged),
+            Err(MetaError::HeaderChecksum)
+        );
         assert_eq!(
             decode_header(BlockId(43), &h),
             Err(MetaError::WrongBlock {

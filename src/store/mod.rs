@@ -16,11 +16,13 @@
 //! Writes go through a [`ReplicaWriter`] in whole chunks (only the block's last chunk may be
 //! short) and are verified against their checksums before they touch the disk. Data files
 //! use O_DIRECT with aligned buffers when the filesystem supports it; meta files are small
-//! and buffered. [`ReplicaWriter::finalize`] makes data and meta durable, renames meta
-//! then data into `finalized`, and makes the renames durable, so a crash at any point
-//! leaves either a complete, durable finalized replica or a recoverable `rbw` one. Both
-//! steps are group commits (`commit.rs`): one `syncfs` of the store's filesystem covers
-//! every replica finalizing at the same time, instead of four fsyncs per replica. Every chunk a [`ReplicaReader`]
+//! and buffered. [`ReplicaWriter::finalize`] seals the meta header, makes data and meta
+//! durable, then renames meta and data into `finalized`; the renames become durable with
+//! the next commit. A crash at any point leaves a complete finalized replica, a sealed
+//! `rbw` one that recovery moves into `finalized` (it was acknowledged as final), or an
+//! unsealed, recoverable `rbw` one. The durability step is a group commit
+//! (`commit.rs`): one `syncfs` of the store's filesystem covers every replica finalizing
+//! at the same time, instead of four fsyncs per replica. Every chunk a [`ReplicaReader`]
 //! returns has been verified; a mismatch quarantines the replica.
 //!
 //! On [`BlockStore::open`] the store scans its root: finalized replicas are indexed (and
@@ -472,11 +474,23 @@ impl BlockStore {
             let mut header = [0u8; meta::HEADER_LEN];
             std::os::unix::fs::FileExt::read_exact_at(&meta, &mut header, 0)
                 .map_err(|e| io_err("read", &meta_path, e))?;
-            let spec = meta::decode_header(block, &header).map_err(|e| StoreError::Io {
+            let header = meta::decode_header(block, &header).map_err(|e| StoreError::Io {
                 op: "decode meta header",
                 path: meta_path.clone(),
                 source: io::Error::new(io::ErrorKind::InvalidData, e),
             })?;
+            let spec = header.spec;
+            if header.sealed {
+                // A finalize sealed it and then failed to move it: it is being written
+                // again, so a crash must not find it sealed (durable before any write).
+                std::os::unix::fs::FileExt::write_all_at(
+                    &meta,
+                    &meta::encode_header(block, spec),
+                    0,
+                )
+                .and_then(|()| meta.sync_data())
+                .map_err(|e| io_err("write", &meta_path, e))?;
+            }
             let data = inner
                 .open_data(&data_path, spec, true)
                 .map_err(|e| io_err("open", &data_path, e))?;
@@ -513,11 +527,13 @@ impl BlockStore {
         let (data, spec, crcs, len) = blocking(move || {
             let (data_path, meta_path) = inner.paths(state, block, genstamp);
             let meta_bytes = fs::read(&meta_path).map_err(|e| io_err("read", &meta_path, e))?;
-            let spec = meta::decode_header(block, &meta_bytes).map_err(|e| StoreError::Io {
-                op: "decode meta header",
-                path: meta_path.clone(),
-                source: io::Error::new(io::ErrorKind::InvalidData, e),
-            })?;
+            let spec = meta::decode_header(block, &meta_bytes)
+                .map_err(|e| StoreError::Io {
+                    op: "decode meta header",
+                    path: meta_path.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidData, e),
+                })?
+                .spec;
             let crcs = meta::decode_crcs(&meta_bytes[meta::HEADER_LEN..]);
             let data = inner
                 .open_data(&data_path, spec, false)

@@ -86,10 +86,10 @@ fn quarantine(
     Ok(())
 }
 
-fn read_meta(path: &Path, block: BlockId) -> Result<(ChecksumSpec, Vec<u32>), String> {
+fn read_meta(path: &Path, block: BlockId) -> Result<(meta::Header, Vec<u32>), String> {
     let bytes = fs::read(path).map_err(|e| format!("cannot read meta: {e}"))?;
-    let spec = meta::decode_header(block, &bytes).map_err(|e| format!("meta: {e}"))?;
-    Ok((spec, meta::decode_crcs(&bytes[meta::HEADER_LEN..])))
+    let header = meta::decode_header(block, &bytes).map_err(|e| format!("meta: {e}"))?;
+    Ok((header, meta::decode_crcs(&bytes[meta::HEADER_LEN..])))
 }
 
 /// Length of the longest prefix of `data` whose chunks verify against `crcs`.
@@ -136,25 +136,37 @@ fn verified_prefix(data_path: &Path, spec: ChecksumSpec, crcs: &[u32]) -> Result
     }
 }
 
-/// Cuts an `rbw` replica to its verified prefix; returns that length.
+/// Recovers an `rbw` replica: a sealed one whose every chunk verifies is moved into
+/// `finalized` (its finalize was acknowledged; only the move was not yet durable); any
+/// other is cut to its verified prefix. Returns the state and length it ends in.
 fn recover_rbw(
     inner: &Inner,
     block: BlockId,
     gs: GenStamp,
     found: Found,
-) -> Result<u64, StoreError> {
+) -> Result<(ReplicaState, u64), StoreError> {
     let (dp, mp) = inner.paths(ReplicaState::Rbw, block, gs);
-    let (spec, crcs, reset_header) = match read_meta(&mp, block) {
-        Ok((spec, crcs)) => (spec, crcs, false),
+    let (spec, sealed, crcs, reset_header) = match read_meta(&mp, block) {
+        Ok((h, crcs)) => (h.spec, h.sealed, crcs, false),
         Err(why) => {
             tracing::warn!(%block, %gs, %why, "rbw meta unreadable, replica recovered as empty");
-            (ChecksumSpec::default(), Vec::new(), true)
+            (ChecksumSpec::default(), false, Vec::new(), true)
         }
     };
     if !found.data {
         File::create(&dp).map_err(|e| io_err("create", &dp, e))?;
     }
     let len = verified_prefix(&dp, spec, &crcs)?;
+    let file_len = fs::metadata(&dp).map_err(|e| io_err("stat", &dp, e))?.len();
+    if sealed && len == file_len && crcs.len() as u64 == spec.chunks_for(len) {
+        let (fd, fm) = inner.paths(ReplicaState::Finalized, block, gs);
+        let fdir = inner.dir(ReplicaState::Finalized, block);
+        fs::create_dir_all(&fdir).map_err(|e| io_err("create", &fdir, e))?;
+        fs::rename(&mp, &fm).map_err(|e| io_err("rename", &mp, e))?;
+        fs::rename(&dp, &fd).map_err(|e| io_err("rename", &dp, e))?;
+        tracing::info!(%block, %gs, len, "finished a sealed finalize");
+        return Ok((ReplicaState::Finalized, len));
+    }
     let data = OpenOptions::new()
         .write(true)
         .open(&dp)
@@ -167,14 +179,15 @@ fn recover_rbw(
         .truncate(false)
         .open(&mp)
         .map_err(|e| io_err("open", &mp, e))?;
-    if reset_header {
+    if reset_header || sealed {
+        // Unsealed: a crash inside finalize's commit; it is a replica being written.
         m.write_all_at(&meta::encode_header(block, spec), 0)
             .map_err(|e| io_err("write", &mp, e))?;
     }
     m.set_len(meta::crc_offset(spec.chunks_for(len)))
         .map_err(|e| io_err("truncate", &mp, e))?;
     m.sync_all().map_err(|e| io_err("fsync", &mp, e))?;
-    Ok(len)
+    Ok((ReplicaState::Rbw, len))
 }
 
 /// Checks a finalized replica: meta header, checksum count, and (when `verify`) every
@@ -187,7 +200,7 @@ fn check_finalized(
 ) -> Result<Result<u64, String>, StoreError> {
     let (dp, mp) = inner.paths(ReplicaState::Finalized, block, gs);
     let (spec, crcs) = match read_meta(&mp, block) {
-        Ok(x) => x,
+        Ok((h, crcs)) => (h.spec, crcs),
         Err(why) => return Ok(Err(why)),
     };
     let len = fs::metadata(&dp).map_err(|e| io_err("stat", &dp, e))?.len();
@@ -303,8 +316,8 @@ pub(super) fn scan(inner: &Inner, verify: bool) -> Result<OpenReport, StoreError
             )?;
             continue;
         }
-        let len = recover_rbw(inner, block, gs, f)?;
-        candidates.push((block, gs, ReplicaState::Rbw, len));
+        let (state, len) = recover_rbw(inner, block, gs, f)?;
+        candidates.push((block, gs, state, len));
     }
     for &(block, gs) in found
         .get(&ReplicaState::Corrupt)

@@ -495,9 +495,10 @@ impl ReplicaWriter {
         Ok(())
     }
 
-    /// Makes the replica durable and complete: waits for writes in flight, makes data and
-    /// meta durable, moves both into `finalized` (meta first) and makes that durable —
-    /// both through the store's group commit.
+    /// Makes the replica durable and complete: waits for writes in flight, seals the meta
+    /// header, makes data and meta durable through the store's group commit, and moves
+    /// both into `finalized` (meta first). One commit: a crash before the move is durable
+    /// leaves a sealed replica that the next open finishes moving.
     /// Returns the length. Later writes are refused.
     pub async fn finalize(&self) -> Result<u64, StoreError> {
         // Writes reserved but not yet started hold no lock: wait for them by ticket
@@ -522,16 +523,29 @@ impl ReplicaWriter {
                 needed: ReplicaState::Rbw,
             });
         }
-        // Data and meta durable (group commit), then the renames, then those durable.
-        let committer = &self.store.inner.committer;
-        committer
-            .commit()
-            .await
-            .map_err(|e| io_err("fsync", &self.data.path, e))?;
-        let len = self.state().len;
+        // Sealed, then data and meta durable (one group commit), then the renames. The
+        // renames become durable with a later commit: until then a crash leaves a sealed
+        // `rbw` replica, which recovery finishes (see `meta`).
+        let mut header = aligned::AlignedBuf::new(meta::HEADER_LEN);
+        header.set_len(meta::HEADER_LEN);
+        header.copy_from_slice(&meta::encode_sealed_header(self.block, self.spec));
         let inner = self.store.inner.clone();
+        inner
+            .engine
+            .write_at(&self.meta, 0, header)
+            .await
+            .0
+            .map_err(|e| io_err("write", &self.meta.path, e))?;
+        if let Err(e) = inner.committer.commit().await {
+            // After a failed sync the page cache cannot be trusted to hold what was
+            // written (nor the seal to be absent): this writer is done.
+            let e = io_err("fsync", &self.data.path, e);
+            self.state().failed.get_or_insert_with(|| e.to_string());
+            return Err(e);
+        }
+        let len = self.state().len;
         let block = self.block;
-        blocking(move || {
+        let moved = blocking(move || {
             let (rd, rm) = inner.paths(ReplicaState::Rbw, block, gs);
             let (fd, fm) = inner.paths(ReplicaState::Finalized, block, gs);
             let fdir = inner.dir(ReplicaState::Finalized, block);
@@ -539,11 +553,12 @@ impl ReplicaWriter {
             fs::rename(&rm, &fm).map_err(|e| io_err("rename", &rm, e))?;
             fs::rename(&rd, &fd).map_err(|e| io_err("rename", &rd, e))
         })
-        .await?;
-        committer
-            .commit()
-            .await
-            .map_err(|e| io_err("syncfs", &self.store.inner.root, e))?;
+        .await;
+        if let Err(e) = moved {
+            // Sealed but not moved: never written through this writer again.
+            self.state().failed.get_or_insert_with(|| e.to_string());
+            return Err(e);
+        }
         if let Some(e) = self.store.index().get_mut(&block) {
             e.state = ReplicaState::Finalized;
             e.len = len;
