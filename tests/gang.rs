@@ -148,3 +148,44 @@ async fn a_node_without_a_free_slot_refuses_and_nothing_is_left_behind() {
     }
     holder.close().await.unwrap();
 }
+
+/// A hop opens its replica while the hops after it are set up. When its own replica
+/// cannot be opened (here: it already holds the block, finalized) the hops after it were
+/// set up for nothing: it tells them, they remove what they created, and only then does
+/// the refusal travel upstream. Nothing of the refused write stays anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_that_cannot_open_its_replica_leaves_nothing_downstream() {
+    let c = Cluster::start().await;
+    let block = BlockId(500);
+    let mut only_a2 = c
+        .node("a1")
+        .writer(block, &c.ids(&["a2"]), WriteParams::new(GenStamp(1)))
+        .await
+        .unwrap();
+    only_a2.write(Bytes::from(vec![5u8; 100])).await.unwrap();
+    only_a2.close().await.unwrap();
+
+    let mut params = WriteParams::new(GenStamp(1));
+    params.spares = vec![];
+    let refused = c
+        .node("a3")
+        .writer(block, &c.ids(&["a1", "a2", "b1", "b2"]), params)
+        .await;
+    assert!(refused.is_err(), "a2 holds the block finalized");
+    // Removed before the refusal reached the writer.
+    for name in ["a1", "b1", "b2"] {
+        assert!(
+            c.node(name).store().get(block).is_none(),
+            "{name} kept a replica of the refused write"
+        );
+    }
+    let kept = c.node("a2").store().get(block).unwrap();
+    assert_eq!((kept.state, kept.len), (ReplicaState::Finalized, 100));
+    for r in common::settled(&c).await {
+        assert_eq!(
+            (r.write_slots, r.relays),
+            (0, 0),
+            "a node still holds {r:?}"
+        );
+    }
+}

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -391,19 +392,12 @@ async fn relay(
         let _ = up.writer.send(&setup_ack(vec![Status::Busy])).await;
         return;
     };
-    let local = match open_replica(shared, &req).await {
-        Ok(l) => Arc::new(l),
-        Err((status, why)) => {
-            tracing::warn!(%block, reason = why, "cannot open replica for pipeline");
-            let _ = up.writer.send(&setup_ack(vec![status])).await;
-            return;
-        }
-    };
-
-    // Downstream hop.
-    let mut down: Option<Stream> = None;
-    let mut statuses = vec![Status::Success];
-    if let Some(&next) = targets.first() {
+    // The local replica is opened while the rest of the pipeline is set up: a setup
+    // costs one file creation, not one per hop.
+    let downstream = async {
+        let Some(&next) = targets.first() else {
+            return (None, Vec::new());
+        };
         let down_req = WriteBlock {
             targets: req.targets[1..].to_vec(),
             remote_targets: Vec::new(),
@@ -416,21 +410,33 @@ async fn relay(
                 match tokio::time::timeout(timeout, setup_exchange(&mut s, down_req)).await {
                     Ok(Ok(st)) if !st.is_empty() => {
                         let ok = st.iter().all(|x| *x == Status::Success);
-                        statuses.extend(st);
-                        if ok {
-                            down = Some(s);
-                        }
+                        (ok.then_some(s), st)
                     }
-                    _ => statuses.push(Status::Unreachable),
+                    _ => (None, vec![Status::Unreachable]),
                 }
             }
             Ok(Err(e)) => {
                 tracing::warn!(%block, next = %shared.name(next), error = %e, "downstream unreachable");
-                statuses.push(Status::Unreachable);
+                (None, vec![Status::Unreachable])
             }
-            Err(_) => statuses.push(Status::Unreachable),
+            Err(_) => (None, vec![Status::Unreachable]),
         }
-    }
+    };
+    let (local, (down, down_statuses)) = tokio::join!(open_replica(shared, &req), downstream);
+    let local = match local {
+        Ok(l) => Arc::new(l),
+        Err((status, why)) => {
+            tracing::warn!(%block, reason = why, "cannot open replica for pipeline");
+            if let Some(mut s) = down {
+                abandon(&mut s.writer, status).await;
+                drained(s.reader, svc.config.setup_timeout).await;
+            }
+            let _ = up.writer.send(&setup_ack(vec![status])).await;
+            return;
+        }
+    };
+    let mut statuses = vec![Status::Success];
+    statuses.extend(down_statuses);
     let setup_ok = statuses.iter().all(|s| *s == Status::Success);
     if !setup_ok && !req.resume {
         // A new replica nobody will write to is removed again, before upstream hears of
@@ -480,12 +486,20 @@ async fn relay(
 
     // Receive, verify, forward, write.
     let mut down_w = down_w;
+    let mut received = false;
+    let mut abandoned = None;
     loop {
         let p = match unless_cancelled(cancel, up_r.recv()).await {
             Some(Ok(Some(Frame::Packet(p)))) => p,
+            // The only frame an upstream hop sends besides packets: see `abandon`.
+            Some(Ok(Some(Frame::Error(e)))) if !received => {
+                abandoned = Some(e.status);
+                break;
+            }
             // Upstream ended, broke, sent something else, or a newer pipeline took over.
             _ => break,
         };
+        received = true;
         shared
             .metrics
             .pipeline_received_bytes
@@ -561,9 +575,32 @@ async fn relay(
     }
     drop(tx);
     if let Some(mut w) = down_w {
+        if let Some(status) = abandoned {
+            abandon(&mut w, status).await;
+        }
         let _ = unless_cancelled(cancel, w.finish()).await;
     }
-    let _ = acker.await;
+    let Ok((mut up_w, down_r)) = acker.await else {
+        return;
+    };
+    // Set up for nothing: an upstream hop could not open its own replica. The new
+    // replica nobody will write to is removed, as a refused setup's is, once the hops
+    // after this one removed theirs; upstream hears the end of this stream only then.
+    // (A pipeline that merely breaks before its first packet keeps its replicas: its
+    // recovery resumes them at offset 0.)
+    if abandoned.is_some() {
+        if let Some(r) = down_r {
+            drained(r, svc.config.setup_timeout).await;
+        }
+        if !req.resume && matches!(*local, Local::Write(_)) {
+            let gs = local.genstamp();
+            drop(local);
+            if let Err(e) = shared.store.delete(block, gs).await {
+                tracing::warn!(%block, error = %e, "cannot remove the replica of an abandoned pipeline");
+            }
+        }
+    }
+    let _ = unless_cancelled(cancel, up_w.finish()).await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -577,7 +614,7 @@ async fn ack_loop(
     downstream: usize,
     queue: Option<RemoteCopy>,
     mut cancel: watch::Receiver<bool>,
-) {
+) -> (FrameWriter<Sink>, Option<FrameReader<Source>>) {
     let shared = &svc.ctx;
     let block = req_block(&local);
     // The node next to a silent hop gives up first: each node further up waits one more
@@ -691,7 +728,28 @@ async fn ack_loop(
     while let Some(p) = rx.recv().await {
         land(p.write).await;
     }
-    let _ = unless_cancelled(&mut cancel, up_w.finish()).await;
+    (up_w, down_r)
+}
+
+/// The message of the frame that abandons a pipeline before its first packet.
+const ABANDONED: &str = "pipeline abandoned before its first packet";
+
+/// Tells the hops after this one that the pipeline they were set up for will not come:
+/// each removes its new replica and passes the word on.
+async fn abandon(down: &mut FrameWriter<Sink>, status: Status) {
+    let frame = Frame::Error(ErrorFrame {
+        status,
+        message: ABANDONED.into(),
+    });
+    if down.send(&frame).await.is_ok() {
+        let _ = down.finish().await;
+    }
+}
+
+/// Waits (at most `limit`) for a downstream hop to end its stream: after an abandon,
+/// it has then removed its replica.
+async fn drained(mut r: FrameReader<Source>, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async { while let Ok(Some(_)) = r.recv().await {} }).await;
 }
 
 /// Waits for a local write that no ack loop will see.
