@@ -8,10 +8,13 @@
 //!   `period` to the link's allocator, holds the answer in a [`Lease`], and sets its
 //!   governor to the lease's rate — back to the floor the moment a lease lapses;
 //! - as an **allocator**, when asked: the link's allocator is the lowest-id node of the
-//!   sending IDC that answers. Members try the nodes in id order, skipping one that just
-//!   failed them for two leases, so a dead allocator is replaced on the next report. A
-//!   node that receives a report runs an [`Allocator`] for that link (a new instance, new
-//!   epoch, when it had none or its last report is two leases old).
+//!   sending IDC that answers. A member reports to the lowest-id node that has not failed
+//!   it lately (skipped for 4 leases after a failure, doubling with each failure in a
+//!   row up to 64), and moves to another only two leases after its last report to the
+//!   old one, at its floor meanwhile: two allocators never count one member apart at
+//!   once (see `scheduler::shares`, *Two allocators*). A dead allocator is replaced
+//!   after two leases. A node that receives a report runs an [`Allocator`] for that link
+//!   (a new instance, new epoch, when it had none or its last report is two leases old).
 //!
 //! Reports and grants are `ShareReport` / `ShareGrant` frames over the authenticated
 //! transport; only nodes of the link's sending IDC are members, anyone else is refused.
@@ -336,6 +339,8 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
     let to_name = topo.idc(to).name.clone();
     let mut lease = Lease::new(floor);
     let mut skip_until: HashMap<NodeId, Instant> = HashMap::new();
+    let mut failures: HashMap<NodeId, u32> = HashMap::new();
+    let mut last_asked: Option<(NodeId, Instant)> = None;
     let mut prev = [(0u64, Duration::ZERO); 4];
     let mut applied: Option<(u64, [u64; 4])> = None;
     let mut last = Instant::now();
@@ -392,29 +397,42 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
                 remaining_ms: h.remaining.as_millis().min(u128::from(u32::MAX)) as u32,
             }),
         };
+        // The allocator: the lowest-id candidate that has not failed this member lately.
+        let preferred = candidates
+            .iter()
+            .copied()
+            .find(|c| skip_until.get(c).is_none_or(|&t| sent_at >= t));
+        let preferred = preferred.unwrap_or_else(|| {
+            // Everyone failed recently: start again from the first.
+            skip_until.clear();
+            candidates[0]
+        });
+        // Moving to another allocator waits two leases after the last report to the old
+        // one: the old one counts this member at what it granted it (maybe just the
+        // floor) for a lease, and grants it made to others meanwhile run for one more.
+        // Only then do the two count this member apart (`scheduler::shares`, *Two
+        // allocators*). Meanwhile this member runs at its floor.
+        let moving =
+            last_asked.is_some_and(|(p, t)| p != preferred && sent_at < t + 2 * config.lease);
         let mut answered = None;
-        for &c in &candidates {
-            if skip_until.get(&c).is_some_and(|&t| sent_at < t) {
-                continue;
-            }
-            match svc.ask(c, &report, &mut conn).await {
+        if !moving {
+            let asked = svc.ask(preferred, &report, &mut conn).await;
+            last_asked = Some((preferred, Instant::now()));
+            match asked {
                 Ok(g) => {
-                    answered = Some((c, g));
-                    break;
+                    failures.remove(&preferred);
+                    answered = Some((preferred, g));
                 }
                 Err(e) => {
-                    tracing::debug!(allocator = %ctx.name(c), error = %e, "share report failed");
-                    skip_until.insert(c, Instant::now() + 2 * config.lease);
-                    // Past the period: give up this round rather than fall behind.
-                    if sent_at.elapsed() >= svc.settings.period {
-                        break;
-                    }
+                    tracing::debug!(allocator = %ctx.name(preferred), error = %e, "share report failed");
+                    // Skipped for longer than a move takes, longer after each failure in
+                    // a row: a dead allocator must not hold its members at the floor.
+                    let n = failures.entry(preferred).or_insert(0u32);
+                    let leases = 4u32 << (*n).min(4);
+                    *n += 1;
+                    skip_until.insert(preferred, Instant::now() + config.lease * leases);
                 }
             }
-        }
-        if answered.is_none() && skip_until.len() == candidates.len() {
-            // Everyone failed recently: try them all again next round.
-            skip_until.clear();
         }
         if let Some((_, g)) = &answered {
             lease.handle_grant(*g, sent_at);

@@ -27,10 +27,17 @@
 //! [`Lease::rate`] whenever it configures its governor, [`Lease::holding`] in its next
 //! report.
 //!
-//! Known limit: two allocators serving one link at once (a member that cannot reach the
-//! designated allocator while others can) each keep their own members within the budget,
-//! not the sum of both. The shell re-chooses the allocator only after a member has failed
-//! to reach it, and a new allocator starts quiet for a lease, which bounds the overlap.
+//! **Two allocators.** A partial partition can leave two allocators serving one link at
+//! once, each with the members that reach it. Each counts a member that has not reported
+//! to it within a lease at an *equal share* of the budget (budget / members), not at its
+//! floor: whatever one allocator grants its own reporters fits in the equal shares of
+//! those reporters, so the sets of two allocators add up to at most the budget. This
+//! needs the sets to be disjoint, which the member side keeps: a member reports to a new
+//! allocator only once a lease has passed since it last reported to another one (it runs
+//! at its floor meanwhile). The price: a member that is down, or reports to another
+//! allocator, holds its equal share of the link idle until it reports again or leaves
+//! the topology. Members report every period whether they send or not, so a live idle
+//! member costs only its floor.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -96,6 +103,13 @@ impl SharesConfig {
     pub fn floor_rate(&self) -> u64 {
         let n = self.members.len().max(1) as f64;
         ((self.budget as f64) * self.floor.clamp(0.0, 1.0) / n) as u64
+    }
+
+    /// An equal part of the budget: what the allocator counts a member at while that
+    /// member does not report to it (see the module doc, *Two allocators*).
+    pub fn equal_share(&self) -> u64 {
+        // Rounded up: the equal shares of all members cover the whole budget.
+        self.budget.div_ceil(self.members.len().max(1) as u64)
     }
 }
 
@@ -265,7 +279,7 @@ impl Allocator {
                 .members
                 .iter()
                 .filter(|(id, _)| **id != node)
-                .map(|(_, m)| held(m, floor))
+                .map(|(_, m)| held(m, self.least(m, now), now))
                 .sum();
             let room = self.config.budget.saturating_sub(others).max(floor);
             let rate = want.min(room);
@@ -298,27 +312,29 @@ impl Allocator {
     /// What the allocator counts `node` as holding now: the largest of its floor and its
     /// outstanding grants.
     pub fn held(&self, node: NodeId, now: Instant) -> u64 {
-        let floor = self.config.floor_rate();
-        self.members.get(&node).map_or(0, |m| {
-            m.outstanding
-                .iter()
-                .filter(|&&(_, _, exp)| exp > now)
-                .map(|&(_, r, _)| r)
-                .max()
-                .unwrap_or(0)
-                .max(floor)
-        })
+        self.members
+            .get(&node)
+            .map_or(0, |m| held(m, self.least(m, now), now))
+    }
+
+    /// The least a member counts for: its floor while it reports to this allocator, an
+    /// equal share while it does not (module doc, *Two allocators*).
+    fn least(&self, m: &Member, now: Instant) -> u64 {
+        if m.reported.is_some_and(|t| now < t + self.config.lease) {
+            self.config.floor_rate()
+        } else {
+            self.config.equal_share().max(self.config.floor_rate())
+        }
     }
 
     /// The rate each member would get if every grant could change at once: floor plus a
     /// fair part of the rest, by level. Members that have not reported within a lease
-    /// count as idle. Returns (total, per-class extra) per member.
+    /// count as idle, and their equal shares are not handed out. Returns (total,
+    /// per-class extra) per member.
     pub fn ideal(&self, now: Instant) -> BTreeMap<NodeId, (u64, [u64; 4])> {
         let floor = self.config.floor_rate();
-        let mut left = self
-            .config
-            .budget
-            .saturating_sub(floor * self.members.len() as u64);
+        let reserved: u64 = self.members.values().map(|m| self.least(m, now)).sum();
+        let mut left = self.config.budget.saturating_sub(reserved);
         let mut out: BTreeMap<NodeId, (u64, [u64; 4])> = self
             .members
             .keys()
@@ -363,13 +379,15 @@ impl Allocator {
     }
 }
 
-fn held(m: &Member, floor: u64) -> u64 {
+/// The largest of `least` and the member's unexpired grants.
+fn held(m: &Member, least: u64, now: Instant) -> u64 {
     m.outstanding
         .iter()
+        .filter(|&&(_, _, exp)| exp > now)
         .map(|&(_, r, _)| r)
         .max()
         .unwrap_or(0)
-        .max(floor)
+        .max(least)
 }
 
 /// Weighted max-min fair division of `capacity` among `(demand, weight)` pairs
@@ -517,10 +535,16 @@ mod tests {
         })
     }
 
-    /// An allocator past its quiet lease.
+    /// An allocator past its quiet lease, every member just reported no demand (live
+    /// members report every period, sending or not).
     fn warm(cfg: SharesConfig, t0: Instant) -> (Allocator, Instant) {
-        let lease = cfg.lease;
-        (Allocator::new(cfg, 1, t0).unwrap(), t0 + lease)
+        let now = t0 + cfg.lease;
+        let members = cfg.members.clone();
+        let mut a = Allocator::new(cfg, 1, t0).unwrap();
+        for m in members {
+            a.handle_report(m, &[], None, now).unwrap();
+        }
+        (a, now)
     }
 
     #[test]
@@ -953,6 +977,127 @@ mod tests {
                 prop_assert!(rates[i as usize].abs_diff(want) <= n as u64 + 1 || rates[i as usize] >= floor && want == floor,
                     "member {i}: {} vs ideal {want}", rates[i as usize]);
             }
+        }
+    }
+
+    #[test]
+    fn a_member_that_does_not_report_counts_at_its_equal_share() {
+        let t0 = Instant::now();
+        let cfg = SharesConfig::new(100 * MB, members(4));
+        let floor = cfg.floor_rate();
+        let (mut a, now) = warm(cfg, t0);
+        let n0 = NodeId::from_index(0);
+        let big = want(TrafficClass::Async, 200 * MB);
+        let g = a.handle_report(n0, &big, None, now).unwrap();
+        assert_eq!(
+            g.rate,
+            100 * MB - 3 * floor,
+            "live idle members cost their floors"
+        );
+        // Members 1 and 2 stop reporting (down, or now with another allocator); 0 and 3
+        // go on every period.
+        let mut g = g;
+        for step in [600, 1200] {
+            let t = now + Duration::from_millis(step);
+            a.handle_report(NodeId::from_index(3), &[], None, t)
+                .unwrap();
+            g = a.handle_report(n0, &big, holds(&g), t).unwrap();
+        }
+        let later = now + Duration::from_millis(1200);
+        assert_eq!(g.rate, 100 * MB - 2 * 25 * MB - floor);
+        assert_eq!(a.held(NodeId::from_index(1), later), 25 * MB);
+    }
+
+    /// Two allocators at once (a partial partition), each with the members that reach
+    /// it: members report every period to theirs; some move to the other one midway
+    /// (idle before, sending after: the case where both sides would count the mover
+    /// low), waiting two leases after their last report to the old one as the member
+    /// side does when `wait`. Returns the largest sum of the rates members use.
+    fn two_allocators(
+        n: usize,
+        side: &[bool],
+        moves: &[bool],
+        demand: &[Vec<Demand>],
+        wait: bool,
+    ) -> u64 {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let cfg = SharesConfig::new(100 * MB, members(n as u32));
+        let floor = cfg.floor_rate();
+        let lease = cfg.lease;
+        let mut alloc = [
+            Allocator::new(cfg.clone(), 1, t0).unwrap(),
+            Allocator::new(cfg, 2, t0).unwrap(),
+        ];
+        let mut leases: Vec<Lease> = (0..n).map(|_| Lease::new(floor)).collect();
+        let mut at: Vec<usize> = (0..n).map(|i| usize::from(side[i % side.len()])).collect();
+        let mut last_sent: Vec<Option<(usize, Instant)>> = vec![None; n];
+        let (period, move_at) = (ms(200), ms(2000));
+        let mut max_sum = 0;
+        let mut t = t0;
+        while t < t0 + ms(5000) {
+            let since = t - t0;
+            for i in 0..n {
+                if since >= move_at && since < move_at + ms(10) && moves[i % moves.len()] {
+                    at[i] = 1 - at[i];
+                }
+                let phase = (since + ms(7 * i as u64)).as_millis() % period.as_millis();
+                if phase >= 10 {
+                    continue;
+                }
+                // A member reports to a new allocator only two leases after its last
+                // report to another one.
+                if wait
+                    && last_sent[i]
+                        .is_some_and(|(other, sent)| other != at[i] && t < sent + 2 * lease)
+                {
+                    continue;
+                }
+                let node = NodeId::from_index(i);
+                let mover = moves[i % moves.len()];
+                let wants: &[Demand] = if mover && since < move_at {
+                    &[]
+                } else {
+                    &demand[i % demand.len()]
+                };
+                let g = alloc[at[i]]
+                    .handle_report(node, wants, leases[i].holding(t), t)
+                    .unwrap();
+                leases[i].handle_grant(g, t);
+                last_sent[i] = Some((at[i], t));
+            }
+            let sum: u64 = leases.iter().map(|l| l.rate(t)).sum();
+            max_sum = max_sum.max(sum);
+            t += ms(10);
+        }
+        max_sum
+    }
+
+    #[test]
+    fn a_member_moving_at_once_would_break_the_budget() {
+        // Why members wait: 3 on one side, 1 on the other, one moves over at once and
+        // is counted by both sides at a small rate while it takes a large one.
+        let big = vec![want(TrafficClass::Async, 200 * MB)];
+        let side = [false, false, false, true];
+        let moves = [false, false, true, false];
+        assert!(two_allocators(4, &side, &moves, &big, false) > 100 * MB);
+        assert!(two_allocators(4, &side, &moves, &big, true) <= 100 * MB);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Two allocators serving disjoint sets of members never grant more than the
+        /// budget between them, while members move from one to the other.
+        #[test]
+        fn two_allocators_stay_within_budget(
+            n in 1usize..8,
+            side in proptest::collection::vec(any::<bool>(), 1..8),
+            moves in proptest::collection::vec(any::<bool>(), 1..8),
+            demand in proptest::collection::vec(arb_demand(), 1..8),
+        ) {
+            let max_sum = two_allocators(n, &side, &moves, &demand, true);
+            prop_assert!(max_sum <= 100 * MB, "sum {max_sum} over the budget");
         }
     }
 
