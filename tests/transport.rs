@@ -83,6 +83,31 @@ fn echo(mut incoming: Incoming) -> mpsc::UnboundedReceiver<(NodeId, LinkKind, Fr
     rx
 }
 
+/// a1, and a peer `name` that echoes every stream it accepts.
+struct EchoPeer {
+    topo: Arc<Topology>,
+    ca: CertAuthority,
+    a1: Transport,
+    peer: Transport,
+    id: NodeId,
+}
+
+async fn a1_and_echo(name: &str) -> EchoPeer {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (peer, incoming) = start(&topo, &ca, name).await;
+    echo(incoming);
+    let id = topo.node_by_name(name).unwrap();
+    EchoPeer {
+        topo,
+        ca,
+        a1,
+        peer,
+        id,
+    }
+}
+
 fn sample_frames() -> Vec<Frame> {
     vec![
         Frame::Ack(Ack {
@@ -166,12 +191,12 @@ async fn server_sees_the_peer_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_streams_share_one_connection() {
-    let topo = topology();
-    let ca = CertAuthority::generate("test CA").unwrap();
-    let (a1, _) = start(&topo, &ca, "a1").await;
-    let (_b1, b1_in) = start(&topo, &ca, "b1").await;
-    echo(b1_in);
-    let b1 = topo.node_by_name("b1").unwrap();
+    let EchoPeer {
+        a1,
+        peer: _b1,
+        id: b1,
+        ..
+    } = a1_and_echo("b1").await;
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let a1 = a1.clone();
@@ -213,12 +238,13 @@ async fn restart(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_peer_restart() {
-    let topo = topology();
-    let ca = CertAuthority::generate("test CA").unwrap();
-    let (a1, _) = start(&topo, &ca, "a1").await;
-    let (b1t, b1_in) = start(&topo, &ca, "b1").await;
-    echo(b1_in);
-    let b1 = topo.node_by_name("b1").unwrap();
+    let EchoPeer {
+        topo,
+        ca,
+        a1,
+        peer: b1t,
+        id: b1,
+    } = a1_and_echo("b1").await;
     exchange(&a1, b1).await.unwrap();
     let (_b1t, b1_in) = restart(b1t, &topo, &ca, "b1").await;
     echo(b1_in);
@@ -557,12 +583,13 @@ async fn sequential_tcp_streams_reuse_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_stream_that_does_not_end_cleanly_closes_its_connection() {
-    let topo = topology();
-    let ca = CertAuthority::generate("test CA").unwrap();
-    let (a1, _) = start(&topo, &ca, "a1").await;
-    let (_a2, a2_in) = start(&topo, &ca, "a2").await;
-    echo(a2_in);
-    let a2 = topo.node_by_name("a2").unwrap();
+    let EchoPeer {
+        topo,
+        ca,
+        a1,
+        peer: _a2,
+        id: a2,
+    } = a1_and_echo("a2").await;
     // The opener drops its stream without ending it: nothing is kept.
     exchange(&a1, a2).await.unwrap();
     // A stream that ends cleanly afterwards needs a connection of its own, and is kept.
@@ -632,12 +659,13 @@ async fn a_service_that_stops_reading_early_still_keeps_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_to_a_restarted_peer_is_not_reused() {
-    let topo = topology();
-    let ca = CertAuthority::generate("test CA").unwrap();
-    let (a1, _) = start(&topo, &ca, "a1").await;
-    let (a2t, a2_in) = start(&topo, &ca, "a2").await;
-    echo(a2_in);
-    let a2 = topo.node_by_name("a2").unwrap();
+    let EchoPeer {
+        topo,
+        ca,
+        a1,
+        peer: a2t,
+        id: a2,
+    } = a1_and_echo("a2").await;
     clean_exchange(&a1, a2, &sample_frames()).await.unwrap();
     idle_tcp(&a1, 1).await;
     let (_a2t, a2_in) = restart(a2t, &topo, &ca, "a2").await;
