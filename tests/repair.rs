@@ -325,7 +325,7 @@ async fn a_node_dropped_by_a_write_is_replaced_by_a_repair() {
         .await
         .unwrap();
     let out = w.close().await.unwrap();
-    assert_eq!(out.replicas.len(), 3, "a3 dropped");
+    assert_eq!(out.replicas.len(), 3, "a3 dropped: {out:?}");
     let gs = out.genstamp;
     let before = dci_bytes(&c);
     wait_for("block 400 back at 2+2", Duration::from_secs(20), || {
