@@ -103,9 +103,9 @@ async fn a_lone_sender_gets_the_link_and_two_senders_split_it() {
         .unwrap();
     assert!(share.leased);
     assert_eq!(share.allocator, Some(c.id("a1")), "the lowest id allocates");
-    let text = strait::daemon::http::render(c.node("a2"));
+    let text = strait::daemon::export::render(c.node("a2"));
     assert!(
-        text.contains("strait_dci_share_leased{node=\"a2\",to=\"idc-b\"} 1"),
+        text.contains("strait_dci_share_leased{to=\"idc-b\"} 1"),
         "{text}"
     );
     assert!(text.contains("# TYPE strait_dci_rate_bytes_per_second gauge"));

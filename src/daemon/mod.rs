@@ -3,6 +3,7 @@
 //! `/metrics` and `/health` ([`http`]), prints `ready <name>` on stdout, runs until
 //! SIGTERM or SIGINT and shuts down cleanly.
 
+pub mod export;
 pub mod http;
 
 use std::path::Path;

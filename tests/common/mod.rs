@@ -93,7 +93,7 @@ impl Cluster {
         Self::start_opts_repair(budget, share, replication, shares, None).await
     }
 
-    async fn start_opts_repair(
+    pub(crate) async fn start_opts_repair(
         budget: u64,
         share: f64,
         replication: Option<strait::replication::ReplicationConfig>,

@@ -160,12 +160,15 @@ pub fn metrics(dir: &Path, name: &str) -> Option<String> {
     r.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
 }
 
-/// The sum of the samples of metric family `name` whose labels contain `label` in a
-/// Prometheus text exposition.
+/// The sum of the samples of metric `name` whose labels contain `label` in a
+/// Prometheus or OpenMetrics text exposition (`name{…} v` or `name v`).
 pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
-    let prefix = format!("{name}{{");
     text.lines()
-        .filter(|l| l.starts_with(&prefix) && l.contains(label))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && l.contains(label)
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -450,7 +453,7 @@ pub fn signal(pid: u32, sig: &str) -> Result<(), String> {
     }
 }
 
-/// Sums a metric over the daemons' `/metrics` (lines starting with `name{`).
+/// Sums a metric over the daemons' `/metrics`.
 pub fn scrape_sum(addrs: &[SocketAddr], name: &str) -> f64 {
     scrape_labelled(addrs, name, "")
 }
