@@ -68,12 +68,19 @@ struct Daemon {
 }
 
 fn spawn(dir: &Path, name: &str) -> Daemon {
+    // systemd's readiness socket, as `Type=notify` sets it.
+    let notify_path = dir.join(format!("notify-{name}.sock"));
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut child = Command::new(daemon())
         .args([
             "--config",
             &dir.join(format!("{name}.toml")).display().to_string(),
         ])
         .env("RUST_LOG", "warn")
+        .env("NOTIFY_SOCKET", &notify_path)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -87,6 +94,9 @@ fn spawn(dir: &Path, name: &str) -> Daemon {
         format!("ready {name}"),
         "daemon {name} did not come up"
     );
+    let mut msg = [0u8; 64];
+    let n = notify.recv(&mut msg).expect("READY=1 on NOTIFY_SOCKET");
+    assert_eq!(&msg[..n], b"READY=1");
     Daemon { child }
 }
 

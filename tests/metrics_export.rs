@@ -79,10 +79,8 @@ async fn an_embedding_server_registers_straits_metrics_in_its_own_registry() {
     assert!(!again.contains(".."), "{again}");
 }
 
-/// `docs/METRICS.md` lists every family a node with every option on exposes, with its
-/// type, and nothing else.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_metrics_reference_lists_every_family() {
+/// The metrics of a node with every option on (replication log, DCI shares, repair).
+async fn full_scrape() -> String {
     let c = Cluster::start_opts_repair(
         125_000_000,
         1.0,
@@ -91,7 +89,14 @@ async fn the_metrics_reference_lists_every_family() {
         Some(strait::repair::RepairConfig::new("unused")),
     )
     .await;
-    let text = strait::daemon::export::render(c.node("a1"));
+    strait::daemon::export::render(c.node("a1"))
+}
+
+/// `docs/METRICS.md` lists every family a node with every option on exposes, with its
+/// type, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_reference_lists_every_family() {
+    let text = full_scrape().await;
     // Exposed: "# TYPE family type", named in the reference as the samples are.
     let mut exposed: Vec<(String, String)> = text
         .lines()
@@ -107,8 +112,7 @@ async fn the_metrics_reference_lists_every_family() {
         })
         .collect();
     exposed.sort();
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/METRICS.md")).unwrap();
+    let doc = read("docs/METRICS.md");
     let mut documented: Vec<(String, String)> = doc
         .lines()
         .filter(|l| l.starts_with("| `strait_"))
@@ -119,4 +123,67 @@ async fn the_metrics_reference_lists_every_family() {
         .collect();
     documented.sort();
     assert_eq!(exposed, documented, "docs/METRICS.md is out of date");
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Every `strait_…` name in `text`.
+fn names_in(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("strait_"))
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The dashboard and the alert rules in `deploy/` use only metrics a node exposes (as
+/// sample names: `_total`, `_bucket` and the like included), and cover what an operator
+/// is paged for: RPO lag, DCI queue and utilization, corrupt replicas, under-replication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_alerts_name_only_real_metrics() {
+    let text = full_scrape().await;
+    let samples: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let dashboard = read("deploy/grafana-dashboard.json");
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    let exprs: Vec<&str> = json["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let alerts = read("deploy/prometheus-alerts.yml");
+    for (file, text) in [
+        ("deploy/grafana-dashboard.json", exprs.join("\n")),
+        ("deploy/prometheus-alerts.yml", alerts.clone()),
+    ] {
+        let names = names_in(&text);
+        assert!(!names.is_empty(), "{file}");
+        for n in names {
+            assert!(
+                samples.contains(n.as_str()),
+                "{file} names {n}, which no node exposes"
+            );
+        }
+    }
+    for needed in [
+        "strait_replication_lag_seconds",
+        "strait_dci_queued_bytes",
+        "strait_dci_granted_bytes_total",
+        "strait_replicas{state=\"corrupt\"}",
+        "strait_repair_queue_depth",
+    ] {
+        assert!(alerts.contains(needed), "no alert on {needed}");
+    }
 }

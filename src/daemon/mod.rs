@@ -1,11 +1,13 @@
 //! The daemon: one node run from a TOML file, shared by `examples/daemon.rs` and the
 //! `strait node` command. [`run`] starts a node from a [`DaemonConfig`], serves
-//! `/metrics` and `/health` ([`http`]), prints `ready <name>` on stdout, runs until
-//! SIGTERM or SIGINT and shuts down cleanly.
+//! `/metrics` and `/health` ([`http`]), prints `ready <name>` on stdout (and sends
+//! `READY=1` to systemd when `NOTIFY_SOCKET` is set), runs until SIGTERM or SIGINT and
+//! shuts down cleanly.
 
 pub mod export;
 pub mod http;
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -44,8 +46,11 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
         },
         None => None,
     };
-    // One line on stdout that launchers wait for.
+    // One line on stdout that launchers wait for, and systemd's readiness notice.
     println!("ready {name}");
+    if let Err(e) = notify_ready() {
+        tracing::warn!(error = %e, "cannot tell systemd the node is ready");
+    }
     wait_for_stop().await;
     tracing::info!(node = %name, "stopping");
     node.shutdown().await;
@@ -56,6 +61,23 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
             "replication backlog kept in the log"
         );
     }
+    Ok(())
+}
+
+/// Sends `READY=1` to the socket in `NOTIFY_SOCKET` (systemd's `Type=notify`), if set:
+/// a path, or an abstract name written `@name`.
+fn notify_ready() -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let target = target.as_encoded_bytes();
+    let addr = match target.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(target))?,
+    };
+    UnixDatagram::unbound()?.send_to_addr(b"READY=1", &addr)?;
     Ok(())
 }
 
