@@ -1,6 +1,7 @@
 //! The node configuration file the daemon reads, and its validation into a
 //! [`NodeConfig`]. A bad file is refused with a message that names the field (and, for
-//! syntax and type errors, the line).
+//! syntax and type errors, the line). Every field, its default and unit:
+//! `docs/CONFIG.md` (a test keeps it in step with the structs below).
 //!
 //! ```toml
 //! name = "a1"                          # this node in the topology
@@ -41,7 +42,7 @@
 //! down_after = "3s"                    # silence after which a node counts as down
 //!
 //! [metrics]
-//! addr = "127.0.0.1:9100"              # optional: Prometheus text on /metrics
+//! addr = "127.0.0.1:9100"              # optional: OpenMetrics on /metrics, and /health
 //! ```
 
 use std::net::SocketAddr;
