@@ -138,11 +138,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
         "ms" => 1e-3,
         "s" => 1.0,
         "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
         _ => {
             return Err(UnitError::UnknownUnit {
                 text: text.to_string(),
                 unit: unit.to_string(),
-                expected: "ns, us, ms, s, min",
+                expected: "ns, us, ms, s, min, h, d",
             });
         }
     };
@@ -237,6 +239,11 @@ mod tests {
         assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
         assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_duration("365d"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
         assert!(matches!(
             parse_duration("5"),
             Err(UnitError::UnknownUnit { .. })

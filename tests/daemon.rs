@@ -19,7 +19,7 @@ use strait::pipeline::WriteParams;
 use strait::read::ReadParams;
 use strait::store::{BlockStore, ReplicaState, StoreConfig};
 use strait::topology::Topology;
-use strait::transport::{CertAuthority, TlsIdentity};
+use strait::transport::{CertAuthority, PeerRole, TlsIdentity};
 
 fn daemon() -> PathBuf {
     // target/<profile>/deps/daemon-… → target/<profile>/examples/daemon
@@ -40,7 +40,7 @@ const NODES: [(&str, &str, &str, u8); 5] = [
     ("client", "idc-a", "r3", 50),
 ];
 
-fn write_cluster(dir: &Path, net: u8) {
+fn write_cluster(dir: &Path, net: u8) -> CertAuthority {
     let mut topo = String::from("[[idc]]\nname = \"idc-a\"\n[[idc]]\nname = \"idc-b\"\n");
     for (n, idc, rack, h) in NODES {
         topo += &format!(
@@ -49,9 +49,8 @@ fn write_cluster(dir: &Path, net: u8) {
     }
     topo += "[[dci]]\nbetween = [\"idc-a\", \"idc-b\"]\nbudget = \"1gbit\"\nrtt = \"1ms\"\n";
     std::fs::write(dir.join("topology.toml"), topo).unwrap();
-    CertAuthority::generate("daemon test CA")
-        .unwrap()
-        .write_files(&dir.join("certs"), NODES.iter().map(|n| n.0))
+    let ca = CertAuthority::generate("daemon test CA").unwrap();
+    ca.write_files(&dir.join("certs"), NODES.iter().map(|n| n.0))
         .unwrap();
     for (n, _, _, h) in NODES {
         let cfg = format!(
@@ -61,6 +60,7 @@ fn write_cluster(dir: &Path, net: u8) {
         );
         std::fs::write(dir.join(format!("{n}.toml")), cfg).unwrap();
     }
+    ca
 }
 
 struct Daemon {
@@ -113,7 +113,7 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let net = (std::process::id() % 250) as u8 + 1;
-    write_cluster(dir.path(), net);
+    let ca = write_cluster(dir.path(), net);
     let mut daemons: Vec<Daemon> = ["a1", "a2", "b1", "b2"]
         .iter()
         .map(|n| spawn(dir.path(), n))
@@ -190,6 +190,51 @@ async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
         http_get(format!("127.7.{net}.1:9900").parse().unwrap(), "/nope")
             .starts_with("HTTP/1.1 404")
     );
+
+    // Renewal: a1 gets a new key and a 30-day certificate in its files and SIGHUP; its
+    // metrics show the new expiry, and it serves with the new certificate.
+    let a1_metrics: SocketAddr = format!("127.7.{net}.1:9900").parse().unwrap();
+    let expiry = || {
+        let text = http_get(a1_metrics, "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("strait_tls_certificate_expiry_timestamp_seconds "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("expiry metric")
+    };
+    let before = expiry();
+    let (csr, key) = strait::transport::certificate_request("a1").unwrap();
+    let cert = ca
+        .sign_request(&csr, PeerRole::Node, Duration::from_secs(30 * 86_400))
+        .unwrap();
+    std::fs::write(certs.join("a1.pem"), cert).unwrap();
+    std::fs::write(certs.join("a1.key"), key).unwrap();
+    let pid = daemons[0].child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while expiry() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(expiry().abs_diff(now + 30 * 86_400) < 600, "{}", expiry());
+    let mut w = client
+        .writer(BlockId(6), &targets, WriteParams::new(GenStamp(1)))
+        .await
+        .unwrap();
+    w.write(Bytes::from(data.clone())).await.unwrap();
+    assert_eq!(w.close().await.unwrap().replicas, targets);
     client.shutdown().await;
 
     // SIGTERM: every daemon exits 0.

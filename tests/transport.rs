@@ -10,7 +10,7 @@ use bytes::Bytes;
 use strait::block::{BlockId, GenStamp};
 use strait::topology::{NodeId, Topology};
 use strait::transport::{
-    ByteSink, CertAuthority, FramedError, Incoming, LinkKind, TlsIdentity, Transport,
+    ByteSink, CertAuthority, FramedError, Incoming, LinkKind, PeerRole, TlsIdentity, Transport,
     TransportConfig, TransportError,
 };
 use strait::wire::{Ack, Frame, Packet, PacketFlags, ReadBlock, Status, TrafficClass};
@@ -695,4 +695,85 @@ async fn an_end_mark_on_a_quic_stream_is_malformed() {
     let (_, kind, err) = errors.recv().await.unwrap();
     assert_eq!(kind, LinkKind::Quic);
     assert!(matches!(err, FramedError::Malformed(_)), "{err}");
+}
+
+/// Certificate renewal: a node whose certificate expired is refused by its peers until
+/// `reload_identity` gives it a fresh one (TCP inside the IDC and QUIC across the DCI);
+/// a certificate for another node, from another CA, or with a key that is not its own
+/// is refused and the node keeps what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_presented_from_the_next_handshake() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let identity = |validity: Duration| {
+        let (csr, key) = strait::transport::certificate_request("a1").unwrap();
+        let cert = ca.sign_request(&csr, PeerRole::Node, validity).unwrap();
+        TlsIdentity::from_pem(ca.cert_pem().as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
+    };
+    // Valid for one second (certificate times count whole seconds).
+    let short = identity(Duration::from_secs(1));
+    let expires = std::time::SystemTime::now() + Duration::from_secs(1);
+    let a1 = Transport::bind(
+        topo.node_by_name("a1").unwrap(),
+        topo.clone(),
+        &short,
+        config(),
+    )
+    .await
+    .unwrap()
+    .0;
+    let (_a2t, a2_in) = start(&topo, &ca, "a2").await;
+    let (_b1t, b1_in) = start(&topo, &ca, "b1").await;
+    echo(a2_in);
+    echo(b1_in);
+    let (a2, b1) = (
+        topo.node_by_name("a2").unwrap(),
+        topo.node_by_name("b1").unwrap(),
+    );
+    // What is under test is the certificate's clock: let it run out.
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_secs(2)).await;
+    assert!(
+        exchange(&a1, a2).await.is_err(),
+        "expired certificate accepted over TCP"
+    );
+    assert!(
+        exchange(&a1, b1).await.is_err(),
+        "expired certificate accepted over QUIC"
+    );
+
+    // Refused renewals change nothing.
+    let other = CertAuthority::generate("another CA").unwrap();
+    for (bad, why) in [
+        (ca.identity("a2").unwrap(), "this node is"),
+        (other.identity("a1").unwrap(), "CA certificate changed"),
+    ] {
+        let e = a1.reload_identity(&bad).unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    let mismatched = {
+        let (csr, _) = strait::transport::certificate_request("a1").unwrap();
+        let (_, wrong_key) = strait::transport::certificate_request("a1").unwrap();
+        let cert = ca
+            .sign_request(&csr, PeerRole::Node, Duration::from_secs(3600))
+            .unwrap();
+        TlsIdentity::from_pem(
+            ca.cert_pem().as_bytes(),
+            cert.as_bytes(),
+            wrong_key.as_bytes(),
+        )
+        .unwrap()
+    };
+    assert!(
+        a1.reload_identity(&mismatched).is_err(),
+        "key of another certificate"
+    );
+    assert!(exchange(&a1, a2).await.is_err());
+
+    a1.reload_identity(&identity(Duration::from_secs(3600)))
+        .unwrap();
+    assert_eq!(exchange(&a1, a2).await, Ok(LinkKind::TcpTls));
+    assert_eq!(exchange(&a1, b1).await, Ok(LinkKind::Quic));
 }

@@ -343,6 +343,17 @@ impl Collector for NodeCollector {
                 &m.repair_restore_us,
             )?;
         }
+        if let Some(t) = node.transport().certificate_expiry() {
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            gauge(
+                e,
+                "tls_certificate_expiry_timestamp_seconds",
+                "When the certificate this node presents expires (Unix time)",
+                secs,
+            )?;
+        }
         let store = node.store();
         let backend = store.backend().to_string();
         let direct = store.direct_io().to_string();

@@ -1,8 +1,8 @@
 //! The daemon: one node run from a TOML file, shared by `examples/daemon.rs` and the
 //! `strait node` command. [`run`] starts a node from a [`DaemonConfig`], serves
 //! `/metrics` and `/health` ([`http`]), prints `ready <name>` on stdout (and sends
-//! `READY=1` to systemd when `NOTIFY_SOCKET` is set), runs until SIGTERM or SIGINT and
-//! shuts down cleanly.
+//! `READY=1` to systemd when `NOTIFY_SOCKET` is set), reloads its certificate and key on
+//! SIGHUP, runs until SIGTERM or SIGINT and shuts down cleanly.
 
 pub mod export;
 pub mod http;
@@ -51,7 +51,9 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     if let Err(e) = notify_ready() {
         tracing::warn!(error = %e, "cannot tell systemd the node is ready");
     }
+    let reloads = tokio::spawn(reload_on_hangup(path.to_path_buf(), node.clone()));
     wait_for_stop().await;
+    reloads.abort();
     tracing::info!(node = %name, "stopping");
     node.shutdown().await;
     if let Ok(r) = node.rpo() {
@@ -62,6 +64,33 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
         );
     }
     Ok(())
+}
+
+/// On each SIGHUP: reads the configuration file again and presents its certificate and
+/// key from the next handshake on (certificate renewal). A file that does not load, or a
+/// certificate the transport refuses (another node's, another CA's, not valid now), is
+/// logged and changes nothing. Other fields are not applied while the node runs.
+async fn reload_on_hangup(path: std::path::PathBuf, node: Node) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: certificates are loaded at start only");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let loaded = DaemonConfig::from_file(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                node.transport()
+                    .reload_identity(&c.node.identity)
+                    .map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok(()) => tracing::info!(
+                expires = ?node.transport().certificate_expiry(),
+                "SIGHUP: certificate reloaded"
+            ),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: certificate not reloaded"),
+        }
+    }
 }
 
 /// Sends `READY=1` to the socket in `NOTIFY_SOCKET` (systemd's `Type=notify`), if set:

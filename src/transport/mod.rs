@@ -40,7 +40,7 @@ use crate::topology::{NodeId, Tier, Topology};
 pub use framed::{ByteSink, EndMarks, FrameReader, FrameWriter, FramedError, IoSink};
 use reuse::TlsTcp;
 pub use reuse::{TcpSink, TcpSource};
-pub use tls::{CertAuthority, PeerRole, TlsIdentity};
+pub use tls::{CertAuthority, PeerRole, TlsIdentity, certificate_request};
 
 /// How a hop is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
@@ -299,6 +299,10 @@ struct Inner {
     config: TransportConfig,
     endpoint: quinn::Endpoint,
     tls_client: Arc<rustls::ClientConfig>,
+    /// What this node presents in handshakes (replaced on renewal).
+    cert: Arc<tls::CertSlot>,
+    /// The CA it was started with: a renewal must keep it.
+    ca: rustls::pki_types::CertificateDer<'static>,
     /// One QUIC connection per peer, behind a per-peer lock so concurrent opens share it.
     pool: std::sync::Mutex<HashMap<NodeId, Arc<AsyncMutex<Option<quinn::Connection>>>>>,
     /// Idle TLS-over-TCP connections this node opened, per peer, newest last.
@@ -397,8 +401,9 @@ impl Transport {
             return Err(TransportError::NotAPeer(me));
         }
         let addr = topology.node(me).addr;
-        let server_tls = Arc::new(identity.server_config()?);
-        let client_tls = Arc::new(identity.client_config()?);
+        let cert = Arc::new(tls::CertSlot::new(identity)?);
+        let server_tls = Arc::new(identity.server_config_with(cert.clone())?);
+        let client_tls = Arc::new(identity.client_config_with(cert.clone())?);
 
         // The server side serves every peer: size its windows for the widest link.
         let widest = topology
@@ -434,6 +439,8 @@ impl Transport {
             config,
             endpoint: endpoint.clone(),
             tls_client: client_tls,
+            cert,
+            ca: identity.ca().clone(),
             pool: std::sync::Mutex::new(HashMap::new()),
             tcp_idle: std::sync::Mutex::new(HashMap::new()),
             closing: tokio::sync::watch::Sender::new(false),
@@ -461,6 +468,33 @@ impl Transport {
     /// This node.
     pub fn me(&self) -> NodeId {
         self.inner.me
+    }
+
+    /// When the certificate this node presents expires.
+    pub fn certificate_expiry(&self) -> Option<std::time::SystemTime> {
+        self.inner.cert.expiry()
+    }
+
+    /// Presents `identity`'s certificate and key from the next handshake on (certificate
+    /// renewal; connections already up keep theirs). Refused unless it is for this node
+    /// and chains to the same CA (a new CA means a restart of every node), or when the
+    /// key does not match the certificate.
+    pub fn reload_identity(&self, identity: &TlsIdentity) -> Result<(), TransportError> {
+        let me = &self.inner.topology.node(self.inner.me).name;
+        let name = identity.name()?;
+        if &name != me {
+            return Err(TransportError::Tls(format!(
+                "certificate is for {name:?}, this node is {me:?}"
+            )));
+        }
+        if identity.ca() != &self.inner.ca {
+            return Err(TransportError::Tls(
+                "the CA certificate changed: restart with the new CA instead".into(),
+            ));
+        }
+        // Signed by that CA and valid now: the check a peer will make.
+        identity.verify_own()?;
+        self.inner.cert.replace(identity)
     }
 
     /// Tests only: puts `filter` on every frame sent by streams this transport opens or

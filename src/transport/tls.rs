@@ -101,6 +101,20 @@ impl TlsIdentity {
 
     /// Server side: requires a client certificate from the CA.
     pub fn server_config(&self) -> Result<ServerConfig, TransportError> {
+        self.server_config_with(Arc::new(CertSlot::new(self)?))
+    }
+
+    /// Client side: trusts only the CA, presents the node's certificate.
+    pub fn client_config(&self) -> Result<ClientConfig, TransportError> {
+        self.client_config_with(Arc::new(CertSlot::new(self)?))
+    }
+
+    /// Like [`server_config`](Self::server_config), presenting what `slot` holds at each
+    /// handshake.
+    pub(crate) fn server_config_with(
+        &self,
+        slot: Arc<CertSlot>,
+    ) -> Result<ServerConfig, TransportError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
@@ -110,23 +124,124 @@ impl TlsIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_err(e.to_string()))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| tls_err(format!("node certificate/key: {e}")))?;
+            .with_cert_resolver(slot);
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
     }
 
-    /// Client side: trusts only the CA, presents the node's certificate.
-    pub fn client_config(&self) -> Result<ClientConfig, TransportError> {
+    /// Like [`client_config`](Self::client_config), presenting what `slot` holds.
+    pub(crate) fn client_config_with(
+        &self,
+        slot: Arc<CertSlot>,
+    ) -> Result<ClientConfig, TransportError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_err(e.to_string()))?
             .with_root_certificates(self.roots()?)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| tls_err(format!("node certificate/key: {e}")))?;
+            .with_client_cert_resolver(slot);
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
+    }
+
+    /// The CA certificate this identity trusts.
+    pub(crate) fn ca(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+
+    /// The node name of this identity's own certificate.
+    pub fn name(&self) -> Result<String, TransportError> {
+        peer_name(&self.chain[0])
+    }
+
+    /// Checks its own certificate as a peer would: chains to its CA, valid now, for its
+    /// name.
+    pub(crate) fn verify_own(&self) -> Result<(), TransportError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(self.roots()?),
+            provider,
+        )
+        .build()
+        .map_err(|e| tls_err(format!("verifier: {e}")))?;
+        let name = rustls::pki_types::ServerName::try_from(self.name()?)
+            .map_err(|e| tls_err(format!("certificate name: {e}")))?;
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            verifier.as_ref(),
+            &self.chain[0],
+            &self.chain[1..],
+            &name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map_err(|e| tls_err(format!("certificate: {e}")))?;
+        Ok(())
+    }
+}
+
+/// The certificate and key a node presents, swappable while it runs (renewal): both
+/// sides of every new handshake, TCP and QUIC, read it.
+#[derive(Debug)]
+pub(crate) struct CertSlot(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl CertSlot {
+    pub(crate) fn new(id: &TlsIdentity) -> Result<Self, TransportError> {
+        Ok(CertSlot(std::sync::RwLock::new(certified(id)?)))
+    }
+
+    /// Presents `id`'s certificate from the next handshake on.
+    pub(crate) fn replace(&self, id: &TlsIdentity) -> Result<(), TransportError> {
+        let new = certified(id)?;
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = new;
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// When the certificate presented now expires.
+    pub(crate) fn expiry(&self) -> Option<std::time::SystemTime> {
+        let ck = self.get();
+        let (_, cert) = x509_parser::parse_x509_certificate(ck.end_entity_cert().ok()?).ok()?;
+        let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+    }
+}
+
+/// The certified key of `id`, checked: the key matches the certificate.
+fn certified(id: &TlsIdentity) -> Result<Arc<rustls::sign::CertifiedKey>, TransportError> {
+    let provider = rustls::crypto::ring::default_provider();
+    let key = provider
+        .key_provider
+        .load_private_key(id.key.clone_key())
+        .map_err(|e| tls_err(format!("node key: {e}")))?;
+    let ck = rustls::sign::CertifiedKey::new(id.chain.clone(), key);
+    ck.keys_match()
+        .map_err(|e| tls_err(format!("node certificate/key: {e}")))?;
+    Ok(Arc::new(ck))
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertSlot {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -262,19 +377,7 @@ impl CertAuthority {
     pub fn issue_as(&self, name: &str, role: PeerRole) -> Result<IssuedCert, TransportError> {
         let key =
             rcgen::KeyPair::generate().map_err(|e| tls_err(format!("key for {name}: {e}")))?;
-        let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
-            .map_err(|e| tls_err(format!("certificate for {name:?}: {e}")))?;
-        let uri = rcgen::string::Ia5String::try_from(role.uri())
-            .map_err(|e| tls_err(format!("role URI: {e}")))?;
-        params.subject_alt_names.push(rcgen::SanType::URI(uri));
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params
+        let cert = identity_params(name, role)?
             .signed_by(&key, &self.issuer)
             .map_err(|e| tls_err(format!("certificate for {name}: {e}")))?;
         Ok(IssuedCert {
@@ -338,6 +441,88 @@ impl CertAuthority {
     }
 }
 
+impl CertAuthority {
+    /// The CA of an existing `ca.pem` and `ca.key` (to sign requests on the CA's host).
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, TransportError> {
+        let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| tls_err(format!("CA key: {e}")))?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|e| tls_err(format!("CA certificate: {e}")))?;
+        Ok(CertAuthority {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
+    /// Signs a certificate request made by [`certificate_request`]: a certificate for the
+    /// one name it asks for, with `role`, valid from now for `validity`. Nothing else of
+    /// the request is copied (a request cannot ask for a role, more names or a CA bit).
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        role: PeerRole,
+        validity: std::time::Duration,
+    ) -> Result<String, TransportError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| tls_err(format!("certificate request: {e}")))?;
+        let names: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|n| match n {
+                rcgen::SanType::DnsName(d) => Some(d.as_str().to_string()),
+                _ => None,
+            })
+            .collect();
+        let [name] = names.as_slice() else {
+            return Err(tls_err(format!(
+                "certificate request names {names:?}: it must name exactly one node"
+            )));
+        };
+        let mut params = identity_params(name, role)?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now
+            + time::Duration::try_from(validity).map_err(|e| tls_err(format!("validity: {e}")))?;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| tls_err(format!("certificate for {name}: {e}")))?;
+        Ok(cert.pem())
+    }
+}
+
+/// A new key for node `name` and a certificate request for it, both PEM: (request, key).
+/// The key stays on the node's host; the request goes to the CA's
+/// ([`CertAuthority::sign_request`]).
+pub fn certificate_request(name: &str) -> Result<(String, String), TransportError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| tls_err(format!("key for {name}: {e}")))?;
+    let params = rcgen::CertificateParams::new(vec![name.to_string()])
+        .map_err(|e| tls_err(format!("request for {name:?}: {e}")))?;
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(|e| tls_err(format!("request for {name}: {e}")))?;
+    Ok((csr, key.serialize_pem()))
+}
+
+/// Certificate parameters of identity `name` with `role`: the name as DNS SAN and CN, the
+/// role as a URI SAN, usable as TLS server and client.
+fn identity_params(name: &str, role: PeerRole) -> Result<rcgen::CertificateParams, TransportError> {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
+        .map_err(|e| tls_err(format!("certificate for {name:?}: {e}")))?;
+    let uri = rcgen::string::Ia5String::try_from(role.uri())
+        .map_err(|e| tls_err(format!("role URI: {e}")))?;
+    params.subject_alt_names.push(rcgen::SanType::URI(uri));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
+}
+
 /// Writes PEM text to `path`; a secret ends up mode 0600 whether or not the file existed.
 fn write_pem(path: &Path, text: &str, secret: bool) -> Result<PathBuf, TransportError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -355,4 +540,56 @@ fn write_pem(path: &Path, text: &str, secret: bool) -> Result<PathBuf, Transport
         .map_err(io)?;
     std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io)?;
     Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::pem::PemObject;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_signed_request_has_the_name_role_and_validity_the_ca_chose() {
+        let ca = CertAuthority::generate("test CA").unwrap();
+        let ca = CertAuthority::load(ca.cert_pem(), ca.key_pem()).unwrap();
+        let (csr, key) = certificate_request("b7").unwrap();
+        let days = std::time::Duration::from_secs(30 * 86_400);
+        let cert = ca.sign_request(&csr, PeerRole::Client, days).unwrap();
+        // The key that made the request goes with the certificate.
+        TlsIdentity::from_pem(ca.cert_pem().as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap();
+        let d = der(&cert);
+        assert_eq!(peer_name(&d).unwrap(), "b7");
+        assert_eq!(peer_role(&d), PeerRole::Client);
+        let (_, x) = x509_parser::parse_x509_certificate(&d).unwrap();
+        let life = x.validity().not_after.timestamp() - x.validity().not_before.timestamp();
+        assert!((30 * 86_400..=30 * 86_400 + 600).contains(&life), "{life}");
+        assert!(!x.is_ca());
+    }
+
+    #[test]
+    fn a_request_for_more_than_one_name_is_refused() {
+        let ca = CertAuthority::generate("test CA").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(vec!["a1".to_string(), "a2".to_string()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let e = ca
+            .sign_request(&csr, PeerRole::Node, std::time::Duration::from_secs(86_400))
+            .unwrap_err();
+        assert!(e.to_string().contains("exactly one node"), "{e}");
+        assert!(
+            ca.sign_request(
+                "not a request",
+                PeerRole::Node,
+                std::time::Duration::from_secs(1)
+            )
+            .is_err()
+        );
+    }
 }

@@ -6,12 +6,14 @@
 //! - [`client`]: `put` and `get` against a running local cluster.
 //! - [`dciemu`]: the DCI emulator (UDP relay with delay, rate cap, loss).
 //! - [`fsck`]: verify every replica of a stopped store.
+//! - [`certs`]: per-host certificates (CA, request, sign).
 //! - [`check`]: a manifest's blocks checked against a running cluster
 //!   (`fsck --manifest`) and restored to their replica sets (`repair --manifest`).
 //! - [`helpers`]: the daemon and DCI-emulator subcommands a cluster is made of.
 //! - [`demo`]: the main job: a local cluster through sync, async, an IDC outage and back.
 
 pub mod bench;
+pub mod certs;
 pub mod check;
 pub mod cli;
 pub mod client;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use strait::placement::ReplicationSpec;
 use strait::topology::Topology;
 use strait::transport::{CertAuthority, PeerRole};
+use strait_tools::certs;
 use strait_tools::cli::{Failure, Mode, parse_duration, parse_rate, parse_size};
 use strait_tools::plan::{self, PlanParams, Summary};
 
@@ -156,14 +157,19 @@ enum Command {
         #[arg(long, default_value = "idc-a")]
         from: String,
     },
-    /// Generate a cluster CA and one certificate per node of a topology (PEM files).
+    /// Certificates. With `--out`: a CA and every identity of a topology on this host (a
+    /// local or test cluster). On real hosts: `ca` on the CA's host, `request` on each
+    /// node's (its key never leaves it), `sign` back on the CA's.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Certs {
+        #[command(subcommand)]
+        action: Option<CertsAction>,
         /// Topology file (TOML).
         #[arg(long, default_value = "examples/two-idc.toml")]
         topology: PathBuf,
         /// Output directory for the CA certificate and the node (and client) identities.
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required = true)]
+        out: Option<PathBuf>,
         /// Where the CA key goes (default: `ca.key` beside the output directory, not in
         /// it, so that the directory can be handed to nodes).
         #[arg(long)]
@@ -173,6 +179,52 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         clients: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// A new cluster CA in DIR: ca.pem (for every node) and ca.key (stays on this host).
+    Ca {
+        /// Directory for ca.pem and ca.key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// On a node's host: NODE.key (stays here) and NODE.csr (send it to the CA's host).
+    Request {
+        /// The node's name in the topology.
+        #[arg(long)]
+        node: String,
+        /// Directory for the key and the request.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// On the CA's host: a certificate for a request, with a role and a validity period.
+    /// Renewal: sign a fresh request, replace the node's files, send the daemon SIGHUP.
+    Sign {
+        /// The certificate request (from `certs request`).
+        #[arg(long)]
+        csr: PathBuf,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// `node` (relays, copies, replaces replicas) or `client` (reads, writes new
+        /// blocks, recovers its own writes).
+        #[arg(long, value_enum, default_value_t = Role::Node)]
+        role: Role,
+        /// How long the certificate is valid.
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        valid_for: std::time::Duration,
+        /// Where the certificate goes (PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Role of a certificate.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Role {
+    Node,
+    Client,
 }
 
 #[derive(Subcommand)]
@@ -377,11 +429,41 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Fsck { .. } => Err(Failure::Usage("fsck needs --store or --manifest".into())),
         Command::Certs {
+            action: Some(action),
+            ..
+        } => {
+            let files = match action {
+                CertsAction::Ca { out } => certs::ca(&out)?,
+                CertsAction::Request { node, out } => certs::request(&node, &out)?,
+                CertsAction::Sign {
+                    csr,
+                    ca,
+                    role,
+                    valid_for,
+                    out,
+                } => {
+                    let role = match role {
+                        Role::Node => PeerRole::Node,
+                        Role::Client => PeerRole::Client,
+                    };
+                    vec![certs::sign(&ca, &csr, role, valid_for, &out)?]
+                }
+            };
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Command::Certs {
+            action: None,
             topology,
             out,
             ca_key,
             clients,
         } => {
+            let Some(out) = out else {
+                return Err(Failure::Usage("certs needs --out or a subcommand".into()));
+            };
             let topo = topology_file(&topology)?;
             if let Some(c) = clients.iter().find(|c| topo.node_by_name(c).is_none()) {
                 return Err(Failure::Usage(format!(
