@@ -24,7 +24,15 @@ struct Row {
 }
 
 /// Runs the demo in `dir` (a fresh work directory) and returns the report.
-pub async fn run(dir: &Path, set_bytes: usize, block_bytes: u64) -> Result<String, String> {
+/// Runs the demo in `dir`; with `plot`, also writes an SVG chart of DCI throughput per
+/// class over the run there, and one of the RPO (bytes only in one IDC) beside it
+/// (`NAME-rpo.svg`).
+pub async fn run(
+    dir: &Path,
+    set_bytes: usize,
+    block_bytes: u64,
+    plot: Option<&Path>,
+) -> Result<String, String> {
     let spec = ClusterSpec {
         idcs: 2,
         racks: 2,
@@ -39,14 +47,125 @@ pub async fn run(dir: &Path, set_bytes: usize, block_bytes: u64) -> Result<Strin
         .await
         .map_err(|e| e.to_string())??;
     println!("{summary}");
+    let sampler = plot.map(|_| Sampler::start(&spec));
     let result = scenario(dir, &spec, set_bytes, block_bytes).await;
+    let charts = match (sampler, plot) {
+        (Some(s), Some(path)) => s.finish(path).await,
+        _ => Ok(String::new()),
+    };
     let d = dir.to_path_buf();
     let down = tokio::task::spawn_blocking(move || cluster::down(&d))
         .await
         .map_err(|e| e.to_string())?;
     let report = result?;
     down?;
-    Ok(report)
+    Ok(report + &charts?)
+}
+
+/// Scrapes every daemon every 250 ms for the charts of `--plot`.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(f64, [f64; 4], f64)>>,
+}
+
+const CLASSES: [&str; 4] = ["sync", "read", "async", "repair"];
+
+impl Sampler {
+    fn start(spec: &ClusterSpec) -> Sampler {
+        let metrics: Vec<_> = cluster::plan(spec)
+            .into_iter()
+            .filter(|n| !n.client)
+            .map(|n| n.metrics)
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut out = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let m = metrics.clone();
+                let sample = tokio::task::spawn_blocking(move || {
+                    let granted = CLASSES.map(|c| {
+                        cluster::scrape_labelled(
+                            &m,
+                            "strait_dci_granted_bytes_total",
+                            &format!("class=\"{c}\""),
+                        )
+                    });
+                    (
+                        granted,
+                        cluster::scrape_sum(&m, "strait_replication_pending_bytes"),
+                    )
+                })
+                .await;
+                if let Ok((granted, pending)) = sample {
+                    out.push((t0.elapsed().as_secs_f64(), granted, pending));
+                }
+            }
+            out
+        });
+        Sampler { stop, task }
+    }
+
+    /// Stops sampling and writes the two charts; returns the lines naming them.
+    async fn finish(self, path: &Path) -> Result<String, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.task.await.map_err(|e| e.to_string())?;
+        // A daemon that was down for a sample makes its counters dip: rates below zero
+        // are cut to zero.
+        let mut dci: Vec<crate::plot::Series> = CLASSES
+            .iter()
+            .map(|c| crate::plot::Series {
+                name: (*c).to_string(),
+                points: Vec::new(),
+            })
+            .collect();
+        for w in samples.windows(5) {
+            let (a, b) = (&w[0], &w[4]);
+            let dt = (b.0 - a.0).max(1e-9);
+            for (k, s) in dci.iter_mut().enumerate() {
+                s.points
+                    .push((b.0, ((b.1[k] - a.1[k]) / dt / 1e6).max(0.0)));
+            }
+        }
+        crate::plot::write_svg(
+            path,
+            &crate::plot::Chart {
+                title: "strait demo: DCI throughput per class (sync, async, idc-b down and back, kill -9)",
+                x_label: "seconds",
+                y_label: "MB/s admitted",
+                series: dci,
+                marks: vec![("DCI budget".to_string(), 125.0)],
+            },
+        )?;
+        let rpo_path = path.with_file_name(format!(
+            "{}-rpo.svg",
+            path.file_stem().and_then(|s| s.to_str()).unwrap_or("demo")
+        ));
+        crate::plot::write_svg(
+            &rpo_path,
+            &crate::plot::Chart {
+                title: "strait demo: RPO, async bytes not yet in the other IDC",
+                x_label: "seconds",
+                y_label: "MiB pending",
+                series: vec![crate::plot::Series {
+                    name: "pending".to_string(),
+                    points: samples
+                        .iter()
+                        .map(|s| (s.0, s.2 / (1u64 << 20) as f64))
+                        .collect(),
+                }],
+                marks: Vec::new(),
+            },
+        )?;
+        Ok(format!(
+            "charts: {} (DCI per class), {} (RPO)\n",
+            path.display(),
+            rpo_path.display()
+        ))
+    }
 }
 
 async fn put(

@@ -23,3 +23,4 @@ pub mod demo;
 pub mod fsck;
 pub mod helpers;
 pub mod plan;
+pub mod plot;

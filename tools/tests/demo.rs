@@ -1,5 +1,5 @@
-//! The README's first command, small: `strait demo` runs to completion, prints its table
-//! and leaves no process behind.
+//! The README's first command, small: `strait demo` runs to completion, prints its table,
+//! draws its charts and leaves no process behind.
 
 #[test]
 fn demo_runs_to_completion() {
@@ -13,6 +13,8 @@ fn demo_runs_to_completion() {
             "8MiB",
             "--block-size",
             "2MiB",
+            "--plot",
+            &dir.path().join("demo.svg").display().to_string(),
         ])
         .output()
         .unwrap();
@@ -44,4 +46,18 @@ fn demo_runs_to_completion() {
         !dir.path().join("demo/cluster.pids").exists(),
         "the cluster was stopped"
     );
+    // The charts: DCI throughput per class and the RPO, with lines.
+    for (file, words) in [
+        ("demo.svg", ["DCI throughput per class", "sync", "async"]),
+        ("demo-rpo.svg", ["RPO", "MiB pending", "pending"]),
+    ] {
+        let svg = std::fs::read_to_string(dir.path().join(file)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{file}"
+        );
+        for w in words {
+            assert!(svg.contains(w), "{file} misses {w:?}");
+        }
+    }
 }

@@ -36,6 +36,8 @@ pub struct DciBenchParams {
     pub sync_blocks_per_s: u64,
     /// Directory for the node stores.
     pub dir: std::path::PathBuf,
+    /// Where to write an SVG chart of DCI throughput per class over the three phases.
+    pub plot: Option<std::path::PathBuf>,
 }
 
 struct Phase {
@@ -48,6 +50,8 @@ struct Phase {
     worst_admitted: f64,
     per_class: [u64; 4],
     sync_acks: Latency,
+    /// Bytes admitted per class since the phase began, every 100 ms: (seconds, bytes).
+    timeline: Vec<(f64, [u64; 4])>,
 }
 
 /// Half the blocks text-like (compressible), half random.
@@ -146,10 +150,16 @@ async fn run_phase(
     let g0 = granted(a1);
     let admitted = |a1: &Node| granted(a1).iter().sum::<u64>();
     let mut samples = vec![(Duration::ZERO, arrived(b_nodes), admitted(a1))];
+    let mut timeline = vec![(0.0, [0; 4])];
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     while start.elapsed() < Duration::from_secs(p.phase_secs) {
         tick.tick().await;
         samples.push((start.elapsed(), arrived(b_nodes), admitted(a1)));
+        let g = granted(a1);
+        timeline.push((
+            start.elapsed().as_secs_f64(),
+            std::array::from_fn(|i| g[i] - g0[i]),
+        ));
     }
     let g1 = granted(a1);
     stop.store(true, Ordering::Relaxed);
@@ -193,7 +203,47 @@ async fn run_phase(
         worst_admitted,
         per_class,
         sync_acks,
+        timeline,
     })
+}
+
+/// The chart of `--plot`: MB/s admitted per class over 500 ms windows, the phases one
+/// after another, and the budget.
+fn plot(path: &std::path::Path, budget: u64, phases: &[&Phase]) -> Result<(), String> {
+    let mut series: Vec<crate::plot::Series> = CLASSES
+        .iter()
+        .map(|c| crate::plot::Series {
+            name: format!("{c:?}").to_lowercase(),
+            points: Vec::new(),
+        })
+        .collect();
+    let mut offset = 0.0;
+    for ph in phases {
+        let t = &ph.timeline;
+        for (i, &(secs, bytes)) in t.iter().enumerate().skip(5) {
+            let (secs0, bytes0) = t[i - 5];
+            let dt = (secs - secs0).max(1e-9);
+            for (k, s) in series.iter_mut().enumerate() {
+                s.points
+                    .push((offset + secs, (bytes[k] - bytes0[k]) as f64 / dt / 1e6));
+            }
+        }
+        offset += ph.secs;
+    }
+    let names: Vec<&str> = phases.iter().map(|ph| ph.name).collect();
+    crate::plot::write_svg(
+        path,
+        &crate::plot::Chart {
+            title: &format!(
+                "strait-bench dci: DCI throughput per class ({})",
+                names.join(" | ")
+            ),
+            x_label: "seconds",
+            y_label: "MB/s admitted",
+            series,
+            marks: vec![("budget".to_string(), budget as f64 / 1e6)],
+        },
+    )
 }
 
 /// Runs the scenario; prints the table and returns the JSON summary.
@@ -292,7 +342,10 @@ pub async fn run(p: &DciBenchParams) -> Result<serde_json::Value, String> {
         saved,
         100.0 * saved as f64 / (wire + saved).max(1) as f64
     );
-    let _ = p0.secs;
+    if let Some(path) = &p.plot {
+        plot(path, p.budget, &[&p0, &p1, &p2])?;
+        println!("chart: {}", path.display());
+    }
     Ok(json!({
         "scenario": "dci",
         "budget_bps": p.budget * 8,

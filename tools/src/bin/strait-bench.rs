@@ -185,6 +185,9 @@ enum Scenario {
         /// Directory for the node stores.
         #[arg(long, default_value = "target/strait-bench-dci")]
         dir: PathBuf,
+        /// Write an SVG chart of DCI throughput per class over the phases here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Transport: framed stream vs raw quinn stream vs framed TLS-over-TCP, and the
     /// round-trip latency of a small request.
@@ -384,6 +387,7 @@ fn bench(scenario: Scenario) -> ExitCode {
                 readers,
                 sync_blocks_per_s,
                 dir,
+                plot,
             } => {
                 dci::run(&DciBenchParams {
                     budget,
@@ -391,6 +395,7 @@ fn bench(scenario: Scenario) -> ExitCode {
                     readers: readers.max(1),
                     sync_blocks_per_s,
                     dir,
+                    plot,
                 })
                 .await
             }

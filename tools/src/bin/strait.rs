@@ -104,6 +104,10 @@ enum Command {
         /// Bytes per block (HDFS uses 128 MiB; blocks are written one after another).
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         block_size: u64,
+        /// Write an SVG chart of DCI throughput per class here, and one of the RPO beside
+        /// it (NAME-rpo.svg).
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Run a storage node (the daemon) from a TOML configuration file, until
     /// SIGTERM or SIGINT. Same as `cargo run --example daemon -- --config FILE`.
@@ -330,11 +334,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             dir,
             set,
             block_size,
+            plot,
         } => {
             let set =
                 usize::try_from(set).map_err(|_| Failure::Usage("--set: too large".into()))?;
             let rt = runtime()?;
-            let report = rt.block_on(strait_tools::demo::run(&dir, set, block_size))?;
+            let report = rt.block_on(strait_tools::demo::run(
+                &dir,
+                set,
+                block_size,
+                plot.as_deref(),
+            ))?;
             print!("{report}");
             Ok(())
         }
