@@ -40,7 +40,7 @@ use crate::topology::{NodeId, Tier, Topology};
 pub use framed::{ByteSink, EndMarks, FrameReader, FrameWriter, FramedError, IoSink};
 use reuse::TlsTcp;
 pub use reuse::{TcpSink, TcpSource};
-pub use tls::{CertAuthority, PeerRole, TlsIdentity, certificate_request};
+pub use tls::{CertAuthority, PeerRole, TlsIdentity, certificate_request, write_pem};
 
 /// How a hop is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]

@@ -434,9 +434,6 @@ impl CertAuthority {
 
     /// Writes the CA key to `path` (mode 0600), for issuing more certificates later.
     pub fn write_ca_key(&self, path: &Path) -> Result<PathBuf, TransportError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| tls_err(format!("{}: {e}", dir.display())))?;
-        }
         write_pem(path, &self.key_pem, true)
     }
 }
@@ -524,9 +521,13 @@ fn identity_params(name: &str, role: PeerRole) -> Result<rcgen::CertificateParam
 }
 
 /// Writes PEM text to `path`; a secret ends up mode 0600 whether or not the file existed.
-fn write_pem(path: &Path, text: &str, secret: bool) -> Result<PathBuf, TransportError> {
+/// (Its directory is created if missing.)
+pub fn write_pem(path: &Path, text: &str, secret: bool) -> Result<PathBuf, TransportError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |e: std::io::Error| tls_err(format!("{}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
     let mode = if secret { 0o600 } else { 0o644 };
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -6,27 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use strait::transport::{CertAuthority, PeerRole, certificate_request};
+use strait::transport::{CertAuthority, PeerRole, certificate_request, write_pem};
 
-/// Writes `text` to `path`, mode 0600 when `secret` (whether or not the file existed).
 fn write(path: &Path, text: &str, secret: bool) -> Result<PathBuf, String> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |e: std::io::Error| format!("{}: {e}", path.display());
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let mode = if secret { 0o600 } else { 0o644 };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io)?;
-    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io)?;
-    Ok(path.to_path_buf())
+    write_pem(path, text, secret).map_err(|e| e.to_string())
 }
 
 fn read(path: &Path) -> Result<String, String> {
