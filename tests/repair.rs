@@ -472,3 +472,44 @@ async fn a_restarted_survivor_still_knows_what_it_owes() {
         3 * LEN as u64
     );
 }
+
+/// A node's peer watch feeds placement: once a1 counts b2 as down, the node states it
+/// hands to placement mark b2 dead, and no placement chooses it; once b2 is back, it is
+/// chosen again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_skips_a_node_the_peer_watch_counts_down() {
+    use rand::SeedableRng;
+    use strait::placement;
+    use strait::topology::Origin;
+    let mut c =
+        Cluster::start_repairing(config(Duration::from_secs(60), Duration::from_secs(1))).await;
+    let (a1, b2) = (c.node("a1").clone(), c.id("b2"));
+    assert!(a1.node_states().get(b2).alive);
+    let me = a1.node_states().get(a1.id()).free_bytes;
+    assert!(me > 0 && me <= c.topo.node(a1.id()).capacity);
+    c.stop("b2").await;
+    wait_for("a1 counts b2 down", Duration::from_secs(10), || {
+        !a1.node_states().get(b2).alive
+    })
+    .await;
+    let origin = Origin::node(c.topo.location(a1.id()));
+    let spec = "2+2".parse().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let states = a1.node_states();
+    let mut remote = std::collections::BTreeSet::new();
+    for _ in 0..500 {
+        let p = placement::choose_targets(&c.topo, &origin, &spec, &[], &states, &mut rng).unwrap();
+        assert!(!p.targets().contains(&b2), "placed on a node counted down");
+        remote.extend(p.targets()[2..].iter().copied());
+    }
+    assert_eq!(
+        remote.len(),
+        3,
+        "the other three of idc-b all take replicas"
+    );
+    c.start_node("b2").await;
+    wait_for("a1 counts b2 up", Duration::from_secs(10), || {
+        a1.node_states().get(b2).alive
+    })
+    .await;
+}

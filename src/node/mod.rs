@@ -313,6 +313,28 @@ impl Node {
         self.repairs.as_ref().map(|r| r.status())
     }
 
+    /// What this node knows of every node, for placement
+    /// ([`placement::choose_targets`](crate::placement::choose_targets)): the nodes its
+    /// peer watch counts as down (with `NodeConfig::repair`) are not alive, and its own
+    /// free bytes are what its store's filesystem has left (at most its capacity). Other
+    /// nodes' free space is not known here: their capacity stands for it.
+    pub fn node_states(&self) -> crate::placement::NodeStates {
+        let topo = &self.ctx.topology;
+        let mut states = crate::placement::NodeStates::from_topology(topo);
+        for down in self.repair_status().map(|r| r.down).unwrap_or_default() {
+            let mut s = *states.get(down);
+            s.alive = false;
+            states.set(down, s);
+        }
+        if let Ok(fs) = rustix::fs::statvfs(self.ctx.store.root()) {
+            let me = self.ctx.me;
+            let mut s = *states.get(me);
+            s.free_bytes = s.free_bytes.min(fs.f_bavail.saturating_mul(fs.f_frsize));
+            states.set(me, s);
+        }
+        states
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.ctx.me
