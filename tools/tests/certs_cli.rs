@@ -41,20 +41,14 @@ fn ca_request_sign_make_an_identity_whose_key_never_left_its_host() {
     let csr = ca_host.join("a1.csr");
     std::fs::copy(node_host.join("a1.csr"), &csr).unwrap();
     let cert = ca_host.join("a1.pem");
-    let out = strait(&[
-        "certs",
-        "sign",
-        "--csr",
-        &s(&csr),
-        "--ca",
-        &s(&ca_host),
-        "--role",
-        "client",
-        "--valid-for",
-        "90d",
-        "--out",
-        &s(&cert),
-    ]);
+    let sign = |extra: &[&str], out: &Path| {
+        let mut args = vec!["certs", "sign"];
+        let (csr, ca, out) = (s(&csr), s(&ca_host), s(out));
+        args.extend(["--csr", &csr, "--ca", &ca, "--out", &out]);
+        args.extend(extra);
+        strait(&args)
+    };
+    let out = sign(&["--role", "client", "--valid-for", "90d"], &cert);
     assert!(out.status.success(), "{out:?}");
     std::fs::copy(&cert, node_host.join("a1.pem")).unwrap();
     std::fs::copy(ca_host.join("ca.pem"), node_host.join("ca.pem")).unwrap();
@@ -69,29 +63,9 @@ fn ca_request_sign_make_an_identity_whose_key_never_left_its_host() {
 
     // A bad request, a bad validity: usage errors, nothing written.
     std::fs::write(&csr, "garbage").unwrap();
-    let bad = strait(&[
-        "certs",
-        "sign",
-        "--csr",
-        &s(&csr),
-        "--ca",
-        &s(&ca_host),
-        "--out",
-        &s(&dir.path().join("x.pem")),
-    ]);
+    let bad = sign(&[], &dir.path().join("x.pem"));
     assert!(!bad.status.success());
     assert!(!dir.path().join("x.pem").exists());
-    let bad = strait(&[
-        "certs",
-        "sign",
-        "--csr",
-        &s(&csr),
-        "--ca",
-        &s(&ca_host),
-        "--valid-for",
-        "a year",
-        "--out",
-        "x.pem",
-    ]);
+    let bad = sign(&["--valid-for", "a year"], &dir.path().join("y.pem"));
     assert_eq!(bad.status.code(), Some(2));
 }
