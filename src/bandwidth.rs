@@ -358,6 +358,11 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
         }
     };
     apply(&lease, &mut applied, Instant::now());
+    if candidates.is_empty() {
+        // No storage node sends on this link (only client identities): nobody to ask,
+        // this node stays at its floor.
+        return;
+    }
     loop {
         let sent_at = Instant::now();
         let mut demand = measure(&gov, &mut prev, sent_at - last, budget, &svc.settings.spot);
@@ -402,11 +407,13 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
             .iter()
             .copied()
             .find(|c| skip_until.get(c).is_none_or(|&t| sent_at >= t));
-        let preferred = preferred.unwrap_or_else(|| {
+        let Some(preferred) = preferred.or_else(|| {
             // Everyone failed recently: start again from the first.
             skip_until.clear();
-            candidates[0]
-        });
+            candidates.first().copied()
+        }) else {
+            return;
+        };
         // Moving to another allocator waits two leases after the last report to the old
         // one: the old one counts this member at what it granted it (maybe just the
         // floor) for a lease, and grants it made to others meanwhile run for one more.
