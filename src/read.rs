@@ -1,11 +1,11 @@
 //! Reads from the closest healthy replica.
 //!
 //! A [`Reader`] orders a block's replicas with
-//! [`placement::sort_by_distance`](crate::placement::sort_by_distance): the reader's own
+//! [`crate::placement::sort_by_distance`]: the reader's own
 //! node (read straight from the local store, no network), its rack, its IDC, then the
 //! other IDC. Every chunk is verified end to end. A checksum mismatch, a missing replica,
 //! a genstamp mismatch or a dead node moves on to the next replica, and a corrupt replica
-//! is reported as a [`NodeEvent::CorruptReplica`](crate::context::NodeEvent::CorruptReplica). A read slower
+//! is reported as a `NodeEvent::CorruptReplica`. A read slower
 //! than the hedge threshold is started again on another replica in the same IDC, and the
 //! first answer wins. The other IDC is asked only when no replica in the reader's IDC can
 //! serve. Bytes read are counted per distance tier in
@@ -13,7 +13,7 @@
 //!
 //! When no replica can serve, [`ReadError::NoReplica`] lists each replica tried with a
 //! typed [`ReplicaFailure`]. This module also holds the read service a node runs for its
-//! peers ([`serve`]).
+//! peers (`serve`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //! (verified) from the nearest source. A task whose block has moved on (a newer genstamp
 //! here, or no source with its genstamp) is obsolete.
 //! This module sits above the pipeline and the reader, which it drives; the replication
-//! queue drives it through [`Copier`].
+//! queue drives it through `Copier`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -24,7 +24,7 @@
 
 //!
 //! The pieces: [`Writer`] (`writer.rs`), the relay (`relay.rs`), and the prefix copy that
-//! brings a spare into a recovering pipeline (`copy.rs`). [`Pipelines`] is the service a
+//! brings a spare into a recovering pipeline (`copy.rs`). `Pipelines` is the service a
 //! node runs: it owns the pipeline tuning, the registry of relays and the handle on the
 //! node's replication queue, and serves `WriteBlock` and `CopyBlock` streams.
 

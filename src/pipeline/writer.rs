@@ -40,7 +40,7 @@ impl Drop for Pipe {
 /// Latency of packet acks, in microseconds.
 pub type AckHistogram = hdrhistogram::Histogram<u64>;
 
-/// Streams one block through a pipeline of nodes. See the [module docs](self).
+/// Streams one block through a pipeline of nodes. See the module docs of `pipeline::writer`.
 pub struct Writer {
     ctx: Arc<NodeContext>,
     svc: Arc<Pipelines>,

@@ -5,11 +5,11 @@
 //!
 //! This module owns the queue: the durable log, the RPO figures and policy, and the
 //! dispatcher that hands tasks in log order to at most `workers` concurrent copies, with
-//! capped exponential backoff and jitter between attempts ([`Backoff`]), so a remote IDC
+//! capped exponential backoff and jitter between attempts (`Backoff`), so a remote IDC
 //! that is down pauses the workers without spinning and without losing tasks. The copy
 //! itself — probing the remote targets, reading a source, writing the missing replicas —
 //! is the node's `transfer` service, which the dispatcher drives
-//! through [`Copier`]; it sits above the pipeline and the reader that it uses, while the
+//! through `Copier`; it sits above the pipeline and the reader that it uses, while the
 //! pipeline queues into this module.
 
 mod log;

@@ -34,7 +34,7 @@ const SEALED: u8 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum MetaError {
-    /// Fewer than [`HEADER_LEN`] bytes.
+    /// Fewer than `HEADER_LEN` (32) bytes.
     #[error("meta header truncated ({0} bytes)")]
     Truncated(usize),
     /// Not a strait meta file.
