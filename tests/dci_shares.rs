@@ -272,3 +272,52 @@ async fn a_slow_allocator_keeps_its_members() {
     }
     stop.store(true, Ordering::Relaxed);
 }
+
+/// A partial partition: a4's reports reach a1 but no grant comes back, while every other
+/// member is served by a1. a4 moves to the next allocator (a2) and two allocators serve
+/// the link at once; each counts the members that do not report to it at an equal
+/// share, so the configured rates never add up to more than the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_allocators_in_a_partial_partition_stay_within_budget() {
+    let mut c = Cluster::start_shared(BUDGET, settings()).await;
+    // Filters apply to streams opened later: a1 restarts with one that kills its grants
+    // to a4.
+    c.stop("a1").await;
+    c.start_node("a1").await;
+    let a4 = c.id("a4");
+    c.node("a1")
+        .transport()
+        .set_frame_filter(Some(Arc::new(move |hop: Hop, f: &Frame| match f {
+            Frame::ShareGrant(_) if hop.to == a4 => FrameAction::Kill,
+            _ => FrameAction::Pass,
+        })));
+    let govs: Vec<DciGovernor> = SENDERS.iter().map(|n| governor(&c, n)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    for g in &govs {
+        saturate(g.clone(), TrafficClass::Async, stop.clone());
+    }
+    let watcher = watch_sum(
+        govs.clone(),
+        Arc::new(std::sync::Mutex::new(None)),
+        stop.clone(),
+    );
+    let idc_b = c.topo.idc_by_name("idc-b").unwrap();
+    let (a1, a2) = (c.id("a1"), c.id("a2"));
+    let leased_from = |c: &Cluster, n: &str, from| {
+        c.node(n)
+            .dci_share(idc_b)
+            .is_some_and(|s| s.leased && s.allocator == Some(from))
+    };
+    until(
+        "a2 and a3 lease from a1 while a4 leases from a2",
+        Duration::from_secs(30),
+        || leased_from(&c, "a2", a1) && leased_from(&c, "a3", a1) && leased_from(&c, "a4", a2),
+    )
+    .await;
+    // Both allocators grant for a while; the link is still used.
+    let sent = throughput(&govs[1], TrafficClass::Async, Duration::from_secs(2)).await;
+    assert!(sent > 0, "a2 sends while it allocates for a4");
+    stop.store(true, Ordering::Relaxed);
+    let max = watcher.await.unwrap();
+    assert!(max <= BUDGET, "configured rates summed to {max} > {BUDGET}");
+}
