@@ -12,11 +12,14 @@
 //!   allocator answers with leased grants, weighted max-min fair in class priority order
 //!   (reserved before spot); the sum of what members use stays within the budget at every
 //!   instant, including while grants change and when the allocator dies.
+//! - [`tenants`]: tenant quotas on a link (guarantee, deserved, capability: Volcano's
+//!   queue semantics), idle quota lent and taken back. Not yet wired into `shares`.
 
 pub mod gang;
 pub mod repair;
 pub mod route;
 pub mod shares;
+pub mod tenants;
 
 pub use gang::{Admission, Slots};
 pub use route::{CopyPlan, Leg, SourceLoad, choose_source, plan_copy};
