@@ -170,7 +170,7 @@ fn shares(
     for name in raw.spot {
         let class = crate::wire::TrafficClass::ALL
             .into_iter()
-            .find(|c| format!("{c:?}").eq_ignore_ascii_case(&name))
+            .find(|c| c.name().eq_ignore_ascii_case(&name))
             .ok_or_else(|| {
                 field(
                     "dci.shares.spot",

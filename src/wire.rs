@@ -176,6 +176,17 @@ impl TrafficClass {
         TrafficClass::Async,
         TrafficClass::Repair,
     ];
+
+    /// Its name in configuration, metrics labels and reports: `sync`, `read`, `async`,
+    /// `repair`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrafficClass::Sync => "sync",
+            TrafficClass::Read => "read",
+            TrafficClass::Async => "async",
+            TrafficClass::Repair => "repair",
+        }
+    }
 }
 u8_enum!(Compression, "compression", None, Zstd);
 u8_enum!(

@@ -154,15 +154,6 @@ fn esc(v: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn class_name(c: crate::wire::TrafficClass) -> &'static str {
-    match c {
-        crate::wire::TrafficClass::Sync => "sync",
-        crate::wire::TrafficClass::Read => "read",
-        crate::wire::TrafficClass::Async => "async",
-        crate::wire::TrafficClass::Repair => "repair",
-    }
-}
-
 impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result {
         let node = &self.0;
@@ -232,7 +223,7 @@ impl Collector for NodeCollector {
         let per_class = |f: fn(&crate::dci::governor::ClassStats) -> u64| {
             links.iter().flat_map(move |&(to, g)| {
                 CLASSES.map(|c| {
-                    let labels = vec![("to", esc(to)), ("class", esc(class_name(c)))];
+                    let labels = vec![("to", esc(to)), ("class", esc(c.name()))];
                     (labels, f(&g.stats(c)))
                 })
             })

@@ -460,11 +460,19 @@ pub fn scrape_sum(addrs: &[SocketAddr], name: &str) -> f64 {
 
 /// Sums the samples of `name` whose labels contain `label` over the daemons' `/metrics`.
 pub fn scrape_labelled(addrs: &[SocketAddr], name: &str, label: &str) -> f64 {
+    scrape(addrs)
+        .iter()
+        .map(|out| metric_sum(out, name, label))
+        .sum()
+}
+
+/// The `/metrics` text of each daemon that answers (one request each), for several sums
+/// over one scrape.
+pub fn scrape(addrs: &[SocketAddr]) -> Vec<String> {
     addrs
         .iter()
         .filter_map(|&a| http_get(a, "/metrics"))
-        .map(|out| metric_sum(&out, name, label))
-        .sum()
+        .collect()
 }
 
 fn alive(pid: u32) -> bool {

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use strait::wire::WriteMode;
+use strait::wire::{TrafficClass, WriteMode};
 
 use crate::bench::{Latency, Table, random_bytes};
 use crate::check;
@@ -68,8 +68,6 @@ struct Sampler {
     task: tokio::task::JoinHandle<Vec<(f64, [f64; 4], f64)>>,
 }
 
-const CLASSES: [&str; 4] = ["sync", "read", "async", "repair"];
-
 impl Sampler {
     fn start(spec: &ClusterSpec) -> Sampler {
         let metrics: Vec<_> = cluster::plan(spec)
@@ -87,17 +85,21 @@ impl Sampler {
                 tick.tick().await;
                 let m = metrics.clone();
                 let sample = tokio::task::spawn_blocking(move || {
-                    let granted = CLASSES.map(|c| {
-                        cluster::scrape_labelled(
-                            &m,
+                    // One request per daemon, every figure of the sample from it.
+                    let texts = cluster::scrape(&m);
+                    let sum = |name: &str, label: &str| -> f64 {
+                        texts
+                            .iter()
+                            .map(|t| cluster::metric_sum(t, name, label))
+                            .sum()
+                    };
+                    let granted = TrafficClass::ALL.map(|c| {
+                        sum(
                             "strait_dci_granted_bytes_total",
-                            &format!("class=\"{c}\""),
+                            &format!("class=\"{}\"", c.name()),
                         )
                     });
-                    (
-                        granted,
-                        cluster::scrape_sum(&m, "strait_replication_pending_bytes"),
-                    )
+                    (granted, sum("strait_replication_pending_bytes", ""))
                 })
                 .await;
                 if let Ok((granted, pending)) = sample {
@@ -115,10 +117,10 @@ impl Sampler {
         let samples = self.task.await.map_err(|e| e.to_string())?;
         // A daemon that was down for a sample makes its counters dip: rates below zero
         // are cut to zero.
-        let mut dci: Vec<crate::plot::Series> = CLASSES
+        let mut dci: Vec<crate::plot::Series> = TrafficClass::ALL
             .iter()
             .map(|c| crate::plot::Series {
-                name: (*c).to_string(),
+                name: c.name().to_string(),
                 points: Vec::new(),
             })
             .collect();

@@ -213,7 +213,7 @@ fn plot(path: &std::path::Path, budget: u64, phases: &[&Phase]) -> Result<(), St
     let mut series: Vec<crate::plot::Series> = CLASSES
         .iter()
         .map(|c| crate::plot::Series {
-            name: format!("{c:?}").to_lowercase(),
+            name: c.name().to_string(),
             points: Vec::new(),
         })
         .collect();
