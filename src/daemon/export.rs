@@ -354,12 +354,12 @@ impl Collector for NodeCollector {
                 ("direct_io", esc(&direct)),
             ])?;
         let e = &mut enc;
-        if let Ok(fs) = rustix::fs::statvfs(store.root()) {
+        if let Some(free) = store.free_bytes() {
             gauge(
                 e,
                 "store_free_bytes",
                 "Free space on the store's filesystem",
-                fs.f_bavail.saturating_mul(fs.f_frsize),
+                free,
             )?;
         }
         let counts = store.counts();

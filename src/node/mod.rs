@@ -326,10 +326,10 @@ impl Node {
             s.alive = false;
             states.set(down, s);
         }
-        if let Ok(fs) = rustix::fs::statvfs(self.ctx.store.root()) {
+        if let Some(free) = self.ctx.store.free_bytes() {
             let me = self.ctx.me;
             let mut s = *states.get(me);
-            s.free_bytes = s.free_bytes.min(fs.f_bavail.saturating_mul(fs.f_frsize));
+            s.free_bytes = s.free_bytes.min(free);
             states.set(me, s);
         }
         states

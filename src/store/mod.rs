@@ -313,6 +313,13 @@ impl BlockStore {
         &self.inner.root
     }
 
+    /// Bytes an unprivileged writer may still use on the store's filesystem; `None` when
+    /// the filesystem does not say.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let fs = rustix::fs::statvfs(&self.inner.root).ok()?;
+        Some(fs.f_bavail.saturating_mul(fs.f_frsize))
+    }
+
     fn index(&self) -> std::sync::MutexGuard<'_, HashMap<BlockId, Entry>> {
         self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
     }
