@@ -67,6 +67,20 @@ struct Daemon {
     child: Child,
 }
 
+impl Daemon {
+    /// Sends `sig` (`-HUP`, `-TERM`) to the daemon.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+}
+
 fn spawn(dir: &Path, name: &str) -> Daemon {
     // systemd's readiness socket, as `Type=notify` sets it.
     let notify_path = dir.join(format!("notify-{name}.sock"));
@@ -208,14 +222,7 @@ async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
         .unwrap();
     std::fs::write(certs.join("a1.pem"), cert).unwrap();
     std::fs::write(certs.join("a1.key"), key).unwrap();
-    let pid = daemons[0].child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    daemons[0].signal("-HUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while expiry() == before {
         assert!(
@@ -239,14 +246,7 @@ async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
 
     // SIGTERM: every daemon exits 0.
     for d in &mut daemons {
-        let pid = d.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        d.signal("-TERM");
     }
     for d in &mut daemons {
         let status = d.child.wait().unwrap();

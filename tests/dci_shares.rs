@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::Cluster;
 use strait::dci::{DciGovernor, SharesSettings};
+use strait::topology::NodeId;
 use strait::transport::filter::{FrameAction, Hop};
 use strait::wire::{Frame, ShareReport, Status, TrafficClass};
 
@@ -69,6 +70,24 @@ async fn throughput(gov: &DciGovernor, class: TrafficClass, window: Duration) ->
     let b0 = gov.stats(class).granted_bytes;
     tokio::time::sleep(window).await;
     ((gov.stats(class).granted_bytes - b0) as f64 / window.as_secs_f64()) as u64
+}
+
+/// Restarts `name` with `grant` deciding what happens to each share grant it sends (by
+/// the member it goes to). A filter applies to streams opened after it is set: the
+/// restart makes every member open a new report stream.
+async fn restart_with_grants(
+    c: &mut Cluster,
+    name: &str,
+    grant: impl Fn(NodeId) -> FrameAction + Send + Sync + 'static,
+) {
+    c.stop(name).await;
+    c.start_node(name).await;
+    c.node(name)
+        .transport()
+        .set_frame_filter(Some(Arc::new(move |hop: Hop, f: &Frame| match f {
+            Frame::ShareGrant(_) => grant(hop.to),
+            _ => FrameAction::Pass,
+        })));
 }
 
 /// Waits (bounded) until `cond` holds, polling every 50 ms.
@@ -234,15 +253,11 @@ async fn a_slow_allocator_keeps_its_members() {
     let mut c = Cluster::start_shared(BUDGET, settings()).await;
     // A filter applies to the streams opened after it is set: a1 restarts with it, and
     // the members open new report streams to it.
-    c.stop("a1").await;
-    c.start_node("a1").await;
+    restart_with_grants(&mut c, "a1", |_| {
+        FrameAction::Delay(Duration::from_millis(250))
+    })
+    .await;
     let restarted = Instant::now();
-    c.node("a1")
-        .transport()
-        .set_frame_filter(Some(Arc::new(|_: Hop, f: &Frame| match f {
-            Frame::ShareGrant(_) => FrameAction::Delay(Duration::from_millis(250)),
-            _ => FrameAction::Pass,
-        })));
     let govs: Vec<DciGovernor> = SENDERS.iter().map(|n| governor(&c, n)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     for g in &govs {
@@ -282,15 +297,15 @@ async fn two_allocators_in_a_partial_partition_stay_within_budget() {
     let mut c = Cluster::start_shared(BUDGET, settings()).await;
     // Filters apply to streams opened later: a1 restarts with one that kills its grants
     // to a4.
-    c.stop("a1").await;
-    c.start_node("a1").await;
     let a4 = c.id("a4");
-    c.node("a1")
-        .transport()
-        .set_frame_filter(Some(Arc::new(move |hop: Hop, f: &Frame| match f {
-            Frame::ShareGrant(_) if hop.to == a4 => FrameAction::Kill,
-            _ => FrameAction::Pass,
-        })));
+    restart_with_grants(&mut c, "a1", move |to| {
+        if to == a4 {
+            FrameAction::Kill
+        } else {
+            FrameAction::Pass
+        }
+    })
+    .await;
     let govs: Vec<DciGovernor> = SENDERS.iter().map(|n| governor(&c, n)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     for g in &govs {
