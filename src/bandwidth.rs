@@ -93,9 +93,9 @@ impl Bandwidth {
 
     /// The allocator configuration of the link from `from` to `to`.
     fn config(&self, from: IdcId, to: IdcId) -> Option<SharesConfig> {
-        let topo = &self.ctx.topology;
+        let topo = self.ctx.topology();
         let link = topo.link(from, to)?;
-        let members = crate::dci::share_members(topo, from);
+        let members = crate::dci::share_members(&topo, from);
         Some(SharesConfig {
             floor: self.settings.floor,
             lease: self.settings.lease,
@@ -105,7 +105,7 @@ impl Bandwidth {
 
     /// Answers a report from `peer` about its link to `req.to_idc`.
     fn allocate(&self, peer: NodeId, req: &ShareReport, now: Instant) -> Result<Grant, Status> {
-        let topo = &self.ctx.topology;
+        let topo = self.ctx.topology();
         let from = topo.location(peer).idc;
         let to = topo.idc_by_name(&req.to_idc).ok_or(Status::NotFound)?;
         // Only an allocator of the sending IDC: its members' reports stay inside it.
@@ -114,9 +114,12 @@ impl Bandwidth {
         }
         let config = self.config(from, to).ok_or(Status::NotFound)?;
         let mut slots = lock(&self.allocators);
+        // A reload that changed the link's budget or members starts a new instance: it
+        // learns the grants of the old one from the members' reports, as after a
+        // failover (`scheduler::shares`).
         let fresh = slots
             .get(&to)
-            .is_some_and(|s| now < s.last + 2 * config.lease);
+            .is_some_and(|s| now < s.last + 2 * config.lease && *s.alloc.config() == config);
         if !fresh {
             let epoch = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -327,16 +330,14 @@ fn measure(
 /// The member side of one link: report, hold the lease, set the governor.
 async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
     let ctx = svc.ctx.clone();
-    let topo = ctx.topology.clone();
+    let topo = ctx.topology();
     let from = topo.location(ctx.me).idc;
-    let Some(config) = svc.config(from, to) else {
+    let Some(mut config) = svc.config(from, to) else {
         return;
     };
-    let floor = config.floor_rate();
-    let budget = config.budget;
-    let mut candidates = config.members.clone();
-    candidates.sort();
+    let mut floor = config.floor_rate();
     let to_name = topo.idc(to).name.clone();
+    drop(topo);
     let mut lease = Lease::new(floor);
     let mut skip_until: HashMap<NodeId, Instant> = HashMap::new();
     let mut failures: HashMap<NodeId, u32> = HashMap::new();
@@ -346,7 +347,7 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
     let mut last = Instant::now();
     let mut cold_start = false;
     let mut conn: Option<(NodeId, Stream)> = None;
-    let apply = |lease: &Lease, applied: &mut Option<(u64, [u64; 4])>, now: Instant| {
+    let apply = |lease: &Lease, applied: &mut Option<(u64, [u64; 4])>, floor: u64, now: Instant| {
         let want = lease
             .grant(now)
             .map_or((floor, [0; 4]), |g| (g.rate, g.per_class));
@@ -357,13 +358,24 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
             *applied = Some(want);
         }
     };
-    apply(&lease, &mut applied, Instant::now());
-    if candidates.is_empty() {
-        // No storage node sends on this link (only client identities): nobody to ask,
-        // this node stays at its floor.
-        return;
-    }
+    apply(&lease, &mut applied, floor, Instant::now());
     loop {
+        // The topology in force: a reload may change the budget and the members.
+        if let Some(c) = svc.config(from, to) {
+            config = c;
+        }
+        floor = config.floor_rate();
+        lease.set_floor(floor);
+        let budget = config.budget;
+        let mut candidates = config.members.clone();
+        candidates.sort();
+        if candidates.is_empty() {
+            // No storage node sends on this link (only client identities): nobody to
+            // ask, this node stays at its floor.
+            apply(&lease, &mut applied, floor, Instant::now());
+            tokio::time::sleep(svc.settings.lease).await;
+            continue;
+        }
         let sent_at = Instant::now();
         let mut demand = measure(&gov, &mut prev, sent_at - last, budget, &svc.settings.spot);
         if std::mem::take(&mut cold_start) {
@@ -390,7 +402,7 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
             .min(budget);
         if lease.rate(sent_at) > wanted.max(floor) {
             lease.cap(wanted);
-            apply(&lease, &mut applied, sent_at);
+            apply(&lease, &mut applied, floor, sent_at);
         }
         let report = ShareReport {
             to_idc: to_name.clone(),
@@ -445,7 +457,7 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
             lease.handle_grant(*g, sent_at);
         }
         let now = Instant::now();
-        apply(&lease, &mut applied, now);
+        apply(&lease, &mut applied, floor, now);
         {
             let mut links = lock(&svc.links);
             let l = links.entry(to).or_default();
@@ -484,7 +496,7 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
                 break;
             }
             // The lease ran out before the next report: back to the floor.
-            apply(&lease, &mut applied, now);
+            apply(&lease, &mut applied, floor, now);
             if let Some(l) = lock(&svc.links).get_mut(&to) {
                 l.rate = lease.rate(now);
                 l.leased = lease.grant(now).is_some();

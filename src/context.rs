@@ -18,7 +18,7 @@ use crate::dci::Egress;
 use crate::metrics::NodeMetrics;
 use crate::replication::ReplicationLog;
 use crate::store::BlockStore;
-use crate::topology::{NodeId, Tier, Topology};
+use crate::topology::{LiveTopology, NodeId, Tier, Topology};
 use crate::transport::Transport;
 
 /// Things the embedding server must act on.
@@ -50,7 +50,6 @@ pub enum NodeEvent {
 /// See the [module docs](self).
 pub(crate) struct NodeContext {
     pub(crate) me: NodeId,
-    pub(crate) topology: Arc<Topology>,
     pub(crate) store: BlockStore,
     pub(crate) transport: Transport,
     pub(crate) dci: Egress,
@@ -86,7 +85,7 @@ pub(crate) struct Siblings {
     /// Blocks finalized with `lost` nodes, for the repair service (`None`: no service).
     inbox: Mutex<Option<Vec<BlockId>>>,
     pub(crate) wake: Notify,
-    log: std::sync::OnceLock<(ReplicationLog, Arc<Topology>)>,
+    log: std::sync::OnceLock<(ReplicationLog, Arc<LiveTopology>)>,
     /// Records being written in the background.
     writing: Arc<(std::sync::atomic::AtomicUsize, Notify)>,
 }
@@ -115,11 +114,12 @@ impl Siblings {
     pub(crate) fn persist(
         &self,
         dir: &std::path::Path,
-        topology: Arc<Topology>,
+        live: Arc<LiveTopology>,
     ) -> Result<(), crate::replication::ReplicationError> {
         let (log, records) = ReplicationLog::open(dir, 16 << 20)?;
+        let topology = live.get();
         let ids = |v: &[String]| -> Vec<NodeId> {
-            v.iter().filter_map(|n| topology.node_by_name(n)).collect()
+            v.iter().filter_map(|n| topology.find_node(n)).collect()
         };
         let mut superseded = Vec::new();
         {
@@ -151,7 +151,7 @@ impl Siblings {
                 }
             });
         }
-        let _ = self.log.set((log, topology));
+        let _ = self.log.set((log, live));
         Ok(())
     }
 
@@ -170,7 +170,8 @@ impl Siblings {
             m.insert(block, (set.clone(), None))
                 .and_then(|(_, seq)| seq)
         };
-        if let Some((log, topo)) = self.log.get() {
+        if let Some((log, live)) = self.log.get() {
+            let topo = live.get();
             let names = |v: &[NodeId]| v.iter().map(|&n| topo.node(n).name.clone()).collect();
             let task = crate::replication::Task {
                 seq: 0,
@@ -265,9 +266,14 @@ impl NodeContext {
         let _ = self.events.send(e);
     }
 
+    /// The topology in force (a snapshot: take it once per operation).
+    pub(crate) fn topology(&self) -> Arc<Topology> {
+        self.transport.topology()
+    }
+
     /// A node's name in the topology.
-    pub(crate) fn name(&self, n: NodeId) -> &str {
-        &self.topology.node(n).name
+    pub(crate) fn name(&self, n: NodeId) -> String {
+        self.topology().node(n).name.clone()
     }
 
     /// The distance tier from this node to `peer` (`Node` for this node itself).
@@ -275,7 +281,7 @@ impl NodeContext {
         if peer == self.me {
             Tier::Node
         } else {
-            self.topology.tier(self.me, peer)
+            self.topology().tier(self.me, peer)
         }
     }
 }

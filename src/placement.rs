@@ -274,16 +274,24 @@ pub struct NodeStates {
 }
 
 impl NodeStates {
-    /// Every node alive, in service, with its whole capacity free.
+    /// Every node alive, in service, with its whole capacity free; a node a reload
+    /// removed ([`Topology::is_retired`]) is decommissioned and not alive.
     pub fn from_topology(topology: &Topology) -> Self {
         NodeStates {
             states: topology
                 .nodes()
                 .iter()
-                .map(|n| NodeState {
-                    alive: true,
-                    admin: AdminState::InService,
-                    free_bytes: n.capacity,
+                .map(|n| {
+                    let retired = topology.is_retired(n.location.node);
+                    NodeState {
+                        alive: !retired,
+                        admin: if retired {
+                            AdminState::Decommissioned
+                        } else {
+                            AdminState::InService
+                        },
+                        free_bytes: n.capacity,
+                    }
                 })
                 .collect(),
         }

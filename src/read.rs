@@ -197,14 +197,14 @@ impl Reader {
         params: ReadParams,
     ) -> Reader {
         let shared = ctx;
-        let origin = Origin::node(shared.topology.location(shared.me));
+        let origin = Origin::node(shared.topology().location(shared.me));
         let mut rng = rand::rngs::StdRng::seed_from_u64(block.0 ^ shared.me.index() as u64);
         let valid: Vec<NodeId> = replicas
             .iter()
             .copied()
-            .filter(|&r| shared.topology.contains(r))
+            .filter(|&r| shared.topology().contains(r))
             .collect();
-        let order = placement::sort_by_distance(&shared.topology, &origin, &valid, &mut rng);
+        let order = placement::sort_by_distance(&shared.topology(), &origin, &valid, &mut rng);
         Reader {
             shared,
             block,
@@ -243,7 +243,7 @@ impl Reader {
     /// it only because it was given as "to the end" ([`MAX_BLOCK_SIZE`]).
     async fn read_range(&self, offset: u64, len: u64) -> Result<(Bytes, NodeId), ReadError> {
         let me = self.shared.me;
-        let topo = &self.shared.topology;
+        let topo = self.shared.topology();
         let local_idc = topo.location(me).idc;
         let (local, remote): (Vec<NodeId>, Vec<NodeId>) = self
             .order
@@ -322,7 +322,7 @@ impl Reader {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, ReplicaFailure> {
-        let tier = self.shared.topology.tier(self.shared.me, node);
+        let tier = self.shared.topology().tier(self.shared.me, node);
         let t = self.params.replica_timeout;
         let bytes = if node == self.shared.me {
             tokio::time::timeout(t, self.read_local_store(offset, len)).await
@@ -410,7 +410,7 @@ impl Reader {
             };
             // Counted as packets arrive, as they crossed (compressed or not), so the
             // counter follows the link in real time.
-            let tier = self.shared.topology.tier(self.shared.me, node);
+            let tier = self.shared.topology().tier(self.shared.me, node);
             self.shared
                 .metrics
                 .read_bytes
@@ -504,7 +504,7 @@ pub(crate) async fn serve(shared: Arc<NodeContext>, mut s: Stream, req: ReadBloc
     {
         return;
     }
-    let tier = shared.topology.tier(shared.me, s.peer);
+    let tier = shared.topology().tier(shared.me, s.peer);
     let bpc = u64::from(r.spec().bytes_per_chunk());
     let packet = (SERVE_PACKET_BYTES / bpc).max(1) * bpc;
     let end = req.offset + len;

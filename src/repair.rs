@@ -190,6 +190,15 @@ fn epoch_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The nodes the peer watch probes: every storage node of the topology in force but this
+/// one.
+fn peers(ctx: &NodeContext) -> Vec<NodeId> {
+    let topo = ctx.topology();
+    topo.node_ids()
+        .filter(|&n| n != ctx.me && topo.node(n).capacity > 0)
+        .collect()
+}
+
 impl Repairs {
     /// Opens the queue and starts the dispatcher, the peer watcher and the listener for
     /// losses found by writes and reads.
@@ -203,14 +212,11 @@ impl Repairs {
         rc.backoff_min = Duration::from_millis(200);
         rc.backoff_max = Duration::from_secs(5);
         let queue = ReplicationQueue::open(rc)?;
-        let topo = &ctx.topology;
-        let peers: Vec<NodeId> = topo
-            .node_ids()
-            .filter(|&n| n != ctx.me && topo.node(n).capacity > 0)
-            .collect();
-        let watch = PeerWatch::new(peers, config.down_after, Instant::now());
-        ctx.siblings
-            .persist(&config.log_dir.join("sets"), ctx.topology.clone())?;
+        let watch = PeerWatch::new(peers(&ctx), config.down_after, Instant::now());
+        ctx.siblings.persist(
+            &config.log_dir.join("sets"),
+            ctx.transport.live_topology().clone(),
+        )?;
         ctx.siblings.open_inbox();
         let svc = Arc::new(Repairs {
             transfers: Transfers::new(ctx.clone(), pipelines, TrafficClass::Repair),
@@ -227,17 +233,19 @@ impl Repairs {
         Ok((svc, tasks))
     }
 
+    /// Down: the peer watch says so, or a reload removed it from the topology.
     fn is_down(&self, n: NodeId) -> bool {
         self.watch
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_down(n)
+            || self.ctx.topology().is_retired(n)
     }
 
     /// The queue's figures now.
     pub(crate) fn status(&self) -> RepairStatus {
         let rpo = self.queue.status(SystemTime::now());
-        let topo = &self.ctx.topology;
+        let topo = self.ctx.topology();
         RepairStatus {
             pending: rpo.pending_tasks,
             pending_bytes: rpo.pending_bytes,
@@ -256,7 +264,7 @@ impl Repairs {
         lost: &[NodeId],
     ) -> Task {
         let name = |n: &NodeId| self.ctx.name(*n).to_string();
-        let topo = &self.ctx.topology;
+        let topo = self.ctx.topology();
         Task {
             seq: 0,
             block,
@@ -320,7 +328,7 @@ impl Repairs {
     /// it is responsible for, if it still holds the block — or, `found_here`, every one
     /// (a loss only this node saw, such as a corrupt replica its reader found).
     async fn owe(&self, block: BlockId, set: &SiblingSet, lost: &[NodeId], found_here: bool) {
-        let topo = &self.ctx.topology;
+        let topo = self.ctx.topology();
         // Only a replica still held here, at the set's genstamp, speaks for the set.
         let held = self
             .ctx
@@ -335,7 +343,8 @@ impl Repairs {
             .copied()
             .filter(|&l| {
                 found_here
-                    || responsible(topo, &set.replicas, l, |n| self.is_down(n)) == Some(self.ctx.me)
+                    || responsible(&topo, &set.replicas, l, |n| self.is_down(n))
+                        == Some(self.ctx.me)
             })
             .collect();
         if mine.is_empty() {
@@ -358,17 +367,19 @@ impl Repairs {
     /// Probes every storage node each `probe_interval`; queues the repairs owed for each
     /// one that goes down.
     async fn watch_peers(self: Arc<Self>) {
-        let peers: Vec<NodeId> = {
-            let topo = &self.ctx.topology;
-            topo.node_ids()
-                .filter(|&n| n != self.ctx.me && topo.node(n).capacity > 0)
-                .collect()
-        };
         let mut kick_at: Option<Instant> = None;
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // The peers of the topology in force: a reload adds some, and the ones it
+            // removes are lost as a dead node's replicas are.
+            let peers = peers(&self.ctx);
+            let removed = self
+                .watch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_peers(peers.iter().copied(), Instant::now());
             let me = &self;
             let probes = peers.iter().map(|&p| async move { (p, me.probe(p).await) });
             let results = futures_util::future::join_all(probes).await;
@@ -378,7 +389,9 @@ impl Repairs {
                 for (p, ok) in results {
                     w.handle_probe(p, ok, now);
                 }
-                w.poll_changes(now)
+                let mut changes = removed;
+                changes.extend(w.poll_changes(now));
+                changes
             };
             // The blocks held with the peers that went down together, each queued once.
             let mut lost: std::collections::BTreeMap<BlockId, (SiblingSet, Vec<NodeId>)> =
@@ -479,7 +492,7 @@ impl Repairs {
         grace: bool,
     ) -> Result<RepairReport, RepairError> {
         let ctx = &self.ctx;
-        let topo = &ctx.topology;
+        let topo = ctx.topology();
         let (block, genstamp, len) = (task.block, task.genstamp, task.len);
         if let Some(r) = ctx.store.get(block)
             && r.genstamp > genstamp
@@ -491,7 +504,7 @@ impl Repairs {
         }
         let mut set: Vec<NodeId> = Vec::new();
         for n in task.sources.iter().chain(&task.targets) {
-            if let Some(id) = topo.node_by_name(n)
+            if let Some(id) = topo.find_node(n)
                 && !set.contains(&id)
             {
                 set.push(id);
@@ -543,7 +556,7 @@ impl Repairs {
                 .iter()
                 .copied()
                 .filter(|&n| topo.location(n).idc == idc)
-                .chain(replacements(topo, block, idc, &held, &set, |n| {
+                .chain(replacements(&topo, block, idc, &held, &set, |n| {
                     self.is_down(n)
                 }));
             for c in candidates {
@@ -666,7 +679,7 @@ impl Repairs {
         req: &crate::wire::RepairBlock,
     ) -> crate::wire::RepairResult {
         use crate::wire::{RepairResult, Status};
-        let topo = &self.ctx.topology;
+        let topo = self.ctx.topology();
         let refuse = |status, message: String| RepairResult {
             status,
             replicas: Vec::new(),

@@ -255,6 +255,9 @@ pub struct Topology {
     links: Vec<DciLink>,
     node_by_name: HashMap<String, NodeId>,
     idc_by_name: HashMap<String, IdcId>,
+    /// Nodes a reload removed ([`revise`](Self::revise)), by index: kept so that their
+    /// ids stay valid, out of every list and lookup.
+    retired: Vec<bool>,
 }
 
 impl Topology {
@@ -295,7 +298,8 @@ impl Topology {
         &self.racks
     }
 
-    /// All storage nodes.
+    /// Every storage node, indexed by [`NodeId`]: retired ones (removed by a
+    /// [`revise`](Self::revise)) included, see [`is_retired`](Self::is_retired).
     pub fn nodes(&self) -> &[NodeInfo] {
         &self.nodes
     }
@@ -320,9 +324,18 @@ impl Topology {
         &self.nodes[id.index()]
     }
 
-    /// Ids of all nodes, in file order.
-    pub fn node_ids(&self) -> impl ExactSizeIterator<Item = NodeId> + '_ {
-        (0..self.nodes.len() as u32).map(NodeId)
+    /// Ids of the nodes in service (every node but the retired ones), in id order: file
+    /// order for a topology read once.
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        (0..self.nodes.len() as u32)
+            .map(NodeId)
+            .filter(|n| !self.retired[n.index()])
+    }
+
+    /// Whether a reload removed `id` from the topology (its id stays valid for names and
+    /// logs; it is a peer of nobody).
+    pub fn is_retired(&self, id: NodeId) -> bool {
+        self.retired.get(id.index()).copied().unwrap_or(false)
     }
 
     /// Ids of all IDCs, in file order.
@@ -335,14 +348,25 @@ impl Topology {
         self.node_by_name.get(name).copied()
     }
 
+    /// Looks a node up by name, retired ones included: for names read back from logs
+    /// and replica sets, where a removed node still counts (its replicas are owed).
+    pub fn find_node(&self, name: &str) -> Option<NodeId> {
+        self.node_by_name(name).or_else(|| {
+            self.nodes
+                .iter()
+                .position(|n| n.name == name)
+                .map(|i| NodeId(i as u32))
+        })
+    }
+
     /// Looks an IDC up by name.
     pub fn idc_by_name(&self, name: &str) -> Option<IdcId> {
         self.idc_by_name.get(name).copied()
     }
 
-    /// Whether `id` names a node of this topology.
+    /// Whether `id` names a node in service in this topology (not a retired one).
     pub fn contains(&self, id: NodeId) -> bool {
-        id.index() < self.nodes.len()
+        id.index() < self.nodes.len() && !self.retired[id.index()]
     }
 
     /// Where a node sits.
@@ -373,6 +397,143 @@ impl Topology {
         )
     }
 
+    /// The topology `next` describes, with this one's ids kept: what a running node
+    /// applies when its topology file changes. Nodes of `next` that this topology has
+    /// (by name) keep their [`NodeId`], new ones get the next ids, and nodes `next` no
+    /// longer lists stay as *retired* entries ([`is_retired`](Self::is_retired)): their
+    /// ids keep naming them in logs and replica sets, but they are out of
+    /// [`node_ids`](Self::node_ids), the IDC and rack lists, name lookup and
+    /// [`contains`](Self::contains). A retired node that comes back gets its old id.
+    /// Racks only grow. A node's address, capacity and rack, and a link's budget and RTT
+    /// may change.
+    ///
+    /// Refused ([`TopologyError::Reload`]): adding or removing an IDC or a DCI link, and
+    /// moving a node to another IDC (remove it, then add it under a new name).
+    pub fn revise(&self, next: &Topology) -> Result<Topology, TopologyError> {
+        let refuse = |reason: String| Err(TopologyError::Reload { reason });
+        let mut names: Vec<&str> = self.idcs.iter().map(|i| i.name.as_str()).collect();
+        let mut next_names: Vec<&str> = next.idcs.iter().map(|i| i.name.as_str()).collect();
+        names.sort_unstable();
+        next_names.sort_unstable();
+        if names != next_names {
+            return refuse(format!(
+                "the idcs change from {names:?} to {next_names:?} (restart every node for that)"
+            ));
+        }
+        // `next`'s IDC id → this one's (the same names, so every lookup succeeds).
+        let idc_of = |i: IdcId| self.idc_by_name[&next.idcs[i.index()].name];
+        let pair = |a: IdcId, b: IdcId| (a.min(b), a.max(b));
+        let mut links = Vec::with_capacity(next.links.len());
+        for l in &next.links {
+            let (a, b) = (idc_of(l.a), idc_of(l.b));
+            if self.link(a, b).is_none() {
+                return refuse(format!(
+                    "a dci link between {:?} and {:?} is added",
+                    self.idcs[a.index()].name,
+                    self.idcs[b.index()].name
+                ));
+            }
+            links.push(DciLink { a, b, ..*l });
+        }
+        if let Some(gone) = self.links.iter().find(|o| {
+            !links
+                .iter()
+                .any(|l: &DciLink| pair(l.a, l.b) == pair(o.a, o.b))
+        }) {
+            return refuse(format!(
+                "the dci link between {:?} and {:?} is removed",
+                self.idcs[gone.a.index()].name,
+                self.idcs[gone.b.index()].name
+            ));
+        }
+
+        let mut idcs: Vec<IdcInfo> = self
+            .idcs
+            .iter()
+            .map(|i| IdcInfo {
+                nodes: Vec::new(),
+                ..i.clone()
+            })
+            .collect();
+        let mut racks: Vec<RackInfo> = self
+            .racks
+            .iter()
+            .map(|r| RackInfo {
+                nodes: Vec::new(),
+                ..r.clone()
+            })
+            .collect();
+        let mut rack_of: HashMap<RackId, RackId> = HashMap::new();
+        for (i, r) in next.racks.iter().enumerate() {
+            let idc = idc_of(r.idc);
+            let id = match racks.iter().position(|o| o.idc == idc && o.name == r.name) {
+                Some(p) => RackId(p as u32),
+                None => {
+                    let id = RackId(racks.len() as u32);
+                    racks.push(RackInfo {
+                        name: r.name.clone(),
+                        idc,
+                        nodes: Vec::new(),
+                    });
+                    idcs[idc.index()].racks.push(id);
+                    id
+                }
+            };
+            rack_of.insert(RackId(i as u32), id);
+        }
+
+        let mut nodes = self.nodes.clone();
+        let mut retired = vec![true; nodes.len()];
+        let mut node_by_name = HashMap::new();
+        for n in &next.nodes {
+            let id = match self.nodes.iter().position(|o| o.name == n.name) {
+                Some(p) => NodeId(p as u32),
+                None => {
+                    nodes.push(n.clone());
+                    retired.push(true);
+                    NodeId(nodes.len() as u32 - 1)
+                }
+            };
+            let idc = idc_of(n.location.idc);
+            let was = &nodes[id.index()];
+            if id.index() < self.nodes.len() && was.location.idc != idc {
+                return refuse(format!(
+                    "node {:?} moves from idc {:?} to {:?} (remove it, then add it under a new name)",
+                    n.name,
+                    self.idcs[was.location.idc.index()].name,
+                    self.idcs[idc.index()].name
+                ));
+            }
+            let rack = rack_of[&n.location.rack];
+            nodes[id.index()] = NodeInfo {
+                location: Location {
+                    idc,
+                    rack,
+                    node: id,
+                },
+                ..n.clone()
+            };
+            retired[id.index()] = false;
+            node_by_name.insert(n.name.clone(), id);
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            if !retired[i] {
+                let id = NodeId(i as u32);
+                idcs[n.location.idc.index()].nodes.push(id);
+                racks[n.location.rack.index()].nodes.push(id);
+            }
+        }
+        Ok(Topology {
+            idcs,
+            racks,
+            nodes,
+            links,
+            node_by_name,
+            idc_by_name: self.idc_by_name.clone(),
+            retired,
+        })
+    }
+
     /// Resolves an HDFS-style network path: `/idc`, `/idc/rack` or `/idc/rack/node`, to an
     /// [`Origin`]. Returns `None` when a part is not in the topology.
     pub fn resolve_path(&self, path: &str) -> Option<Origin> {
@@ -397,6 +558,34 @@ impl Topology {
             return None;
         }
         Some(origin)
+    }
+}
+
+/// The topology a running node serves, replaced whole when it is reloaded
+/// ([`Topology::revise`] keeps every id valid across versions). Readers take a snapshot
+/// with [`get`](Self::get) and use that one for the whole of an operation, so that the
+/// ids they hold and the topology they look them up in agree.
+#[derive(Debug)]
+pub struct LiveTopology(std::sync::RwLock<std::sync::Arc<Topology>>);
+
+impl LiveTopology {
+    /// Serves `topology` until the next [`set`](Self::set).
+    pub fn new(topology: std::sync::Arc<Topology>) -> Self {
+        LiveTopology(std::sync::RwLock::new(topology))
+    }
+
+    /// The topology in force.
+    pub fn get(&self) -> std::sync::Arc<Topology> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `topology` in force; returns the one it replaces. The caller made it with
+    /// [`Topology::revise`] of the one in force.
+    pub fn set(&self, topology: std::sync::Arc<Topology>) -> std::sync::Arc<Topology> {
+        std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|e| e.into_inner()),
+            topology,
+        )
     }
 }
 
@@ -539,6 +728,12 @@ pub enum TopologyError {
         b: String,
         /// The value as given.
         value: String,
+    },
+    /// A reloaded topology changes what a running cluster cannot change in place.
+    #[error("topology reload refused: {reason}")]
+    Reload {
+        /// What changed.
+        reason: String,
     },
     /// A DCI link does not join exactly two different IDCs.
     #[error("{line}dci link must join two different idcs, got {between:?}")]
@@ -874,6 +1069,7 @@ impl TopologyBuilder {
         }
 
         Ok(Topology {
+            retired: vec![false; nodes.len()],
             idcs,
             racks,
             nodes,
@@ -1109,6 +1305,122 @@ between = ["idc-a", "idc-b"]
 budget = "10gbit"
 rtt = "2ms"
 "#;
+
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, last], 7000))
+    }
+
+    /// idc-a and idc-b with the named nodes (`a…` in idc-a, the rest in idc-b).
+    fn two_idcs(nodes: &[&str]) -> Topology {
+        let mut b = Topology::builder().idc("idc-a").idc("idc-b");
+        for (i, n) in nodes.iter().enumerate() {
+            let idc = if n.starts_with('a') { "idc-a" } else { "idc-b" };
+            b = b.node(*n, idc, format!("r{}", i % 2), addr(10 + i as u8), 1 << 40);
+        }
+        b.link("idc-a", "idc-b", 1_000_000, Duration::from_millis(1))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_revision_keeps_every_id_and_retires_removed_nodes() {
+        let old = two_idcs(&["a1", "a2", "b1", "b2"]);
+        // a1 leaves, a3 joins (listed first: file order must not matter).
+        let next = two_idcs(&["a3", "a2", "b1", "b2"]);
+        let t = old.revise(&next).unwrap();
+        for name in ["a2", "b1", "b2"] {
+            assert_eq!(t.node_by_name(name), old.node_by_name(name), "{name}");
+        }
+        let (a1, a3) = (
+            old.node_by_name("a1").unwrap(),
+            t.node_by_name("a3").unwrap(),
+        );
+        assert_eq!(a3.index(), 4, "a new node takes the next id");
+        assert!(t.is_retired(a1) && !t.contains(a1) && t.node_by_name("a1").is_none());
+        assert_eq!(t.node(a1).name, "a1", "a retired id still names its node");
+        assert!(!t.node_ids().any(|n| n == a1));
+        assert_eq!(t.node_ids().count(), 4);
+        let idc_a = t.idc_by_name("idc-a").unwrap();
+        assert!(!t.idc(idc_a).nodes.contains(&a1));
+        assert!(t.idc(idc_a).nodes.contains(&a3));
+        assert_eq!(t.location(a3).node, a3);
+        assert_eq!(t.idc(t.location(a3).idc).name, "idc-a");
+        // Revising again is stable, and a retired node that comes back gets its old id.
+        let again = t.revise(&next).unwrap();
+        assert_eq!(again.nodes().len(), 5);
+        let back = t
+            .revise(&two_idcs(&["a1", "a2", "b1", "b2", "a3"]))
+            .unwrap();
+        assert_eq!(back.node_by_name("a1"), Some(a1));
+        assert!(back.contains(a1) && back.contains(a3));
+    }
+
+    #[test]
+    fn a_revision_takes_new_budgets_and_refuses_structural_changes() {
+        let old = two_idcs(&["a1", "a2", "b1", "b2"]);
+        let faster = Topology::builder()
+            .idc("idc-b")
+            .idc("idc-a")
+            .node("b1", "idc-b", "r9", addr(30), 1)
+            .node("a1", "idc-a", "r0", addr(10), 1)
+            .link("idc-b", "idc-a", 5_000_000, Duration::from_millis(3))
+            .build()
+            .unwrap();
+        let t = old.revise(&faster).unwrap();
+        let (a, b) = (
+            t.idc_by_name("idc-a").unwrap(),
+            t.idc_by_name("idc-b").unwrap(),
+        );
+        assert_eq!(
+            (a, b),
+            (
+                old.idc_by_name("idc-a").unwrap(),
+                old.idc_by_name("idc-b").unwrap()
+            )
+        );
+        assert_eq!(t.link(a, b).unwrap().budget_bps, 5_000_000);
+        let b1 = t.node_by_name("b1").unwrap();
+        assert_eq!(t.node(b1).addr, addr(30));
+        assert_eq!(t.rack(t.location(b1).rack).name, "r9", "a new rack");
+        assert_eq!(t.location(b1).idc, b);
+
+        let reload = |r: Result<Topology, TopologyError>| match r {
+            Err(TopologyError::Reload { reason }) => reason,
+            other => panic!("expected a refused reload, got {other:?}"),
+        };
+        let three = Topology::builder()
+            .idc("idc-a")
+            .idc("idc-b")
+            .idc("idc-c")
+            .node("a1", "idc-a", "r0", addr(10), 1)
+            .link("idc-a", "idc-b", 1_000_000, Duration::from_millis(1))
+            .build()
+            .unwrap();
+        assert!(reload(old.revise(&three)).contains("idcs change"));
+        let moved = Topology::builder()
+            .idc("idc-a")
+            .idc("idc-b")
+            .node("a1", "idc-b", "r0", addr(10), 1)
+            .link("idc-a", "idc-b", 1_000_000, Duration::from_millis(1))
+            .build()
+            .unwrap();
+        assert!(reload(old.revise(&moved)).contains("moves from idc"));
+        let ring = |links: &[(&str, &str)]| {
+            let mut b = Topology::builder().idc("x").idc("y").idc("z");
+            for (i, n) in ["x", "y", "z"].iter().enumerate() {
+                b = b.node(format!("{n}1"), *n, "r", addr(50 + i as u8), 1);
+            }
+            for (p, q) in links {
+                b = b.link(*p, *q, 1_000_000, Duration::from_millis(1));
+            }
+            b.build().unwrap()
+        };
+        let full = ring(&[("x", "y"), ("y", "z"), ("x", "z")]);
+        let cut = ring(&[("x", "y"), ("y", "z")]);
+        assert!(reload(full.revise(&cut)).contains("is removed"));
+        assert!(reload(cut.revise(&full)).contains("is added"));
+        assert!(full.revise(&full).is_ok());
+    }
 
     fn err(text: &str) -> TopologyError {
         Topology::from_toml_str(text).expect_err("topology should be refused")

@@ -80,7 +80,7 @@ impl Transfers {
         missing: &[NodeId],
     ) -> Option<crate::scheduler::route::CopyPlan> {
         let mut load = self.load.lock().unwrap_or_else(|e| e.into_inner());
-        plan_copy(&self.ctx.topology, holders, missing, &mut load)
+        plan_copy(&self.ctx.topology(), holders, missing, &mut load)
     }
 
     /// Runs every leg of `plan` at once; an obsolete leg makes the whole obsolete,
@@ -168,7 +168,7 @@ impl Transfers {
     /// One attempt at a task; returns the bytes copied across.
     async fn copy_once(&self, task: &Task) -> Result<u64, CopyFailure> {
         let ctx = &self.ctx;
-        let topo = &ctx.topology;
+        let topo = ctx.topology();
         let ids = |names: &[String]| -> Vec<NodeId> {
             names.iter().filter_map(|n| topo.node_by_name(n)).collect()
         };

@@ -40,25 +40,39 @@ const NODES: [(&str, &str, &str, u8); 5] = [
     ("client", "idc-a", "r3", 50),
 ];
 
-fn write_cluster(dir: &Path, net: u8) -> CertAuthority {
+/// The topology file of `nodes` (name, idc, rack, last octet) on 127.7.`net`.x; the
+/// `client` identity stores nothing (capacity 0).
+fn write_topology(dir: &Path, net: u8, nodes: &[(&str, &str, &str, u8)]) {
     let mut topo = String::from("[[idc]]\nname = \"idc-a\"\n[[idc]]\nname = \"idc-b\"\n");
-    for (n, idc, rack, h) in NODES {
+    for (n, idc, rack, h) in nodes {
         topo += &format!(
             "[[node]]\nname = \"{n}\"\nlocation = \"/{idc}/{rack}\"\naddr = \"127.7.{net}.{h}:7900\"\n"
         );
+        if *n == "client" {
+            topo += "capacity = 0\n";
+        }
     }
     topo += "[[dci]]\nbetween = [\"idc-a\", \"idc-b\"]\nbudget = \"1gbit\"\nrtt = \"1ms\"\n";
     std::fs::write(dir.join("topology.toml"), topo).unwrap();
+}
+
+/// The configuration file of node `name` (certificates in `certs/`, metrics on port 9900).
+fn write_node_config(dir: &Path, net: u8, name: &str, h: u8) {
+    let cfg = format!(
+        "name = \"{name}\"\ntopology = \"topology.toml\"\nstore_dir = \"data/{name}\"\n\
+         [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n\
+         [metrics]\naddr = \"127.7.{net}.{h}:9900\"\n"
+    );
+    std::fs::write(dir.join(format!("{name}.toml")), cfg).unwrap();
+}
+
+fn write_cluster(dir: &Path, net: u8) -> CertAuthority {
+    write_topology(dir, net, &NODES);
     let ca = CertAuthority::generate("daemon test CA").unwrap();
     ca.write_files(&dir.join("certs"), NODES.iter().map(|n| n.0))
         .unwrap();
     for (n, _, _, h) in NODES {
-        let cfg = format!(
-            "name = \"{n}\"\ntopology = \"topology.toml\"\nstore_dir = \"data/{n}\"\n\
-             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{n}.pem\"\nkey = \"certs/{n}.key\"\n\
-             [metrics]\naddr = \"127.7.{net}.{h}:9900\"\n"
-        );
-        std::fs::write(dir.join(format!("{n}.toml")), cfg).unwrap();
+        write_node_config(dir, net, n, h);
     }
     ca
 }
@@ -288,4 +302,144 @@ fn a_bad_configuration_is_refused_naming_the_field() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent.toml"));
+}
+
+/// Polls `/metrics` at `addr` (bounded) until it shows `strait_topology_nodes want`.
+async fn wait_topology_nodes(addr: SocketAddr, want: usize) {
+    let line = format!("strait_topology_nodes {want}\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http_get(addr, "/metrics");
+        if text.contains(&line) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} did not reach {want} nodes: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_and_leave_running_daemons_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not the other daemon test's addresses: both may run at once in this process.
+    let net = ((std::process::id() + 125) % 250) as u8 + 1;
+    let ca = write_cluster(dir.path(), net);
+    let mut daemons: std::collections::BTreeMap<&str, Daemon> = ["a1", "a2", "b1", "b2"]
+        .into_iter()
+        .map(|n| (n, spawn(dir.path(), n)))
+        .collect();
+    let metrics = |h: u8| -> SocketAddr { format!("127.7.{net}.{h}:9900").parse().unwrap() };
+    let certs = dir.path().join("certs");
+    let id = TlsIdentity::from_pem_files(
+        &certs.join("ca.pem"),
+        &certs.join("client.pem"),
+        &certs.join("client.key"),
+    )
+    .unwrap();
+    let topo = Topology::from_file(dir.path().join("topology.toml")).unwrap();
+    let (client, _) = Node::start(NodeConfig::new(
+        "client",
+        Arc::new(topo),
+        id,
+        dir.path().join("data/client"),
+    ))
+    .await
+    .unwrap();
+    let write = |block: u64, targets: Vec<&'static str>| {
+        let client = client.clone();
+        async move {
+            let topo = client.topology();
+            let ids: Vec<_> = targets
+                .iter()
+                .map(|n| topo.node_by_name(n).unwrap())
+                .collect();
+            let mut w = client
+                .writer(BlockId(block), &ids, WriteParams::new(GenStamp(1)))
+                .await
+                .map_err(|e| e.to_string())?;
+            w.write(Bytes::from(pattern(block, 300_000)))
+                .await
+                .map_err(|e| e.to_string())?;
+            let out = w.close().await.map_err(|e| e.to_string())?;
+            assert_eq!(out.replicas, ids);
+            Ok::<_, String>(())
+        }
+    };
+
+    // Add a3: its certificate and config, the new topology file, a3 up, SIGHUP the rest.
+    let mut with_a3 = NODES.to_vec();
+    with_a3.push(("a3", "idc-a", "r3", 3));
+    ca.write_files(&certs, ["a3"]).unwrap();
+    write_node_config(dir.path(), net, "a3", 3);
+    write_topology(dir.path(), net, &with_a3);
+    daemons.insert("a3", spawn(dir.path(), "a3"));
+    for (name, d) in &daemons {
+        if *name != "a3" {
+            d.signal("-HUP");
+        }
+    }
+    for h in [1, 2, 3, 11, 12] {
+        wait_topology_nodes(metrics(h), 6).await;
+    }
+    let next = Topology::from_file(dir.path().join("topology.toml")).unwrap();
+    assert_eq!(client.set_topology(&next).unwrap().added, ["a3"]);
+    write(7, vec!["a3", "a1", "b1", "b2"]).await.unwrap();
+    let a3 = client.topology().node_by_name("a3").unwrap();
+    let r = client.reader(BlockId(7), GenStamp(1), &[a3], ReadParams::default());
+    assert_eq!(
+        r.read_all().await.unwrap(),
+        pattern(7, 300_000),
+        "read from a3 alone"
+    );
+
+    // Remove a1: the topology file without it, SIGHUP the others.
+    let without_a1: Vec<_> = with_a3.iter().copied().filter(|n| n.0 != "a1").collect();
+    write_topology(dir.path(), net, &without_a1);
+    for (name, d) in &daemons {
+        if *name != "a1" {
+            d.signal("-HUP");
+        }
+    }
+    for h in [2, 3, 11, 12] {
+        wait_topology_nodes(metrics(h), 5).await;
+    }
+    let next = Topology::from_file(dir.path().join("topology.toml")).unwrap();
+    assert_eq!(client.set_topology(&next).unwrap().removed, ["a1"]);
+    let topo = client.topology();
+    let a1 = topo.find_node("a1").unwrap();
+    let origin = strait::topology::Origin::node(topo.location(client.id()));
+    let spec = "2+2".parse().unwrap();
+    let states = client.node_states();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let mut last = None;
+    for _ in 0..300 {
+        let p = strait::placement::choose_targets(&topo, &origin, &spec, &[], &states, &mut rng)
+            .unwrap();
+        assert!(!p.targets().contains(&a1), "placed on a removed node");
+        last = Some(p.targets().to_vec());
+    }
+    let names: Vec<&'static str> = last
+        .unwrap()
+        .iter()
+        .map(|&n| match topo.node(n).name.as_str() {
+            "a2" => "a2",
+            "a3" => "a3",
+            "b1" => "b1",
+            "b2" => "b2",
+            other => panic!("placed on {other}"),
+        })
+        .collect();
+    write(8, names).await.unwrap();
+    client.shutdown().await;
+
+    for d in daemons.values() {
+        d.signal("-TERM");
+    }
+    for (name, d) in &mut daemons {
+        let status = d.child.wait().unwrap();
+        assert!(status.success(), "daemon {name} exited with {status}");
+    }
 }

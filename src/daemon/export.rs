@@ -334,6 +334,12 @@ impl Collector for NodeCollector {
                 &m.repair_restore_us,
             )?;
         }
+        gauge(
+            e,
+            "topology_nodes",
+            "Nodes in service in the topology in force (changes when a reload is applied)",
+            topo.node_ids().count() as u64,
+        )?;
         if let Some(t) = node.transport().certificate_expiry() {
             let secs = t
                 .duration_since(std::time::UNIX_EPOCH)

@@ -1,8 +1,8 @@
 //! The daemon: one node run from a TOML file, shared by `examples/daemon.rs` and the
 //! `strait node` command. [`run`] starts a node from a [`DaemonConfig`], serves
 //! `/metrics` and `/health` ([`http`]), prints `ready <name>` on stdout (and sends
-//! `READY=1` to systemd when `NOTIFY_SOCKET` is set), reloads its certificate and key on
-//! SIGHUP, runs until SIGTERM or SIGINT and shuts down cleanly.
+//! `READY=1` to systemd when `NOTIFY_SOCKET` is set), reloads its certificate, key and
+//! topology on SIGHUP, runs until SIGTERM or SIGINT and shuts down cleanly.
 
 pub mod export;
 pub mod http;
@@ -66,29 +66,42 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// On each SIGHUP: reads the configuration file again and presents its certificate and
-/// key from the next handshake on (certificate renewal). A file that does not load, or a
-/// certificate the transport refuses (another node's, another CA's, not valid now), is
-/// logged and changes nothing. Other fields are not applied while the node runs.
+/// On each SIGHUP: reads the configuration file (and the topology file it names) again,
+/// presents its certificate and key from the next handshake on (certificate renewal), and
+/// applies the topology ([`Node::set_topology`]: nodes added and removed without a
+/// restart). A file that does not load changes nothing; a certificate the transport
+/// refuses (another node's, another CA's, not valid now) or a topology the node refuses
+/// (an IDC or link added or removed, this node removed or moved) is logged and leaves
+/// that part as it was. Other fields are not applied while the node runs.
 async fn reload_on_hangup(path: std::path::PathBuf, node: Node) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("no SIGHUP handler: certificates are loaded at start only");
+        tracing::warn!("no SIGHUP handler: certificates and topology are loaded at start only");
         return;
     };
     while hup.recv().await.is_some() {
-        let loaded = DaemonConfig::from_file(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| {
-                node.transport()
-                    .reload_identity(&c.node.identity)
-                    .map_err(|e| e.to_string())
-            });
-        match loaded {
+        let config = match DaemonConfig::from_file(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: configuration not reloaded");
+                continue;
+            }
+        };
+        match node.transport().reload_identity(&config.node.identity) {
             Ok(()) => tracing::info!(
                 expires = ?node.transport().certificate_expiry(),
                 "SIGHUP: certificate reloaded"
             ),
             Err(e) => tracing::error!(error = %e, "SIGHUP: certificate not reloaded"),
+        }
+        match node.set_topology(&config.node.topology) {
+            Ok(c) if c.is_empty() => tracing::info!("SIGHUP: topology unchanged"),
+            Ok(c) => tracing::info!(
+                added = ?c.added,
+                removed = ?c.removed,
+                changed = ?c.changed,
+                "SIGHUP: topology reloaded"
+            ),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: topology not reloaded"),
         }
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::{Notify, oneshot};
 pub use governor::{ClassConfig, Governor, GovernorConfig, GovernorError, RequestId};
 
 use crate::metrics::NodeMetrics;
-use crate::topology::{NodeId, Topology};
+use crate::topology::{LiveTopology, NodeId, Topology};
 use crate::wire::{Compression, Packet, TrafficClass};
 
 struct DriverState {
@@ -275,8 +275,10 @@ impl Default for DciConfig {
 /// policy. Every packet a node sends to a peer goes through
 /// [`govern_packet`](Self::govern_packet); only those to another IDC are touched.
 pub(crate) struct Egress {
-    topology: Arc<Topology>,
+    topology: Arc<LiveTopology>,
     me: NodeId,
+    /// The share and class split of static shares (`None` with cluster-wide shares).
+    fixed: Option<(f64, Option<ClassSplit>)>,
     governors: DciGovernors,
     compress: Option<compress::CompressPolicy>,
 }
@@ -284,10 +286,11 @@ pub(crate) struct Egress {
 impl Egress {
     /// The egress of node `me`, from `config`.
     pub(crate) fn new(
-        topology: Arc<Topology>,
+        live: Arc<LiveTopology>,
         me: NodeId,
         config: &DciConfig,
     ) -> Result<Egress, GovernorError> {
+        let topology = live.get();
         let idc = topology.location(me).idc;
         let governors = match &config.shares {
             // Start at the floor; the allocator's grants raise it.
@@ -298,11 +301,30 @@ impl Egress {
             None => DciGovernors::for_node_with(&topology, idc, config.share, config.classes)?,
         };
         Ok(Egress {
-            topology,
+            topology: live,
             me,
+            fixed: match config.shares {
+                Some(_) => None,
+                None => Some((config.share, config.classes)),
+            },
             governors,
             compress: config.compress.then(compress::CompressPolicy::default),
         })
+    }
+
+    /// Applies the link budgets of `topology` (a reload) to static shares; with
+    /// cluster-wide shares the member tasks pick them up at their next report.
+    pub(crate) fn retune(&self, topology: &Topology) -> Result<(), GovernorError> {
+        let Some((share, classes)) = self.fixed else {
+            return Ok(());
+        };
+        let idc = topology.location(self.me).idc;
+        for (other, gov) in self.governors.iter() {
+            if let Some(l) = topology.link(idc, other) {
+                gov.set_config(static_config(l.budget_bps, share, classes))?;
+            }
+        }
+        Ok(())
     }
 
     /// The governors, by remote IDC.
@@ -321,10 +343,8 @@ impl Egress {
 
     /// The governor of the DCI link to `peer`, when talking to it crosses the DCI.
     pub(crate) fn governor_to(&self, peer: NodeId) -> Option<&DciGovernor> {
-        let (a, b) = (
-            self.topology.location(self.me).idc,
-            self.topology.location(peer).idc,
-        );
+        let topo = self.topology.get();
+        let (a, b) = (topo.location(self.me).idc, topo.location(peer).idc);
         if a == b { None } else { self.governors.to(b) }
     }
 
@@ -362,6 +382,23 @@ impl Egress {
     }
 }
 
+/// Per class (rate %, ceil %) of a node's share, in `TrafficClass::ALL` order.
+type ClassSplit = [(u8, u8); 4];
+
+/// A governor at `share` (0..=1) of a link's budget, with class (rate %, ceil %) of that
+/// share (`None`: the default split).
+fn static_config(budget_bps: u64, share: f64, classes: Option<ClassSplit>) -> GovernorConfig {
+    let rate = ((budget_bps as f64) * share.clamp(0.0, 1.0)).max(1.0) as u64;
+    let mut cfg = GovernorConfig::for_link(rate);
+    if let Some(classes) = classes {
+        for (c, (r, ceil)) in cfg.classes.iter_mut().zip(classes) {
+            c.rate = rate / 100 * u64::from(r);
+            c.ceil = (rate / 100 * u64::from(ceil)).max(c.rate).clamp(1, rate);
+        }
+    }
+    cfg
+}
+
 /// The governors of one node: one per remote IDC it sends to.
 #[derive(Debug, Clone, Default)]
 pub struct DciGovernors {
@@ -387,14 +424,7 @@ impl DciGovernors {
             } else {
                 continue;
             };
-            let rate = ((l.budget_bps as f64) * share.clamp(0.0, 1.0)).max(1.0) as u64;
-            let mut cfg = GovernorConfig::for_link(rate);
-            if let Some(classes) = classes {
-                for (c, (r, ceil)) in cfg.classes.iter_mut().zip(classes) {
-                    c.rate = rate / 100 * u64::from(r);
-                    c.ceil = (rate / 100 * u64::from(ceil)).max(c.rate).clamp(1, rate);
-                }
-            }
+            let cfg = static_config(l.budget_bps, share, classes);
             by_idc.insert(other, DciGovernor::start(cfg)?);
         }
         Ok(DciGovernors { by_idc })

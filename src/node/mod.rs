@@ -30,7 +30,7 @@ use crate::read::{ReadParams, Reader};
 use crate::repair::{RepairConfig, RepairError, RepairReport, RepairStatus, Repairs};
 use crate::replication::{ReplicationError, ReplicationQueue, RpoStatus};
 use crate::store::{BlockStore, OpenReport, ReplicaInfo, StoreConfig, StoreError};
-use crate::topology::{NodeId, Topology};
+use crate::topology::{NodeId, Topology, TopologyError};
 use crate::transfer::Transfers;
 use crate::transport::{TlsIdentity, Transport, TransportConfig, TransportError};
 use crate::wire::TrafficClass;
@@ -82,6 +82,49 @@ impl NodeConfig {
             replication: None,
             repair: None,
         }
+    }
+}
+
+/// What a topology reload ([`Node::set_topology`]) changed, by node name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TopologyChange {
+    /// Nodes that joined (or came back).
+    pub added: Vec<String>,
+    /// Nodes that left.
+    pub removed: Vec<String>,
+    /// Nodes still there whose address, capacity or rack changed.
+    pub changed: Vec<String>,
+}
+
+impl TopologyChange {
+    fn between(old: &Topology, new: &Topology) -> Self {
+        let mut c = TopologyChange::default();
+        for (i, n) in new.nodes().iter().enumerate() {
+            let id = n.location.node;
+            debug_assert_eq!(id.index(), i);
+            let (was_in, is_in) = (old.contains(id), new.contains(id));
+            let name = n.name.clone();
+            match (was_in, is_in) {
+                (false, true) => c.added.push(name),
+                (true, false) => c.removed.push(name),
+                (true, true) => {
+                    let o = old.node(id);
+                    if (o.addr, o.dci_addr, o.capacity, o.location.rack)
+                        != (n.addr, n.dci_addr, n.capacity, n.location.rack)
+                    {
+                        c.changed.push(name);
+                    }
+                }
+                (false, false) => {}
+            }
+        }
+        c
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
     }
 }
 
@@ -175,8 +218,7 @@ impl Node {
         };
         let ctx = Arc::new(NodeContext {
             me,
-            dci: Egress::new(config.topology.clone(), me, &config.dci)?,
-            topology: config.topology.clone(),
+            dci: Egress::new(transport.live_topology().clone(), me, &config.dci)?,
             store,
             transport,
             metrics: NodeMetrics::default(),
@@ -319,8 +361,8 @@ impl Node {
     /// free bytes are what its store's filesystem has left (at most its capacity). Other
     /// nodes' free space is not known here: their capacity stands for it.
     pub fn node_states(&self) -> crate::placement::NodeStates {
-        let topo = &self.ctx.topology;
-        let mut states = crate::placement::NodeStates::from_topology(topo);
+        let topo = self.ctx.topology();
+        let mut states = crate::placement::NodeStates::from_topology(&topo);
         for down in self.repair_status().map(|r| r.down).unwrap_or_default() {
             let mut s = *states.get(down);
             s.alive = false;
@@ -340,9 +382,52 @@ impl Node {
         self.ctx.me
     }
 
-    /// The topology.
-    pub fn topology(&self) -> &Arc<Topology> {
-        &self.ctx.topology
+    /// The topology in force (a snapshot: a reload replaces it, see
+    /// [`set_topology`](Self::set_topology)).
+    pub fn topology(&self) -> Arc<Topology> {
+        self.ctx.topology()
+    }
+
+    /// Applies a changed topology without a restart (what the daemon does on SIGHUP
+    /// after reading its topology file again): `next` is merged into the topology in
+    /// force with [`Topology::revise`], so every [`NodeId`] keeps naming the same node.
+    /// From then on new nodes are accepted as peers (their certificates name them) and
+    /// placed on; removed nodes are refused (streams from them, and new streams to them)
+    /// and never placed on (they are not alive in [`node_states`](Self::node_states)),
+    /// and with the repair service their replicas are repaired as a dead node's are;
+    /// connections to removed nodes and to nodes whose address changed are closed; DCI
+    /// governors take the new link budgets (with cluster-wide shares, from the next
+    /// report on: a lower budget is in force within one lease).
+    ///
+    /// Refused, with the topology in force unchanged: what [`Topology::revise`] refuses,
+    /// and a topology that removes this node or changes its address (its sockets are
+    /// bound to it: restart it instead).
+    pub fn set_topology(&self, next: &Topology) -> Result<TopologyChange, TopologyError> {
+        let old = self.ctx.topology();
+        let revised = old.revise(next)?;
+        let me = self.ctx.me;
+        if !revised.contains(me) {
+            return Err(TopologyError::Reload {
+                reason: format!("this node ({}) is not in it", old.node(me).name),
+            });
+        }
+        let (was, now) = (old.node(me), revised.node(me));
+        if (was.addr, was.dci_addr) != (now.addr, now.dci_addr) {
+            return Err(TopologyError::Reload {
+                reason: format!(
+                    "this node's address changes from {} to {} (restart it instead)",
+                    was.addr, now.addr
+                ),
+            });
+        }
+        let change = TopologyChange::between(&old, &revised);
+        let revised = Arc::new(revised);
+        self.ctx.transport.set_topology(revised.clone());
+        if let Err(e) = self.ctx.dci.retune(&revised) {
+            tracing::warn!(error = %e, "cannot apply the new DCI budgets");
+        }
+        tracing::info!(added = ?change.added, removed = ?change.removed, changed = ?change.changed, "topology reloaded");
+        Ok(change)
     }
 
     /// The block store.

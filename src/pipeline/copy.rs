@@ -73,7 +73,7 @@ async fn copy_prefix(svc: &Arc<Pipelines>, req: &CopyBlock) -> Result<(), (Statu
         .iter()
         .map(|n| {
             shared
-                .topology
+                .topology()
                 .node_by_name(n)
                 .ok_or((Status::Rejected, format!("unknown target {n:?}")))
         })
@@ -95,7 +95,7 @@ async fn copy_prefix(svc: &Arc<Pipelines>, req: &CopyBlock) -> Result<(), (Statu
         params.holders = req
             .replicas
             .iter()
-            .filter_map(|n| shared.topology.node_by_name(n))
+            .filter_map(|n| shared.topology().node_by_name(n))
             .filter(|n| !targets.contains(n))
             .collect();
         if !params.holders.contains(&shared.me) {

@@ -354,7 +354,7 @@ impl Pipelines {
     /// the request's origin for the nodes downstream: the client itself, or (from a
     /// node) what that node said.
     fn authorize_write(&self, s: &Stream, req: &mut WriteBlock) -> Result<(), String> {
-        let topo = &self.ctx.topology;
+        let topo = self.ctx.topology();
         let origin = match s.role {
             PeerRole::Client => Some(s.peer),
             PeerRole::Node => req.origin.as_deref().and_then(|n| topo.node_by_name(n)),
@@ -475,7 +475,7 @@ pub(crate) async fn refuse(mut s: Stream, first: &Frame) {
 }
 
 fn window_for(svc: &Pipelines, from: NodeId, chain: &[NodeId]) -> usize {
-    let topo = &svc.ctx.topology;
+    let topo = svc.ctx.topology();
     let mut prev = from;
     let mut bdp = 0u64;
     for &n in chain {

@@ -337,7 +337,7 @@ async fn relay(
     cancel: &mut watch::Receiver<bool>,
 ) {
     let shared = &svc.ctx;
-    let topo = &shared.topology;
+    let topo = shared.topology();
     let block = req.block;
     let mut targets = Vec::with_capacity(req.targets.len());
     for name in &req.targets {
@@ -675,7 +675,7 @@ async fn ack_loop(
             p.last && statuses.iter().all(|s| *s == Status::Success),
             &queue,
         ) {
-            let topo = &shared.topology;
+            let topo = shared.topology();
             let target_idc = q
                 .remote
                 .first()

@@ -85,7 +85,7 @@ impl Writer {
         mut params: WriteParams,
     ) -> Result<Writer, WriteError> {
         let shared = &svc.ctx;
-        let topo = &shared.topology;
+        let topo = shared.topology();
         if targets.is_empty() || targets.len() > wire::MAX_TARGETS + 1 {
             return Err(WriteError::InvalidTargets(format!(
                 "{} targets (1..={})",
@@ -239,7 +239,7 @@ impl Writer {
     /// Dropped nodes not made up for by a spare: per IDC, as many of its failed nodes as
     /// it has fewer replicas than the write started with.
     fn lost(&self) -> Vec<NodeId> {
-        let topo = &self.ctx.topology;
+        let topo = self.ctx.topology();
         let now = self.replica_set();
         let count =
             |set: &[NodeId], idc| set.iter().filter(|&&n| topo.location(n).idc == idc).count();
@@ -473,7 +473,7 @@ impl Writer {
             self.broken = true;
             WriteError::IdcLost {
                 block: self.block,
-                idc: self.ctx.topology.idc(idc).name.clone(),
+                idc: self.ctx.topology().idc(idc).name.clone(),
                 failed: self.win.failed().iter().map(|&f| self.name(f)).collect(),
             }
         })
@@ -609,7 +609,7 @@ impl Writer {
     /// Puts a spare from `failed`'s IDC at position `at`, after a survivor has copied it
     /// the first `resume` bytes. Without a usable spare the pipeline goes on without one.
     async fn try_replace(&mut self, at: usize, failed: NodeId, resume: u64) {
-        let topo = self.ctx.topology.clone();
+        let topo = self.ctx.topology();
         let idc = topo.location(failed).idc;
         let Some(pos) = self.params.spares.iter().position(|&s| {
             topo.location(s).idc == idc && !self.win.contains(s) && !self.win.failed().contains(&s)

@@ -99,6 +99,35 @@ impl PeerWatch {
         out
     }
 
+    /// Watches exactly `peers` from `now` on (the topology changed): new ones count as up
+    /// at `now`; the ones no longer listed are forgotten and returned as `Down`, unless
+    /// they were reported down already, since their replicas are owed repairs as a dead
+    /// node's are.
+    pub fn set_peers(
+        &mut self,
+        peers: impl IntoIterator<Item = NodeId>,
+        now: Instant,
+    ) -> Vec<PeerChange> {
+        let mut keep: HashMap<NodeId, PeerState> = HashMap::new();
+        for p in peers {
+            let s = self.peers.remove(&p).unwrap_or(PeerState {
+                last_ok: now,
+                down: false,
+                reported_down: false,
+            });
+            keep.insert(p, s);
+        }
+        let mut gone: Vec<PeerChange> = std::mem::replace(&mut self.peers, keep)
+            .into_iter()
+            .filter(|(_, s)| !s.reported_down)
+            .map(|(p, _)| PeerChange::Down(p))
+            .collect();
+        gone.sort_by_key(|c| match *c {
+            PeerChange::Down(p) | PeerChange::Up(p) => p,
+        });
+        gone
+    }
+
     /// Whether `peer` is down (a peer not watched, such as this node, never is).
     pub fn is_down(&self, peer: NodeId) -> bool {
         self.peers.get(&peer).is_some_and(|s| s.down)
@@ -164,6 +193,35 @@ fn mix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_adds_peers_up_and_reports_removed_ones_down_once() {
+        let t0 = Instant::now();
+        let n = NodeId::from_index;
+        let mut w = PeerWatch::new([n(1), n(2), n(3)], Duration::from_secs(1), t0);
+        // n(3) went down before the reload: its repairs are owed already.
+        w.handle_probe(n(1), true, t0 + Duration::from_secs(2));
+        w.handle_probe(n(2), true, t0 + Duration::from_secs(2));
+        assert_eq!(
+            w.poll_changes(t0 + Duration::from_secs(2)),
+            vec![PeerChange::Down(n(3))]
+        );
+        let t1 = t0 + Duration::from_secs(2);
+        let gone = w.set_peers([n(1), n(4)], t1);
+        assert_eq!(
+            gone,
+            vec![PeerChange::Down(n(2))],
+            "removed and up: owed now"
+        );
+        assert!(!w.is_down(n(4)), "a new peer starts up");
+        assert!(!w.is_down(n(2)) && !w.is_down(n(3)), "no longer watched");
+        assert_eq!(w.poll_changes(t1), vec![]);
+        assert_eq!(
+            w.set_peers([n(1), n(4)], t1),
+            vec![],
+            "nothing more to report"
+        );
+    }
     use proptest::prelude::*;
 
     /// Two IDCs × `racks` racks × 2 nodes: a1 a2 | a3 a4 | … and b1 b2 | …

@@ -455,6 +455,11 @@ impl Lease {
         }
     }
 
+    /// Changes the floor (the link's budget or membership changed).
+    pub fn set_floor(&mut self, floor: u64) {
+        self.floor = floor;
+    }
+
     /// Takes the answer to the report sent at `sent_at`. The member sends one report at
     /// a time, so the newest answer is the one in force.
     pub fn handle_grant(&mut self, grant: Grant, sent_at: Instant) {

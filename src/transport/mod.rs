@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 
-use crate::topology::{NodeId, Tier, Topology};
+use crate::topology::{LiveTopology, NodeId, Tier, Topology};
 pub use framed::{ByteSink, EndMarks, FrameReader, FrameWriter, FramedError, IoSink};
 use reuse::TlsTcp;
 pub use reuse::{TcpSink, TcpSource};
@@ -295,7 +295,7 @@ struct IdleTcp {
 
 struct Inner {
     me: NodeId,
-    topology: Arc<Topology>,
+    topology: Arc<LiveTopology>,
     config: TransportConfig,
     endpoint: quinn::Endpoint,
     tls_client: Arc<rustls::ClientConfig>,
@@ -435,7 +435,7 @@ impl Transport {
         let (tx, rx) = mpsc::channel(config.accept_queue.max(1));
         let inner = Arc::new(Inner {
             me,
-            topology,
+            topology: Arc::new(LiveTopology::new(topology)),
             config,
             endpoint: endpoint.clone(),
             tls_client: client_tls,
@@ -461,7 +461,7 @@ impl Transport {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend([quic_task, tcp_task]);
-        tracing::info!(node = %t.inner.topology.node(me).name, %addr, intra_idc = %t.inner.config.intra_idc, "transport listening (quic + tcp-tls)");
+        tracing::info!(node = %t.topology().node(me).name, %addr, intra_idc = %t.inner.config.intra_idc, "transport listening (quic + tcp-tls)");
         Ok((t, Incoming { rx }))
     }
 
@@ -480,7 +480,8 @@ impl Transport {
     /// and chains to the same CA (a new CA means a restart of every node), or when the
     /// key does not match the certificate.
     pub fn reload_identity(&self, identity: &TlsIdentity) -> Result<(), TransportError> {
-        let me = &self.inner.topology.node(self.inner.me).name;
+        let topo = self.topology();
+        let me = &topo.node(self.inner.me).name;
         let name = identity.name()?;
         if &name != me {
             return Err(TransportError::Tls(format!(
@@ -534,14 +535,35 @@ impl Transport {
         (half(a), half(b))
     }
 
-    /// The topology the transport serves.
-    pub fn topology(&self) -> &Arc<Topology> {
+    /// The topology the transport serves now (a snapshot: see [`LiveTopology`]).
+    pub fn topology(&self) -> Arc<Topology> {
+        self.inner.topology.get()
+    }
+
+    /// The cell the node's services read the topology from.
+    pub(crate) fn live_topology(&self) -> &Arc<LiveTopology> {
         &self.inner.topology
+    }
+
+    /// Serves `topology` from now on (made with [`Topology::revise`] of the one in
+    /// force): streams to and from retired nodes are refused, connections to them and to
+    /// nodes whose address changed are closed. Returns the topology it replaced.
+    pub(crate) fn set_topology(&self, topology: Arc<Topology>) -> Arc<Topology> {
+        let old = self.inner.topology.set(topology.clone());
+        for (i, was) in old.nodes().iter().enumerate() {
+            let id = was.location.node;
+            debug_assert_eq!(id.index(), i);
+            let now = topology.node(id);
+            if !topology.contains(id) || now.addr != was.addr || now.dci_addr != was.dci_addr {
+                self.forget_connection(id);
+            }
+        }
+        old
     }
 
     /// The link kind a stream to `peer` uses: QUIC across IDCs, the configured kind within.
     pub fn link_kind(&self, peer: NodeId) -> LinkKind {
-        if self.inner.topology.tier(self.inner.me, peer) == Tier::Dci {
+        if self.topology().tier(self.inner.me, peer) == Tier::Dci {
             LinkKind::Quic
         } else {
             self.inner.config.intra_idc
@@ -599,11 +621,12 @@ impl Transport {
 
     /// Opens a framed stream to `peer` over a given link kind.
     pub async fn open_via(&self, peer: NodeId, kind: LinkKind) -> Result<Stream, TransportError> {
-        let topo = &self.inner.topology;
+        let topo = self.topology();
         if !topo.contains(peer) || peer == self.inner.me {
             return Err(TransportError::NotAPeer(peer));
         }
         let tier = topo.tier(self.inner.me, peer) as usize;
+        drop(topo);
         let s = match kind {
             LinkKind::Quic => self.open_quic(peer).await?,
             LinkKind::TcpTls => self.open_tcp(peer).await?,
@@ -614,15 +637,16 @@ impl Transport {
     }
 
     fn peer_name(&self, peer: NodeId) -> String {
-        self.inner.topology.node(peer).name.clone()
+        self.topology().node(peer).name.clone()
     }
 
     async fn connect_quic(&self, peer: NodeId) -> Result<quinn::Connection, TransportError> {
-        let node = self.inner.topology.node(peer);
+        let topo = self.topology();
+        let node = topo.node(peer);
         // Across the DCI, a node may be reached through another address (an emulator or
         // gateway in front of it); TLS still checks the node's own name.
         let addr = match node.dci_addr {
-            Some(a) if self.inner.topology.tier(self.inner.me, peer) == Tier::Dci => a,
+            Some(a) if topo.tier(self.inner.me, peer) == Tier::Dci => a,
             _ => node.addr,
         };
         let crypto =
@@ -630,12 +654,7 @@ impl Transport {
                 .map_err(|e| TransportError::Tls(format!("QUIC client config: {e}")))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(Arc::new(quic_transport(
-            bdp_window(
-                &self.inner.topology,
-                self.inner.me,
-                peer,
-                &self.inner.config,
-            ),
+            bdp_window(&topo, self.inner.me, peer, &self.inner.config),
             &self.inner.config,
         )));
         let connect_err = |reason: String| TransportError::Connect {
@@ -743,7 +762,8 @@ impl Transport {
     }
 
     async fn connect_tcp(&self, peer: NodeId) -> Result<TlsTcp, TransportError> {
-        let node = self.inner.topology.node(peer);
+        let topo = self.topology();
+        let node = topo.node(peer);
         let after = self.inner.config.connect_timeout;
         let connect_err = |reason: String| TransportError::Connect {
             peer: node.name.clone(),
@@ -868,6 +888,10 @@ impl Transport {
             _ = closing.wait_for(|c| *c) => None,
         };
         if let Some((conn, rest)) = next {
+            if !self.topology().contains(peer) {
+                tracing::warn!(peer = %self.peer_name(peer), "closing the connection of a node removed from the topology");
+                return;
+            }
             let s = self.accepted_tcp(conn, rest, peer, role, tx.clone());
             let _ = tx.send(s).await;
         }
@@ -883,7 +907,7 @@ impl Transport {
             .ok_or_else(|| TransportError::PeerIdentity("no client certificate".into()))?;
         let name = tls::peer_name(cert)?;
         let role = tls::peer_role(cert);
-        let id = self.inner.topology.node_by_name(&name).ok_or_else(|| {
+        let id = self.topology().node_by_name(&name).ok_or_else(|| {
             TransportError::PeerIdentity(format!(
                 "certificate names {name:?}, which is not a node of the topology"
             ))
@@ -1005,6 +1029,11 @@ async fn accept_quic(t: Transport, tx: mpsc::Sender<Stream>) {
                 }
             };
             while let Ok((send, recv)) = conn.accept_bi().await {
+                if !t.topology().contains(peer) {
+                    tracing::warn!(peer = %t.peer_name(peer), "closing the connection of a node removed from the topology");
+                    conn.close(quinn::VarInt::from_u32(1), b"removed from the topology");
+                    return;
+                }
                 let s = Stream {
                     peer,
                     role,
