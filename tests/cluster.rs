@@ -475,3 +475,33 @@ async fn a_silent_replica_is_hedged_with_another_in_the_idc() {
     assert_eq!(r.read_all().await.unwrap(), data);
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_the_transport_cannot_reach_is_not_alive_for_placement() {
+    let mut c = Cluster::start().await;
+    let (a1, b2) = (c.node("a1").clone(), c.id("b2"));
+    assert!(a1.node_states().get(b2).alive);
+    c.stop("b2").await;
+    assert!(a1.transport().open(b2).await.is_err());
+    assert_eq!(a1.transport().unreachable_peers(), vec![b2]);
+    let states = a1.node_states();
+    assert!(
+        !states.get(b2).alive,
+        "no repair service: the transport alone says so"
+    );
+    let origin = Origin::node(c.topo.location(a1.id()));
+    let spec = "2+2".parse().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..200 {
+        let p = placement::choose_targets(&c.topo, &origin, &spec, &[], &states, &mut rng).unwrap();
+        assert!(!p.targets().contains(&b2), "placed on an unreachable node");
+    }
+    // Back: the next stream to it clears the mark.
+    c.start_node("b2").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a1.transport().open(b2).await.is_err() {
+        assert!(Instant::now() < deadline, "b2 not reachable again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a1.node_states().get(b2).alive);
+}

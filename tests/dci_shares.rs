@@ -207,6 +207,22 @@ async fn when_the_allocator_dies_the_sum_stays_within_budget_and_another_takes_o
     .await;
     let sum: u64 = govs[1..].iter().map(|g| g.config().rate).sum();
     assert!(sum <= usable, "the dead node's share was handed out: {sum}");
+
+    // The operator removes a1 from the topology (every node reloads): its share comes
+    // back to the survivors, and the sum stays within the budget through the change.
+    let without_a1 = c.edited_topology(&["a1"], &[], BUDGET);
+    for n in common::NAMES.iter().filter(|&&n| n != "a1") {
+        assert_eq!(c.node(n).set_topology(&without_a1).unwrap().removed, ["a1"]);
+    }
+    until(
+        "the survivors use the whole link",
+        Duration::from_secs(10),
+        || {
+            let sum: u64 = govs[1..].iter().map(|g| g.config().rate).sum();
+            sum as f64 >= 0.9 * BUDGET as f64
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let max = watcher.await.unwrap();
     assert!(max <= BUDGET, "configured rates summed to {max} > {BUDGET}");

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,42 +20,6 @@ use strait::store::ReplicaState;
 use strait::topology::{Origin, Topology, TopologyError};
 
 const LEN: usize = 200_000;
-
-/// The cluster's topology with `remove` left out and `add` (name, idc, rack, last octet
-/// of its address) added, and the DCI budget `budget`.
-fn edited(c: &Cluster, remove: &[&str], add: &[(&str, &str, &str, u8)], budget: u64) -> Topology {
-    let t = &c.topo;
-    let mut b = Topology::builder().idc("idc-a").idc("idc-b");
-    for name in NAMES.iter().filter(|n| !remove.contains(n)) {
-        let id = t.node_by_name(name).unwrap();
-        let loc = t.location(id);
-        let n = t.node(id);
-        b = b.node(
-            *name,
-            t.idc(loc.idc).name.clone(),
-            t.rack(loc.rack).name.clone(),
-            n.addr,
-            n.capacity,
-        );
-    }
-    let a1 = t.node(t.node_by_name("a1").unwrap()).addr;
-    for (name, idc, rack, last) in add {
-        let addr = SocketAddr::new(
-            match a1.ip() {
-                std::net::IpAddr::V4(v4) => {
-                    let o = v4.octets();
-                    std::net::Ipv4Addr::new(o[0], o[1], o[2], *last).into()
-                }
-                ip => ip,
-            },
-            a1.port(),
-        );
-        b = b.node(*name, *idc, *rack, addr, 1 << 40);
-    }
-    b.link("idc-a", "idc-b", budget, Duration::from_millis(1))
-        .build()
-        .unwrap()
-}
 
 /// Writes `block` from `from` through `targets` (names in `from`'s topology).
 async fn write(c: &Cluster, from: &str, block: u64, targets: &[&str]) -> Result<(), String> {
@@ -136,7 +99,7 @@ async fn nodes_join_and_leave_a_running_cluster() {
     write(&c, "a2", 1, &["a1", "a3", "b1", "b3"]).await.unwrap();
 
     // a5 starts with the new topology (a1 gone, a5 in), the others still run the old.
-    let next = edited(&c, &["a1"], &[("a5", "idc-a", "r2", 9)], 125_000_000);
+    let next = c.edited_topology(&["a1"], &[("a5", "idc-a", "r2", 9)], 125_000_000);
     let old = std::mem::replace(&mut c.topo, Arc::new(next.clone()));
     c.dirs.insert("a5".into(), tempfile::tempdir().unwrap());
     c.start_node("a5").await;
@@ -209,7 +172,7 @@ async fn a_reload_a_node_cannot_apply_changes_nothing_and_budgets_reach_the_gove
     let rate = |n: &strait::node::Node| n.governors().to(idc_b).unwrap().config().rate;
     assert_eq!(rate(a1), 50_000_000);
 
-    let without_me = edited(&c, &["a1"], &[], 100_000_000);
+    let without_me = c.edited_topology(&["a1"], &[], 100_000_000);
     match a1.set_topology(&without_me) {
         Err(TopologyError::Reload { reason }) => assert!(reason.contains("a1"), "{reason}"),
         other => panic!("removing a1 from its own topology: {other:?}"),
@@ -233,7 +196,7 @@ async fn a_reload_a_node_cannot_apply_changes_nothing_and_budgets_reach_the_gove
         "a refused reload changed the topology"
     );
 
-    let faster = edited(&c, &[], &[], 300_000_000);
+    let faster = c.edited_topology(&[], &[], 300_000_000);
     let change = a1.set_topology(&faster).unwrap();
     assert!(change.is_empty(), "{change:?}");
     assert_eq!(

@@ -357,13 +357,19 @@ impl Node {
 
     /// What this node knows of every node, for placement
     /// ([`placement::choose_targets`](crate::placement::choose_targets)): the nodes its
-    /// peer watch counts as down (with `NodeConfig::repair`) are not alive, and its own
+    /// peer watch counts as down (with `NodeConfig::repair`), the ones its transport
+    /// could not reach at the last attempt ([`Transport::unreachable_peers`]) and the ones
+    /// a reload removed are not alive, and its own
     /// free bytes are what its store's filesystem has left (at most its capacity). Other
     /// nodes' free space is not known here: their capacity stands for it.
     pub fn node_states(&self) -> crate::placement::NodeStates {
         let topo = self.ctx.topology();
         let mut states = crate::placement::NodeStates::from_topology(&topo);
-        for down in self.repair_status().map(|r| r.down).unwrap_or_default() {
+        let down = self.repair_status().map(|r| r.down).unwrap_or_default();
+        for down in down
+            .into_iter()
+            .chain(self.ctx.transport.unreachable_peers())
+        {
             let mut s = *states.get(down);
             s.alive = false;
             states.set(down, s);

@@ -311,6 +311,9 @@ struct Inner {
     closing: tokio::sync::watch::Sender<bool>,
     counters: LinkCounters,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Peers the last attempt to reach failed, and when (cleared by a stream opened to
+    /// or accepted from them).
+    unreachable: std::sync::Mutex<HashMap<NodeId, std::time::Instant>>,
     /// Test seam: the filter put on the frames of streams opened from now on.
     filter: std::sync::RwLock<Option<Arc<dyn filter::FrameFilter>>>,
 }
@@ -446,6 +449,7 @@ impl Transport {
             closing: tokio::sync::watch::Sender::new(false),
             counters: LinkCounters::default(),
             tasks: std::sync::Mutex::new(Vec::new()),
+            unreachable: std::sync::Mutex::new(HashMap::new()),
             filter: std::sync::RwLock::new(None),
         });
         let t = Transport { inner };
@@ -627,13 +631,47 @@ impl Transport {
         }
         let tier = topo.tier(self.inner.me, peer) as usize;
         drop(topo);
-        let s = match kind {
-            LinkKind::Quic => self.open_quic(peer).await?,
-            LinkKind::TcpTls => self.open_tcp(peer).await?,
+        let opened = match kind {
+            LinkKind::Quic => self.open_quic(peer).await,
+            LinkKind::TcpTls => self.open_tcp(peer).await,
             LinkKind::Local => return Err(TransportError::NotAPeer(peer)),
         };
+        self.note_reach(peer, opened.is_ok());
+        let s = opened?;
         self.inner.counters.streams_opened[tier].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(s)
+    }
+
+    /// Notes whether the last attempt to reach `peer` worked (a stream opened to it, or
+    /// one accepted from it).
+    fn note_reach(&self, peer: NodeId, ok: bool) {
+        let mut u = self
+            .inner
+            .unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if ok {
+            u.remove(&peer);
+        } else {
+            u.insert(peer, std::time::Instant::now());
+        }
+    }
+
+    /// Peers this node could not reach at its last attempt, within the last idle
+    /// timeout, with no stream to or from them since: what placement should skip
+    /// (`Node::node_states`). A failure older than
+    /// the idle timeout no longer counts, so that a peer nobody dials is tried again.
+    pub fn unreachable_peers(&self) -> Vec<NodeId> {
+        let within = self.inner.config.idle_timeout;
+        let mut u = self
+            .inner
+            .unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        u.retain(|_, at| at.elapsed() < within);
+        let mut v: Vec<NodeId> = u.keys().copied().collect();
+        v.sort();
+        v
     }
 
     fn peer_name(&self, peer: NodeId) -> String {
@@ -1034,6 +1072,7 @@ async fn accept_quic(t: Transport, tx: mpsc::Sender<Stream>) {
                     conn.close(quinn::VarInt::from_u32(1), b"removed from the topology");
                     return;
                 }
+                t.note_reach(peer, true);
                 let s = Stream {
                     peer,
                     role,
@@ -1100,6 +1139,7 @@ async fn accept_tcp(
                     return;
                 }
             };
+            t.note_reach(peer, true);
             let s = t.accepted_tcp(
                 tokio_rustls::TlsStream::Server(tls),
                 bytes::BytesMut::new(),

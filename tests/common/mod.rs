@@ -224,6 +224,47 @@ impl Cluster {
         futures_util::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
     }
 
+    /// The cluster's topology with `remove` left out and `add` (name, idc, rack, last octet
+    /// of its address) added, and the DCI budget `budget`.
+    pub(crate) fn edited_topology(
+        &self,
+        remove: &[&str],
+        add: &[(&str, &str, &str, u8)],
+        budget: u64,
+    ) -> Topology {
+        let t = &self.topo;
+        let mut b = Topology::builder().idc("idc-a").idc("idc-b");
+        for name in NAMES.iter().filter(|n| !remove.contains(n)) {
+            let id = t.node_by_name(name).unwrap();
+            let loc = t.location(id);
+            let n = t.node(id);
+            b = b.node(
+                *name,
+                t.idc(loc.idc).name.clone(),
+                t.rack(loc.rack).name.clone(),
+                n.addr,
+                n.capacity,
+            );
+        }
+        let a1 = t.node(t.node_by_name("a1").unwrap()).addr;
+        for (name, idc, rack, last) in add {
+            let addr = SocketAddr::new(
+                match a1.ip() {
+                    std::net::IpAddr::V4(v4) => {
+                        let o = v4.octets();
+                        std::net::Ipv4Addr::new(o[0], o[1], o[2], *last).into()
+                    }
+                    ip => ip,
+                },
+                a1.port(),
+            );
+            b = b.node(*name, *idc, *rack, addr, 1 << 40);
+        }
+        b.link("idc-a", "idc-b", budget, Duration::from_millis(1))
+            .build()
+            .unwrap()
+    }
+
     pub(crate) fn node(&self, name: &str) -> &Node {
         &self.nodes[name]
     }
