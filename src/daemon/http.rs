@@ -1,12 +1,15 @@
 //! The daemon's HTTP endpoint: `GET /metrics` answers with the node's metrics in the
 //! OpenMetrics text format ([`super::export`], listed in `docs/METRICS.md`), `GET /health`
-//! with `ok pid <process id>`.
+//! with `ok pid <process id>`; hyper speaks the HTTP/1.1.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -43,68 +46,83 @@ pub async fn serve(addr: SocketAddr, node: Node) -> std::io::Result<tokio::task:
             };
             let node = node.clone();
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(REQUEST_DEADLINE, answer(sock, &node)).await;
+                serve_connection(sock, node).await;
                 drop(slot);
             });
         }
     }))
 }
 
-/// The path of a `GET` request line, if the head is one.
-fn get_path(head: &[u8]) -> Option<&str> {
-    let line = head.split(|&b| b == b'\r').next()?;
-    let line = std::str::from_utf8(line).ok()?;
-    let mut parts = line.split(' ');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("GET"), Some(path), Some(version)) if version.starts_with("HTTP/") => Some(path),
-        _ => None,
+/// What a request is for: only `GET` of the exact paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    Health,
+    NotFound,
+    WrongMethod,
+}
+
+fn route(method: &Method, path: &str) -> Route {
+    match (method, path) {
+        (&Method::GET, "/metrics") => Route::Metrics,
+        (&Method::GET, "/health") => Route::Health,
+        (&Method::GET, _) => Route::NotFound,
+        _ => Route::WrongMethod,
     }
 }
 
-async fn answer(mut sock: tokio::net::TcpStream, node: &Node) {
-    let mut buf = vec![0u8; 8192];
-    let mut n = 0;
-    // Read the request head (bounded in size here, in time by the caller).
-    while n < buf.len() {
-        match sock.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(k) => {
-                n += k;
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-        }
-    }
-    let (status, kind, body) = match get_path(&buf[..n]) {
-        Some("/metrics") => ("200 OK", CONTENT_TYPE, render(node)),
+/// Serves the requests of one connection: one request (no keep-alive), its head at most
+/// 8 KiB, all of it within the caller's deadline.
+async fn serve_connection(sock: tokio::net::TcpStream, node: Node) {
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let node = node.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(&req, &node)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(8192)
+        .serve_connection(TokioIo::new(sock), service);
+    let _ = tokio::time::timeout(REQUEST_DEADLINE, conn).await;
+}
+
+fn answer(req: &Request<hyper::body::Incoming>, node: &Node) -> Response<Full<Bytes>> {
+    let (status, kind, body) = match route(req.method(), req.uri().path()) {
+        Route::Metrics => (StatusCode::OK, CONTENT_TYPE, render(node)),
         // Says which process answers, so that a launcher can tell its own daemon from
         // another one holding the address.
-        Some("/health") => (
-            "200 OK",
+        Route::Health => (
+            StatusCode::OK,
             "text/plain",
             format!("ok pid {}\n", std::process::id()),
         ),
-        _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        Route::NotFound => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        Route::WrongMethod => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        ),
     };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = sock.write_all(resp.as_bytes()).await;
-    let _ = sock.shutdown().await;
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+    }
+    resp
 }
 
 #[cfg(test)]
 mod tests {
-    use super::get_path;
+    use super::{Method, Route, route};
 
     #[test]
     fn paths_match_exactly() {
-        assert_eq!(get_path(b"GET /metrics HTTP/1.1\r\n\r\n"), Some("/metrics"));
-        assert_eq!(get_path(b"GET /metricsX HTTP/1.1\r\n"), Some("/metricsX"));
-        assert_eq!(get_path(b"POST /metrics HTTP/1.1\r\n"), None);
-        assert_eq!(get_path(b"GET /metrics"), None);
-        assert_eq!(get_path(b"\xff\xfe"), None);
+        assert_eq!(route(&Method::GET, "/metrics"), Route::Metrics);
+        assert_eq!(route(&Method::GET, "/health"), Route::Health);
+        assert_eq!(route(&Method::GET, "/metricsX"), Route::NotFound);
+        assert_eq!(route(&Method::GET, "/metrics/"), Route::NotFound);
+        assert_eq!(route(&Method::POST, "/metrics"), Route::WrongMethod);
     }
 }
