@@ -44,6 +44,9 @@ pub struct NodeMetrics {
     pub dci_saved_bytes: AtomicU64,
     /// Pipeline setups this node refused for want of a free write slot.
     pub write_busy_refusals: AtomicU64,
+    /// Sync pipeline setups this node refused for want of a free DCI slot on the link
+    /// it would forward across.
+    pub dci_busy_refusals: AtomicU64,
     /// Repairs this node ran: block bytes copied to new replicas, by the tier each
     /// copy hop crossed.
     pub repair_bytes: TierCounters,

@@ -189,3 +189,54 @@ async fn a_hop_that_cannot_open_its_replica_leaves_nothing_downstream() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dci_hop_is_admitted_with_the_slots_of_the_hops() {
+    // 4 MB/s of DCI and the default 2 MB/s per sync pipeline: a node forwards at most two
+    // sync pipelines across the link at once.
+    let c = Cluster::start_with(4_000_000, 1.0).await;
+    let a1 = c.node("a1").clone();
+    let layouts = [["a1", "b1"].as_slice(), ["a2", "a1", "b2"].as_slice()];
+    let mut tasks = Vec::new();
+    for w in 0..6u64 {
+        // Half start at a2, whose write slot must be given back when a1 refuses.
+        let node = c.node(["a1", "a3"][(w % 2) as usize]).clone();
+        let targets = c.ids(layouts[(w % 2) as usize]);
+        tasks.push(tokio::spawn(async move {
+            let mut wr = node
+                .writer(BlockId(700 + w), &targets, WriteParams::new(GenStamp(1)))
+                .await?;
+            wr.write(Bytes::from(pattern(w + 700, 1 << 20))).await?;
+            wr.close().await
+        }));
+    }
+    let mut most = 0;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        most = most.max(a1.resources().dci_slots);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for (w, t) in tasks.into_iter().enumerate() {
+        let out = t
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("writer {w}: {e}"));
+        assert_eq!(
+            out.replicas.len(),
+            2 + w % 2,
+            "writer {w} kept every replica"
+        );
+    }
+    assert_eq!(most, 2, "a1 forwarded {most} sync pipelines across at once");
+    let refused = a1
+        .metrics()
+        .dci_busy_refusals
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(refused > 0, "the DCI slots were contended");
+    for r in common::settled(&c).await {
+        assert_eq!(
+            (r.dci_slots, r.write_slots, r.relays),
+            (0, 0, 0),
+            "left held: {r:?}"
+        );
+    }
+}

@@ -211,6 +211,12 @@ impl Collector for NodeCollector {
         )?;
         counter(
             e,
+            "dci_busy_refusals",
+            "Sync pipeline setups refused for want of a free DCI slot on the link they cross",
+            m.dci_busy_refusals.load(Ordering::Relaxed),
+        )?;
+        counter(
+            e,
             "dci_compression_saved_bytes",
             "Bytes zstd saved on DCI hops",
             m.dci_saved_bytes.load(Ordering::Relaxed),

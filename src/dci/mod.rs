@@ -327,6 +327,19 @@ impl Egress {
         Ok(())
     }
 
+    /// What this node may count on sending to `idc`, bytes/s, for admission: its static
+    /// share of the link's budget, or with cluster-wide shares its equal share (the
+    /// budget over the IDC's members). `None` when no link leads there.
+    pub(crate) fn admission_rate(&self, idc: crate::topology::IdcId) -> Option<u64> {
+        let topo = self.topology.get();
+        let from = topo.location(self.me).idc;
+        let link = topo.link(from, idc)?;
+        Some(match self.fixed {
+            Some((share, _)) => (link.budget_bps as f64 * share.clamp(0.0, 1.0)) as u64,
+            None => link.budget_bps / share_members(&topo, from).len().max(1) as u64,
+        })
+    }
+
     /// The governors, by remote IDC.
     pub(crate) fn governors(&self) -> &DciGovernors {
         &self.governors

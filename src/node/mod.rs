@@ -167,6 +167,8 @@ pub struct NodeResources {
     pub quic_connections: usize,
     /// Write slots held (gang admission; one per pipeline through this node).
     pub write_slots: usize,
+    /// DCI slots held (one per sync pipeline this node forwards across the DCI).
+    pub dci_slots: usize,
 }
 
 type TaskSlot = Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>;
@@ -471,6 +473,7 @@ impl Node {
             handlers: self.handlers.load(Ordering::Relaxed) as usize,
             quic_connections: self.ctx.transport.open_quic_connections(),
             write_slots: self.pipelines.slots_used(),
+            dci_slots: self.pipelines.dci_slots_used(),
         }
     }
 

@@ -42,7 +42,7 @@ use crate::block::{BlockId, ChecksumSpec, GenStamp};
 use crate::context::NodeContext;
 use crate::replication::ReplicationQueue;
 use crate::store::ReplicaState;
-use crate::topology::NodeId;
+use crate::topology::{IdcId, NodeId};
 use crate::transport::{PeerRole, Stream, TransportError};
 use crate::wire::{CopyBlock, ErrorFrame, Frame, Status, TrafficClass, WriteBlock, WriteMode};
 
@@ -83,6 +83,15 @@ pub struct PipelineConfig {
     pub max_writes: usize,
     /// How long a writer keeps retrying a pipeline that a busy node refused.
     pub admission_timeout: Duration,
+    /// The least rate (bytes/s) a `sync` pipeline crossing the DCI is admitted with: the
+    /// node that forwards across a link holds one of its *DCI slots* for that link while
+    /// the pipeline runs, `max(1, rate / dci_min_rate)` of them, `rate` being what this
+    /// node may send on the link (its static share of the budget, or its equal share
+    /// with cluster-wide shares). A setup that finds none free is refused like one that
+    /// finds no write slot, so the link's budget is reserved with the hops' slots, all
+    /// or nothing, and admitted pipelines do not crawl into their ack timeouts. `0`:
+    /// no DCI slots.
+    pub dci_min_rate: u64,
 }
 
 impl Default for PipelineConfig {
@@ -96,6 +105,7 @@ impl Default for PipelineConfig {
             relay_handover_timeout: Duration::from_secs(10),
             max_writes: 1024,
             admission_timeout: Duration::from_secs(30),
+            dci_min_rate: 2_000_000,
         }
     }
 }
@@ -277,6 +287,26 @@ pub(crate) struct Pipelines {
     origins: std::sync::Mutex<Origins>,
     /// This node's write slots (gang admission).
     slots: std::sync::Mutex<crate::scheduler::gang::Slots>,
+    /// Sync pipelines this node forwards across each DCI link, by remote IDC.
+    dci_slots: std::sync::Mutex<std::collections::HashMap<IdcId, usize>>,
+}
+
+/// A DCI slot held by a relay that forwards a sync pipeline across a link; given back
+/// when dropped.
+pub(crate) struct DciSlot(Arc<Pipelines>, IdcId);
+
+impl Drop for DciSlot {
+    fn drop(&mut self) {
+        if let Some(n) = self
+            .0
+            .dci_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&self.1)
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// A write slot held by a relay; given back when dropped.
@@ -330,6 +360,7 @@ impl Pipelines {
             queue,
             origins: Default::default(),
             slots: std::sync::Mutex::new(crate::scheduler::gang::Slots::new(config.max_writes)),
+            dci_slots: Default::default(),
             config,
         })
     }
@@ -338,6 +369,32 @@ impl Pipelines {
     pub(crate) fn try_slot(self: &Arc<Self>) -> Option<WriteSlot> {
         let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         s.try_take().then(|| WriteSlot(self.clone()))
+    }
+
+    /// Takes a DCI slot for a sync pipeline forwarded to `to` (another IDC), if one is
+    /// free; `Some` always when DCI slots are off or the link has no governor.
+    pub(crate) fn try_dci_slot(self: &Arc<Self>, to: IdcId) -> Option<Option<DciSlot>> {
+        let min = self.config.dci_min_rate;
+        let Some(rate) = (min > 0).then(|| self.ctx.dci.admission_rate(to)).flatten() else {
+            return Some(None);
+        };
+        let capacity = (rate / min).max(1) as usize;
+        let mut held = self.dci_slots.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(to).or_insert(0);
+        let mut slots = crate::scheduler::gang::Slots::with_used(capacity, *n);
+        slots.try_take().then(|| {
+            *n = slots.used();
+            Some(DciSlot(self.clone(), to))
+        })
+    }
+
+    /// DCI slots in use, all links.
+    pub(crate) fn dci_slots_used(&self) -> usize {
+        self.dci_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
     }
 
     /// Write slots in use.

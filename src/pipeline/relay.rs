@@ -29,7 +29,7 @@ use crate::replication::ReplicationQueue;
 use crate::store::{BlockStore, Durability, ReplicaState, ReplicaWriter, StoreError};
 use crate::topology::NodeId;
 use crate::transport::{FrameReader, FrameWriter, Sink, Source, Stream};
-use crate::wire::{Ack, ErrorFrame, Frame, Packet, Status, WriteBlock};
+use crate::wire::{Ack, ErrorFrame, Frame, Packet, Status, TrafficClass, WriteBlock};
 
 /// One relay registered for a block.
 pub(super) struct Registered {
@@ -391,6 +391,25 @@ async fn relay(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = up.writer.send(&setup_ack(vec![Status::Busy])).await;
         return;
+    };
+    // A sync pipeline forwarded across the DCI from here also needs a DCI slot: the
+    // link's budget is reserved with the slots, all or nothing.
+    let crossing = targets
+        .first()
+        .map(|&next| topo.location(next).idc)
+        .filter(|&idc| idc != topo.location(shared.me).idc && req.class == TrafficClass::Sync);
+    let _dci_slot = match crossing.map(|idc| svc.try_dci_slot(idc)) {
+        Some(None) => {
+            tracing::debug!(%block, "no DCI slot free");
+            shared
+                .metrics
+                .dci_busy_refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = up.writer.send(&setup_ack(vec![Status::Busy])).await;
+            return;
+        }
+        Some(Some(slot)) => slot,
+        None => None,
     };
     // The local replica is opened while the rest of the pipeline is set up: a setup
     // costs one file creation, not one per hop.

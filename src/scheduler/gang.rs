@@ -24,6 +24,12 @@ impl Slots {
         Slots { capacity, used: 0 }
     }
 
+    /// `capacity` slots, `used` of them taken (a capacity that follows the link's
+    /// budget is computed anew at each admission).
+    pub fn with_used(capacity: usize, used: usize) -> Self {
+        Slots { capacity, used }
+    }
+
     /// Takes a slot if one is free.
     pub fn try_take(&mut self) -> bool {
         if self.used < self.capacity {

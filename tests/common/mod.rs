@@ -291,7 +291,7 @@ pub(crate) async fn settled(c: &Cluster) -> Vec<strait::node::NodeResources> {
             c.nodes.values().map(|n| n.resources()).collect();
         let idle = now
             .iter()
-            .all(|r| r.relays == 0 && r.handlers == 0 && r.write_slots == 0);
+            .all(|r| r.relays == 0 && r.handlers == 0 && r.write_slots == 0 && r.dci_slots == 0);
         if idle || Instant::now() > deadline {
             return now;
         }
