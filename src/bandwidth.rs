@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::context::NodeContext;
 use crate::dci::{ClassConfig, DciGovernor, GovernorConfig, SharesSettings};
 use crate::scheduler::shares::{
-    Allocator, Demand, Grant, Holding, Lease, Provisioning, SharesConfig,
+    Allocator, Demand, Grant, Holding, Lease, Provisioning, SharesConfig, TenantGroup,
 };
 use crate::topology::{IdcId, NodeId};
 use crate::transport::{PeerRole, Stream};
@@ -96,9 +96,24 @@ impl Bandwidth {
         let topo = self.ctx.topology();
         let link = topo.link(from, to)?;
         let members = crate::dci::share_members(&topo, from);
+        let tenants = self
+            .settings
+            .tenants
+            .iter()
+            .map(|t| TenantGroup {
+                members: members
+                    .iter()
+                    .copied()
+                    .filter(|&m| topo.node(m).tenant.as_deref() == Some(t.name.as_str()))
+                    .collect(),
+                quota: t.quota(link.budget_bps),
+            })
+            .filter(|g| !g.members.is_empty())
+            .collect();
         Some(SharesConfig {
             floor: self.settings.floor,
             lease: self.settings.lease,
+            tenants,
             ..SharesConfig::new(link.budget_bps, members)
         })
     }

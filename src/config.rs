@@ -28,6 +28,12 @@
 //! period = "50ms"                      # how often this node reports its demand
 //! spot = ["repair"]                    # classes served after every reserved demand
 //!
+//! [[dci.shares.tenants]]               # optional: quotas of the topology's tenants
+//! name = "analytics"                   # nodes with tenant = "analytics"
+//! guarantee = 0.2                      # fractions of each link's budget
+//! deserved = 0.5
+//! capability = 0.8                     # default 1
+//!
 //! [replication]                        # optional: enables async writes from this node
 //! log_dir = "data/a1-log"
 //! max_lag_bytes = "1GiB"
@@ -118,6 +124,19 @@ struct RawShares {
     period: Option<String>,
     #[serde(default)]
     spot: Vec<String>,
+    #[serde(default)]
+    tenants: Vec<RawTenant>,
+}
+
+/// `[[dci.shares.tenants]]`: fractions of each link's budget.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: String,
+    #[serde(default)]
+    guarantee: f64,
+    deserved: f64,
+    capability: Option<f64>,
 }
 
 /// `[guaranteed %, ceiling %]` of the node's share, per class.
@@ -178,6 +197,41 @@ fn shares(
                 )
             })?;
         s.spot.push(class);
+    }
+    for t in raw.tenants {
+        let capability = t.capability.unwrap_or(1.0);
+        let ordered = 0.0 <= t.guarantee
+            && t.guarantee <= t.deserved
+            && t.deserved <= capability
+            && capability <= 1.0;
+        if !ordered {
+            return Err(field(
+                "dci.shares.tenants",
+                format!(
+                    "tenant {:?}: needs 0 <= guarantee ({}) <= deserved ({}) <= capability ({capability}) <= 1",
+                    t.name, t.guarantee, t.deserved
+                ),
+            ));
+        }
+        if t.name.is_empty() || s.tenants.iter().any(|o| o.name == t.name) {
+            return Err(field(
+                "dci.shares.tenants",
+                format!("tenant name {:?} is empty or given twice", t.name),
+            ));
+        }
+        s.tenants.push(crate::dci::TenantShare {
+            name: t.name,
+            guarantee: t.guarantee,
+            deserved: t.deserved,
+            capability,
+        });
+    }
+    let guaranteed: f64 = s.tenants.iter().map(|t| t.guarantee).sum();
+    if guaranteed > 1.0 + 1e-9 {
+        return Err(field(
+            "dci.shares.tenants",
+            format!("guarantees add up to {guaranteed}, more than the whole link (1)"),
+        ));
     }
     Ok(s)
 }
@@ -378,7 +432,26 @@ impl DaemonConfig {
                 node.dci.classes = Some(all.map(|x| (x[0], x[1])));
             }
             if let Some(sh) = d.shares {
-                node.dci.shares = Some(shares(sh, &field)?);
+                let sh = shares(sh, &field)?;
+                // A tenant the topology names must have a quota here (a typo would
+                // otherwise put its nodes in no tenant without a word).
+                if !sh.tenants.is_empty()
+                    && let Some(n) = node.topology.nodes().iter().find(|n| {
+                        n.tenant
+                            .as_ref()
+                            .is_some_and(|t| !sh.tenants.iter().any(|q| &q.name == t))
+                    })
+                {
+                    return Err(field(
+                        "dci.shares.tenants",
+                        format!(
+                            "node {:?} of the topology is in tenant {:?}, which has no quota here",
+                            n.name,
+                            n.tenant.as_deref().unwrap_or_default()
+                        ),
+                    ));
+                }
+                node.dci.shares = Some(sh);
             }
         }
         if let Some(r) = raw.replication {
@@ -503,6 +576,54 @@ addr = "127.0.0.1:9100"
         assert_eq!(s.lease, std::time::Duration::from_secs(3));
         assert_eq!(s.spot, vec![crate::wire::TrafficClass::Repair]);
         assert_eq!(s.floor, 0.02);
+        let tenants = format!(
+            "{GOOD}\n[dci.shares]\n[[dci.shares.tenants]]\nname = \"gold\"\nguarantee = 0.3\ndeserved = 0.6\n\
+             [[dci.shares.tenants]]\nname = \"bronze\"\ndeserved = 0.2\ncapability = 0.5\n"
+        );
+        let s = parse(&f, &tenants).unwrap().node.dci.shares.unwrap();
+        assert_eq!(s.tenants.len(), 2);
+        assert_eq!(
+            (s.tenants[0].guarantee, s.tenants[0].capability),
+            (0.3, 1.0)
+        );
+        assert_eq!(s.tenants[1].quota(1000).capability, 500);
+    }
+
+    #[test]
+    fn tenants_are_checked_against_each_other_and_the_topology() {
+        let f = fixture();
+        let shares = |t: &str| format!("{GOOD}\n[dci.shares]\n{t}");
+        let tenant = |name: &str, g: f64, d: f64| {
+            format!("[[dci.shares.tenants]]\nname = \"{name}\"\nguarantee = {g}\ndeserved = {d}\n")
+        };
+        for (text, says) in [
+            (
+                shares(&tenant("a", 0.5, 0.4)),
+                "guarantee (0.5) <= deserved (0.4)",
+            ),
+            (
+                shares(&(tenant("a", 0.1, 0.2) + &tenant("a", 0.1, 0.2))),
+                "given twice",
+            ),
+            (
+                shares(&(tenant("a", 0.6, 0.6) + &tenant("b", 0.6, 0.6))),
+                "more than the whole link",
+            ),
+        ] {
+            let e = parse(&f, &text).unwrap_err().to_string();
+            assert!(e.contains("dci.shares.tenants") && e.contains(says), "{e}");
+        }
+        // The topology puts n1 in "gold", which has no quota here.
+        std::fs::write(
+            f.dir.path().join("tenants.toml"),
+            "[[idc]]\nname = \"a\"\n[[node]]\nname = \"n1\"\nlocation = \"/a/r\"\naddr = \"127.0.0.1:7000\"\ntenant = \"gold\"\n",
+        )
+        .unwrap();
+        let text = shares(&tenant("silver", 0.1, 0.2)).replace("topology.toml", "tenants.toml");
+        let e = parse(&f, &text).unwrap_err().to_string();
+        assert!(e.contains("\"n1\"") && e.contains("\"gold\""), "{e}");
+        let text = shares(&tenant("gold", 0.1, 0.2)).replace("topology.toml", "tenants.toml");
+        assert!(parse(&f, &text).is_ok());
     }
 
     #[test]

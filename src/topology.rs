@@ -25,6 +25,7 @@
 //! location = "/idc-a/rack-1"        # HDFS-style network path; or idc = "…" and rack = "…"
 //! addr = "127.0.0.11:7000"
 //! capacity = "4TiB"                 # bytes, or a size with a unit
+//! tenant = "analytics"              # optional: its DCI quota ([[dci.tenants]] of the node file)
 //!
 //! [[dci]]
 //! between = ["idc-a", "idc-b"]
@@ -224,6 +225,9 @@ pub struct NodeInfo {
     pub dci_addr: Option<SocketAddr>,
     /// Where it sits.
     pub location: Location,
+    /// The tenant whose quota on the DCI it sends under (cluster-wide shares with
+    /// `[[dci.tenants]]`), if any.
+    pub tenant: Option<String>,
 }
 
 /// The DCI link between two IDCs. The budget applies to each direction separately.
@@ -790,6 +794,7 @@ struct NodeEntry {
     addr: SocketAddr,
     capacity: u64,
     dci_addr: Option<SocketAddr>,
+    tenant: Option<String>,
     line: Option<usize>,
 }
 
@@ -838,8 +843,17 @@ impl TopologyBuilder {
             addr,
             capacity,
             dci_addr: None,
+            tenant: None,
             line: None,
         });
+        self
+    }
+
+    /// Puts the node added last in `tenant` (DCI quotas, `scheduler::tenants`).
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        if let Some(n) = self.nodes.last_mut() {
+            n.tenant = Some(tenant.into());
+        }
         self
     }
 
@@ -931,7 +945,10 @@ impl TopologyBuilder {
         let mut addr_owner: HashMap<SocketAddr, NodeId> = HashMap::new();
         for e in &self.nodes {
             let line = Line(e.line);
-            for (what, name) in [("node", &e.name), ("rack", &e.rack)] {
+            for (what, name) in [("node", &e.name), ("rack", &e.rack)]
+                .into_iter()
+                .chain(e.tenant.as_ref().map(|t| ("tenant", t)))
+            {
                 if !valid_name(name) {
                     return Err(TopologyError::BadName {
                         line,
@@ -1005,6 +1022,7 @@ impl TopologyBuilder {
                     rack,
                     node: id,
                 },
+                tenant: e.tenant.clone(),
             });
         }
         if nodes.is_empty() {
@@ -1110,6 +1128,7 @@ struct RawNode {
     location: Option<String>,
     idc: Option<String>,
     rack: Option<String>,
+    tenant: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1219,6 +1238,7 @@ impl RawFile {
                 addr,
                 capacity,
                 dci_addr,
+                tenant: n.tenant,
                 line: line.0,
             });
         }

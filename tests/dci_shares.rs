@@ -352,3 +352,61 @@ async fn two_allocators_in_a_partial_partition_stay_within_budget() {
     let max = watcher.await.unwrap();
     assert!(max <= BUDGET, "configured rates summed to {max} > {BUDGET}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_get_their_deserved_parts_and_borrow_up_to_their_capability() {
+    let tenant = |name: &str, guarantee, deserved, capability| strait::dci::TenantShare {
+        name: name.into(),
+        guarantee,
+        deserved,
+        capability,
+    };
+    let mut s = settings();
+    s.tenants = vec![
+        tenant("gold", 0.25, 0.75, 1.0),
+        tenant("bronze", 0.0, 0.25, 0.5),
+    ];
+    let c = Cluster::start_shared(BUDGET, s).await;
+    // Tenants come with a topology reload: a1, a2 gold; a3, a4 bronze.
+    let t = c.edited_topology_with(
+        &[],
+        &[],
+        BUDGET,
+        &[
+            ("a1", "gold"),
+            ("a2", "gold"),
+            ("a3", "bronze"),
+            ("a4", "bronze"),
+        ],
+    );
+    for n in common::NAMES {
+        assert_eq!(c.node(n).set_topology(&t).unwrap().changed.len(), 4);
+    }
+    let govs: Vec<DciGovernor> = SENDERS.iter().map(|n| governor(&c, n)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let gold_stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_sum(govs.clone(), Arc::default(), stop.clone());
+    saturate(govs[0].clone(), TrafficClass::Async, gold_stop.clone());
+    saturate(govs[2].clone(), TrafficClass::Sync, stop.clone());
+    let share = |g: &DciGovernor| g.config().rate as f64 / BUDGET as f64;
+    // Both want the link: gold gets its deserved 3/4 (its async before bronze's sync:
+    // quotas come before classes), bronze its 1/4.
+    until("gold at 3/4, bronze at 1/4", Duration::from_secs(5), || {
+        share(&govs[0]) > 0.7 && (0.2..0.27).contains(&share(&govs[2]))
+    })
+    .await;
+    // Gold goes idle: bronze borrows, but only up to its capability (1/2).
+    gold_stop.store(true, Ordering::Relaxed);
+    until("bronze at its capability", Duration::from_secs(5), || {
+        (0.45..0.52).contains(&share(&govs[2]))
+    })
+    .await;
+    let steady = throughput(&govs[2], TrafficClass::Sync, Duration::from_millis(500)).await;
+    assert!(
+        steady as f64 <= 0.53 * BUDGET as f64,
+        "bronze sent {steady} B/s, over its capability"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let max = watcher.await.unwrap();
+    assert!(max <= BUDGET, "configured rates summed to {max} > {BUDGET}");
+}

@@ -245,6 +245,36 @@ pub struct SharesSettings {
     pub period: std::time::Duration,
     /// Classes whose demand is spot (served after every reserved demand of the link).
     pub spot: Vec<TrafficClass>,
+    /// Tenant quotas on every link (empty: none). A node belongs to the tenant its
+    /// topology entry names; the allocator divides each link by tenant first
+    /// (`scheduler::tenants`), nodes of no listed tenant sharing what the others leave.
+    pub tenants: Vec<TenantShare>,
+}
+
+/// One tenant's quota on each DCI link, in fractions (0..=1) of the link's budget:
+/// `guarantee <= deserved <= capability`, guarantees adding up to at most 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantShare {
+    /// The name nodes give in the topology (`tenant = "…"`).
+    pub name: String,
+    /// Its own while it wants it.
+    pub guarantee: f64,
+    /// Its part when the link is contended (and its weight).
+    pub deserved: f64,
+    /// The most it may get, idle quota of others included.
+    pub capability: f64,
+}
+
+impl TenantShare {
+    /// Its quota on a link of `budget` bytes/s.
+    pub fn quota(&self, budget: u64) -> crate::scheduler::tenants::Quota {
+        let of = |f: f64| (budget as f64 * f.clamp(0.0, 1.0)) as u64;
+        crate::scheduler::tenants::Quota {
+            guarantee: of(self.guarantee),
+            deserved: of(self.deserved),
+            capability: of(self.capability),
+        }
+    }
 }
 
 impl Default for SharesSettings {
@@ -256,6 +286,7 @@ impl Default for SharesSettings {
             lease: std::time::Duration::from_secs(1),
             period: std::time::Duration::from_millis(50),
             spot: Vec::new(),
+            tenants: Vec::new(),
         }
     }
 }

@@ -93,7 +93,7 @@ pub struct TopologyChange {
     pub added: Vec<String>,
     /// Nodes that left.
     pub removed: Vec<String>,
-    /// Nodes still there whose address, capacity or rack changed.
+    /// Nodes still there whose address, capacity, rack or tenant changed.
     pub changed: Vec<String>,
 }
 
@@ -110,8 +110,8 @@ impl TopologyChange {
                 (true, false) => c.removed.push(name),
                 (true, true) => {
                     let o = old.node(id);
-                    if (o.addr, o.dci_addr, o.capacity, o.location.rack)
-                        != (n.addr, n.dci_addr, n.capacity, n.location.rack)
+                    if (o.addr, o.dci_addr, o.capacity, o.location.rack, &o.tenant)
+                        != (n.addr, n.dci_addr, n.capacity, n.location.rack, &n.tenant)
                     {
                         c.changed.push(name);
                     }

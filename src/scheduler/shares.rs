@@ -42,6 +42,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use super::tenants::Quota;
 use crate::topology::NodeId;
 use crate::wire::TrafficClass;
 
@@ -85,18 +86,59 @@ pub struct SharesConfig {
     pub lease: Duration,
     /// The nodes that send on this link.
     pub members: Vec<NodeId>,
+    /// Tenant quotas (empty: no tenants). Members in no group form one more tenant with
+    /// no guarantee, the deserved part the groups leave, and the whole link as its
+    /// capability.
+    pub tenants: Vec<TenantGroup>,
+}
+
+/// The members of one tenant and its quota on the link (see [`super::tenants`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantGroup {
+    /// Its nodes.
+    pub members: Vec<NodeId>,
+    /// Its quota, bytes per second.
+    pub quota: Quota,
 }
 
 impl SharesConfig {
     /// Defaults for a link of `budget` bytes/s shared by `members`: 2 % in floors, a
-    /// 1 s lease.
+    /// 1 s lease, no tenants.
     pub fn new(budget: u64, members: Vec<NodeId>) -> Self {
         SharesConfig {
             budget,
             floor: 0.02,
             lease: Duration::from_secs(1),
             members,
+            tenants: Vec::new(),
         }
+    }
+
+    /// The tenants as the allocator divides among them: the configured groups, then the
+    /// members of none (when there are any). Empty without tenants.
+    fn tenant_groups(&self) -> Vec<TenantGroup> {
+        if self.tenants.is_empty() {
+            return Vec::new();
+        }
+        let mut groups = self.tenants.clone();
+        let rest: Vec<NodeId> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|m| !self.tenants.iter().any(|g| g.members.contains(m)))
+            .collect();
+        if !rest.is_empty() {
+            let deserved: u64 = self.tenants.iter().map(|g| g.quota.deserved).sum();
+            groups.push(TenantGroup {
+                members: rest,
+                quota: Quota {
+                    guarantee: 0,
+                    deserved: self.budget.saturating_sub(deserved).max(1),
+                    capability: self.budget,
+                },
+            });
+        }
+        groups
     }
 
     /// The floor of one member, bytes per second.
@@ -191,6 +233,19 @@ impl Allocator {
         }
         if config.lease.is_zero() {
             return Err(SharesError::BadConfig("lease is zero"));
+        }
+        let quotas: Vec<Quota> = config.tenants.iter().map(|g| g.quota).collect();
+        if super::tenants::validate(config.budget, &quotas).is_err() {
+            return Err(SharesError::BadConfig(
+                "tenant quotas out of order or guarantees over the budget",
+            ));
+        }
+        if config.tenants.iter().enumerate().any(|(i, g)| {
+            config.tenants[..i]
+                .iter()
+                .any(|o| o.members.iter().any(|m| g.members.contains(m)))
+        }) {
+            return Err(SharesError::BadConfig("a member is in two tenants"));
         }
         let members = config
             .members
@@ -331,24 +386,62 @@ impl Allocator {
     /// fair part of the rest, by level. Members that have not reported within a lease
     /// count as idle, and their equal shares are not handed out. Returns (total,
     /// per-class extra) per member.
+    ///
+    /// With tenants, what is left above the floors is first divided among the tenants by
+    /// their quotas and total demand ([`super::tenants::divide`]), then each tenant's
+    /// part among its members, level by level as without tenants.
     pub fn ideal(&self, now: Instant) -> BTreeMap<NodeId, (u64, [u64; 4])> {
         let floor = self.config.floor_rate();
         let reserved: u64 = self.members.values().map(|m| self.least(m, now)).sum();
-        let mut left = self.config.budget.saturating_sub(reserved);
+        let left = self.config.budget.saturating_sub(reserved);
         let mut out: BTreeMap<NodeId, (u64, [u64; 4])> = self
             .members
             .keys()
             .map(|&id| (id, (floor, [0; 4])))
             .collect();
+        let groups = self.config.tenant_groups();
+        if groups.is_empty() {
+            self.fill(left, |_| true, &mut out, now);
+            return out;
+        }
+        let demand: Vec<u64> = groups
+            .iter()
+            .map(|g| {
+                g.members
+                    .iter()
+                    .filter_map(|id| self.members.get(id))
+                    .filter(|m| m.reported.is_some_and(|t| now < t + self.config.lease))
+                    .flat_map(|m| m.demand.iter().map(|d| d.rate))
+                    .fold(0u64, u64::saturating_add)
+                    .min(self.config.budget)
+            })
+            .collect();
+        let quotas: Vec<Quota> = groups.iter().map(|g| g.quota).collect();
+        let parts = super::tenants::divide(left, &quotas, &demand);
+        for (g, part) in groups.iter().zip(parts) {
+            self.fill(part, |id| g.members.contains(&id), &mut out, now);
+        }
+        out
+    }
+
+    /// Adds to `out` the parts of `left` that the members `in_scope` get, level by level
+    /// (weighted max-min fair inside each).
+    fn fill(
+        &self,
+        mut left: u64,
+        in_scope: impl Fn(NodeId) -> bool,
+        out: &mut BTreeMap<NodeId, (u64, [u64; 4])>,
+        now: Instant,
+    ) {
         for prov in Provisioning::ALL {
             for (ci, class) in TrafficClass::ALL.iter().enumerate() {
                 if left == 0 {
-                    return out;
+                    return;
                 }
                 let mut level = Vec::new();
                 for (&id, m) in &self.members {
                     let fresh = m.reported.is_some_and(|t| now < t + self.config.lease);
-                    if !fresh {
+                    if !fresh || !in_scope(id) {
                         continue;
                     }
                     let (rate, weight) = m
@@ -375,7 +468,6 @@ impl Allocator {
                 }
             }
         }
-        out
     }
 }
 
@@ -829,12 +921,20 @@ mod tests {
         kill: Option<Duration>,
         restart: Option<Duration>,
         horizon: Duration,
+        tenants: Vec<TenantGroup>,
     }
 
     impl Sim {
+        fn config(&self) -> SharesConfig {
+            SharesConfig {
+                tenants: self.tenants.clone(),
+                ..SharesConfig::new(self.budget, members(self.n))
+            }
+        }
+
         fn run(&self) -> (u64, Vec<u64>, u64) {
             let t0 = Instant::now();
-            let cfg = SharesConfig::new(self.budget, members(self.n));
+            let cfg = self.config();
             let floor = cfg.floor_rate();
             let mut alloc = Some(Allocator::new(cfg.clone(), 1, t0).unwrap());
             let mut leases: Vec<Lease> = (0..self.n).map(|_| Lease::new(floor)).collect();
@@ -947,8 +1047,20 @@ mod tests {
             demand in proptest::collection::vec(arb_demand(), 8),
             later in proptest::collection::vec(arb_demand(), 8),
             kill in proptest::option::of((500u64..4000, 0u64..3000)),
+            tenant_of in proptest::collection::vec(0usize..3, 8),
+            quotas in proptest::collection::vec((0u64..40, 0u64..40, 0u64..60), 2),
         ) {
             let budget = 125 * MB;
+            // Up to two tenants of the members (the rest in none), quotas in order.
+            let tenants: Vec<TenantGroup> = quotas
+                .iter()
+                .enumerate()
+                .map(|(t, &(g, d, c))| TenantGroup {
+                    members: (0..n as usize).filter(|&i| tenant_of[i] == t).map(NodeId::from_index).collect(),
+                    quota: Quota { guarantee: g * MB, deserved: (g + d) * MB, capability: (g + d + c) * MB },
+                })
+                .filter(|g| !g.members.is_empty())
+                .collect();
             let ms = Duration::from_millis;
             let sim = Sim {
                 budget,
@@ -963,6 +1075,7 @@ mod tests {
                 kill: kill.map(|(k, _)| ms(k)),
                 restart: kill.map(|(k, r)| ms(k + r)),
                 horizon: ms(6000),
+                tenants,
             };
             let (max_sum, _, _) = sim.run();
             prop_assert!(max_sum <= budget, "sum {max_sum} over budget {budget}");
@@ -972,7 +1085,7 @@ mod tests {
             let calm = Sim { lose: vec![false], release: vec![false], kill: None, restart: None, change_at: None, horizon: ms(2000 + 4 * 500), ..sim };
             let (_, rates, floor) = calm.run();
             let t0 = Instant::now();
-            let mut a = Allocator::new(SharesConfig::new(budget, members(n)), 1, t0).unwrap();
+            let mut a = Allocator::new(calm.config(), 1, t0).unwrap();
             for i in 0..n {
                 a.handle_report(NodeId::from_index(i as usize), &demand[i as usize], None, t0).unwrap();
             }
@@ -1107,6 +1220,64 @@ mod tests {
     }
 
     #[test]
+    fn tenants_get_their_deserved_shares_and_lend_what_they_leave() {
+        let t0 = Instant::now();
+        let n = NodeId::from_index;
+        let cfg = SharesConfig {
+            floor: 0.0,
+            tenants: vec![
+                TenantGroup {
+                    members: vec![n(0), n(1)],
+                    quota: Quota {
+                        guarantee: 30 * MB,
+                        deserved: 75 * MB,
+                        capability: 100 * MB,
+                    },
+                },
+                TenantGroup {
+                    members: vec![n(2)],
+                    quota: Quota {
+                        guarantee: 0,
+                        deserved: 25 * MB,
+                        capability: 50 * MB,
+                    },
+                },
+            ],
+            ..SharesConfig::new(100 * MB, members(4))
+        };
+        let (mut a, now) = warm(cfg, t0);
+        let big = want(TrafficClass::Async, 200 * MB);
+        let sync = want(TrafficClass::Sync, 200 * MB);
+        // Everyone saturates: 75 for the first tenant (split between its two), 25 for
+        // the second; n(3), in no tenant, deserves what is left (nothing).
+        for i in 0..4 {
+            a.handle_report(n(i), &big, None, now).unwrap();
+        }
+        let ideal = a.ideal(now);
+        let got = |i: usize| ideal[&n(i)].0;
+        assert_eq!((got(0), got(1), got(2)), (37_500_000, 37_500_000, 25 * MB));
+        assert_eq!(got(3), 0);
+        // The second tenant's sync demand does not beat the first tenant's async: quotas
+        // come before classes.
+        a.handle_report(n(2), &sync, None, now).unwrap();
+        assert_eq!(a.ideal(now)[&n(2)].0, 25 * MB);
+        // The first tenant goes idle: the second borrows up to its capability, the
+        // member of no tenant takes the rest.
+        for i in 0..2 {
+            a.handle_report(n(i), &[], None, now).unwrap();
+        }
+        let ideal = a.ideal(now);
+        assert_eq!(
+            (ideal[&n(0)].0, ideal[&n(2)].0, ideal[&n(3)].0),
+            (0, 50 * MB, 50 * MB)
+        );
+        // A member in two tenants is refused.
+        let mut bad = a.config().clone();
+        bad.tenants[1].members.push(n(0));
+        assert!(Allocator::new(bad, 2, now).is_err());
+    }
+
+    #[test]
     fn when_the_allocator_dies_members_fall_back_to_floors() {
         let ms = Duration::from_millis;
         let big = want(TrafficClass::Async, 200 * MB);
@@ -1123,6 +1294,7 @@ mod tests {
             kill: Some(ms(3000)),
             restart: None,
             horizon: ms(3000 + 2100),
+            tenants: Vec::new(),
         };
         let (max_sum, rates, floor) = sim.run();
         assert!(max_sum <= 100 * MB);

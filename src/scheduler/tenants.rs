@@ -11,8 +11,9 @@
 //! deserved; what is still left goes the same way to demand up to each capability
 //! (borrowing idle quota).
 //!
-//! Not yet used by the allocator (`shares`): demand reports carry no tenant, and
-//! transfers are not tagged with one.
+//! The allocator (`shares`) divides each link by tenant first when its configuration has
+//! tenants: a tenant is a group of nodes (the topology's `tenant` of each node), so a
+//! node's grant is its tenant's part shared among the tenant's nodes.
 
 use super::shares::max_min_fair;
 
@@ -66,8 +67,14 @@ pub fn validate(capacity: u64, quotas: &[Quota]) -> Result<(), QuotaError> {
 pub fn divide(capacity: u64, quotas: &[Quota], demand: &[u64]) -> Vec<u64> {
     let n = quotas.len().min(demand.len());
     let want = |i: usize, cap: u64| demand[i].min(cap);
-    // Round 1: guarantees.
-    let mut out: Vec<u64> = (0..n).map(|i| want(i, quotas[i].guarantee)).collect();
+    // Round 1: guarantees (shared by weight when the capacity is below their sum: the
+    // allocator divides what is left above the members' floors).
+    let firsts: Vec<(u64, u32)> = (0..n).map(|i| (want(i, quotas[i].guarantee), 1)).collect();
+    let mut out: Vec<u64> = if firsts.iter().map(|f| f.0).sum::<u64>() <= capacity {
+        firsts.iter().map(|f| f.0).collect()
+    } else {
+        max_min_fair(capacity, &firsts)
+    };
     let mut left = capacity.saturating_sub(out.iter().sum());
     // Weights: deserved, scaled into u32.
     let top = quotas.iter().map(|q| q.deserved).max().unwrap_or(0);

@@ -232,6 +232,18 @@ impl Cluster {
         add: &[(&str, &str, &str, u8)],
         budget: u64,
     ) -> Topology {
+        self.edited_topology_with(remove, add, budget, &[])
+    }
+
+    /// Like [`edited_topology`](Self::edited_topology), with the nodes of `tenants`
+    /// (node, tenant) in those tenants.
+    pub(crate) fn edited_topology_with(
+        &self,
+        remove: &[&str],
+        add: &[(&str, &str, &str, u8)],
+        budget: u64,
+        tenants: &[(&str, &str)],
+    ) -> Topology {
         let t = &self.topo;
         let mut b = Topology::builder().idc("idc-a").idc("idc-b");
         for name in NAMES.iter().filter(|n| !remove.contains(n)) {
@@ -245,6 +257,9 @@ impl Cluster {
                 n.addr,
                 n.capacity,
             );
+            if let Some((_, tenant)) = tenants.iter().find(|(n, _)| n == name) {
+                b = b.tenant(*tenant);
+            }
         }
         let a1 = t.node(t.node_by_name("a1").unwrap()).addr;
         for (name, idc, rack, last) in add {
