@@ -311,32 +311,38 @@ pub(crate) fn governor_config(rate: u64, per_class: [u64; 4]) -> GovernorConfig 
 /// what it uses, instead of holding a rate it leaves idle.
 fn measure(
     gov: &DciGovernor,
-    prev: &mut [(u64, Duration); 4],
+    prev: &mut [(u64, Duration); 8],
     elapsed: Duration,
     budget: u64,
-    spot: &[TrafficClass],
 ) -> Vec<DemandEntry> {
     const LIMITED: f64 = 0.95;
     let secs = elapsed.as_secs_f64().max(1e-3);
     let mut out = Vec::new();
     for (i, class) in TrafficClass::ALL.iter().enumerate() {
         let st = gov.stats(*class);
-        let granted = st.granted_bytes.saturating_sub(prev[i].0);
-        let backlogged = st.backlogged.saturating_sub(prev[i].1);
-        prev[i] = (st.granted_bytes, st.backlogged);
-        let used = (granted as f64 / secs) as u64;
-        let rate = if backlogged.as_secs_f64() >= LIMITED * secs {
-            budget
-        } else {
-            used + used / 10
-        };
-        if rate > 0 {
-            out.push(DemandEntry {
-                class: *class,
-                spot: spot.contains(class),
-                rate,
-                weight: 1,
-            });
+        // Reserved and spot traffic of the class, each its own demand entry.
+        for (j, (lane, spot)) in [(st.reserved, false), (st.spot, true)]
+            .into_iter()
+            .enumerate()
+        {
+            let p = &mut prev[2 * i + j];
+            let granted = lane.granted_bytes.saturating_sub(p.0);
+            let backlogged = lane.backlogged.saturating_sub(p.1);
+            *p = (lane.granted_bytes, lane.backlogged);
+            let used = (granted as f64 / secs) as u64;
+            let rate = if backlogged.as_secs_f64() >= LIMITED * secs {
+                budget
+            } else {
+                used + used / 10
+            };
+            if rate > 0 {
+                out.push(DemandEntry {
+                    class: *class,
+                    spot,
+                    rate,
+                    weight: 1,
+                });
+            }
         }
     }
     out
@@ -357,7 +363,7 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
     let mut skip_until: HashMap<NodeId, Instant> = HashMap::new();
     let mut failures: HashMap<NodeId, u32> = HashMap::new();
     let mut last_asked: Option<(NodeId, Instant)> = None;
-    let mut prev = [(0u64, Duration::ZERO); 4];
+    let mut prev = [(0u64, Duration::ZERO); 8];
     let mut applied: Option<(u64, [u64; 4])> = None;
     let mut last = Instant::now();
     let mut cold_start = false;
@@ -392,19 +398,22 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
             continue;
         }
         let sent_at = Instant::now();
-        let mut demand = measure(&gov, &mut prev, sent_at - last, budget, &svc.settings.spot);
+        let mut demand = measure(&gov, &mut prev, sent_at - last, budget);
         if std::mem::take(&mut cold_start) {
             // Senders are waiting at (nearly) the floor: ask for the link for them now;
             // the next regular report measures what they really use.
             for class in TrafficClass::ALL {
-                if gov.stats(class).queued > 0 {
-                    demand.retain(|d| d.class != class);
-                    demand.push(DemandEntry {
-                        class,
-                        spot: svc.settings.spot.contains(&class),
-                        rate: budget,
-                        weight: 1,
-                    });
+                let st = gov.stats(class);
+                for (lane, spot) in [(st.reserved, false), (st.spot, true)] {
+                    if lane.queued > 0 {
+                        demand.retain(|d| d.class != class || d.spot != spot);
+                        demand.push(DemandEntry {
+                            class,
+                            spot,
+                            rate: budget,
+                            weight: 1,
+                        });
+                    }
                 }
             }
         }

@@ -539,7 +539,14 @@ pub(crate) async fn serve(shared: Arc<NodeContext>, mut s: Stream, req: ReadBloc
         // A remote reader's packets cross the DCI: governed, compressed if it pays.
         let p = shared
             .dci
-            .govern_packet(s.peer, req.class, req.compression, p, &shared.metrics)
+            .govern_packet(
+                s.peer,
+                req.class,
+                false,
+                req.compression,
+                p,
+                &shared.metrics,
+            )
             .await;
         if s.writer.feed(&Frame::Packet(p)).await.is_err() {
             return;

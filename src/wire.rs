@@ -221,6 +221,8 @@ pub struct WriteBlock {
     pub mode: WriteMode,
     /// Traffic class for governed hops.
     pub class: TrafficClass,
+    /// Spot: DCI hops use idle capacity only (encoded in the class byte's top bit).
+    pub spot: bool,
     /// Chunking and checksum of the data.
     pub checksum: ChecksumSpec,
     /// Whether packets on this hop may be compressed.
@@ -477,6 +479,8 @@ pub enum Frame {
     RepairResult(RepairResult),
 }
 
+/// Top bit of a `WriteBlock`'s class byte: the write is spot.
+const SPOT_BIT: u8 = 0x80;
 const T_WRITE: u8 = 1;
 const T_PACKET: u8 = 2;
 const T_ACK: u8 = 3;
@@ -546,7 +550,7 @@ impl Frame {
                 dst.put_u64_le(w.offset);
                 put_names(dst, &w.targets);
                 dst.put_u8(w.mode as u8);
-                dst.put_u8(w.class as u8);
+                dst.put_u8(w.class as u8 | if w.spot { SPOT_BIT } else { 0 });
                 put_spec(dst, w.checksum);
                 dst.put_u8(w.compression as u8);
                 put_names(dst, &w.remote_targets);
@@ -805,39 +809,48 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
         return Err(WireError::Version(version));
     }
     let frame = match r.u8("frame type")? {
-        T_WRITE => Frame::WriteBlock(WriteBlock {
-            block: BlockId(r.u64("block")?),
-            genstamp: GenStamp(r.u64("genstamp")?),
-            offset: r.block_offset("offset")?,
-            targets: r.names()?,
-            mode: WriteMode::from_u8(r.u8("mode")?)?,
-            class: TrafficClass::from_u8(r.u8("class")?)?,
-            checksum: r.spec()?,
-            compression: Compression::from_u8(r.u8("compression")?)?,
-            remote_targets: r.names()?,
-            origin: {
-                let mut o = r.names()?;
-                if o.len() > 1 {
-                    return Err(WireError::BadValue {
-                        what: "origin count",
-                        value: o.len() as u64,
-                    });
-                }
-                o.pop()
-            },
-            resume: match r.u8("resume")? {
-                0 => false,
-                1 => true,
-                v => {
-                    return Err(WireError::BadValue {
-                        what: "resume",
-                        value: u64::from(v),
-                    });
-                }
-            },
-            replicas: r.names()?,
-            lost: r.names()?,
-        }),
+        T_WRITE => {
+            let block = BlockId(r.u64("block")?);
+            let genstamp = GenStamp(r.u64("genstamp")?);
+            let offset = r.block_offset("offset")?;
+            let targets = r.names()?;
+            let mode = WriteMode::from_u8(r.u8("mode")?)?;
+            let class_byte = r.u8("class")?;
+            Frame::WriteBlock(WriteBlock {
+                block,
+                genstamp,
+                offset,
+                targets,
+                mode,
+                class: TrafficClass::from_u8(class_byte & !SPOT_BIT)?,
+                spot: class_byte & SPOT_BIT != 0,
+                checksum: r.spec()?,
+                compression: Compression::from_u8(r.u8("compression")?)?,
+                remote_targets: r.names()?,
+                origin: {
+                    let mut o = r.names()?;
+                    if o.len() > 1 {
+                        return Err(WireError::BadValue {
+                            what: "origin count",
+                            value: o.len() as u64,
+                        });
+                    }
+                    o.pop()
+                },
+                resume: match r.u8("resume")? {
+                    0 => false,
+                    1 => true,
+                    v => {
+                        return Err(WireError::BadValue {
+                            what: "resume",
+                            value: u64::from(v),
+                        });
+                    }
+                },
+                replicas: r.names()?,
+                lost: r.names()?,
+            })
+        }
         T_PACKET => {
             let seq = r.u64("seq")?;
             let offset = r.block_offset("packet offset")?;
@@ -1087,6 +1100,7 @@ mod tests {
                 targets: vec!["a2".into(), "b1".into(), "b2".into()],
                 mode: WriteMode::Sync,
                 class: TrafficClass::Sync,
+                spot: true,
                 checksum: ChecksumSpec::default(),
                 compression: Compression::Zstd,
                 remote_targets: vec!["b3".into()],
@@ -1299,6 +1313,7 @@ mod tests {
                                 WriteMode::Async
                             },
                             class,
+                            spot: b % 2 == 1,
                             checksum,
                             compression: if z {
                                 Compression::Zstd

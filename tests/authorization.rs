@@ -198,6 +198,7 @@ async fn a_client_cannot_order_copies_or_recover_a_write_that_is_not_its_own() {
             targets: vec![],
             mode: WriteMode::Sync,
             class: TrafficClass::Sync,
+            spot: false,
             checksum: ChecksumSpec::default(),
             compression: Compression::None,
             remote_targets: vec![],

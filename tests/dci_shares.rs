@@ -410,3 +410,45 @@ async fn tenants_get_their_deserved_parts_and_borrow_up_to_their_capability() {
     let max = watcher.await.unwrap();
     assert!(max <= BUDGET, "configured rates summed to {max} > {BUDGET}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_write_uses_idle_capacity_and_yields_to_reserved_traffic() {
+    let c = Cluster::start_with(BUDGET, 1.0).await;
+    let gov = governor(&c, "a1");
+    let stop = Arc::new(AtomicBool::new(false));
+    for _ in 0..2 {
+        saturate(gov.clone(), TrafficClass::Async, stop.clone());
+    }
+    // A spot sync write across the DCI while reserved async traffic fills the link.
+    let a1 = c.node("a1").clone();
+    let targets = c.ids(&["a1", "b1"]);
+    let writer = tokio::spawn(async move {
+        let mut params = strait::pipeline::WriteParams::new(strait::block::GenStamp(1));
+        params.provisioning = strait::scheduler::shares::Provisioning::Spot;
+        let mut w = a1
+            .writer(strait::block::BlockId(900), &targets, params)
+            .await?;
+        w.write(bytes::Bytes::from(common::pattern(900, 4 << 20)))
+            .await?;
+        w.close().await
+    });
+    let spot = |g: &DciGovernor| g.stats(TrafficClass::Sync).spot.granted_bytes;
+    let (s0, a0) = (spot(&gov), gov.stats(TrafficClass::Async).granted_bytes);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (s1, a1_bytes) = (spot(&gov), gov.stats(TrafficClass::Async).granted_bytes);
+    let (spot_bytes, reserved_bytes) = (s1 - s0, a1_bytes - a0);
+    assert!(
+        spot_bytes * 10 <= reserved_bytes,
+        "spot took {spot_bytes} B while reserved got {reserved_bytes} B"
+    );
+    assert_eq!(gov.stats(TrafficClass::Sync).reserved.granted_bytes, 0);
+    // The reserved traffic stops: the spot write gets the idle link and finishes.
+    stop.store(true, Ordering::Relaxed);
+    let out = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the spot write finishes once the link is idle")
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.replicas.len(), 2);
+    assert!(spot(&gov) >= 4 << 20);
+}

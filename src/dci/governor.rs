@@ -16,6 +16,11 @@
 //! guarantees as soon as the link bucket's current burst is spent. Requests are FIFO
 //! within a class and at most `burst` bytes each (callers split larger sends).
 //!
+//! A request may be **spot** (`scheduler::shares::Provisioning`): it waits in its class's
+//! spot queue, never uses the class's guarantee and borrows only while no reserved request
+//! of any class waits — it uses idle capacity and yields first. Its bytes count against
+//! its class's ceiling like the class's reserved ones.
+//!
 //! Call order: [`Governor::request`] any time; then [`Governor::poll_grant`] until it
 //! returns `None`; then sleep until [`Governor::next_wakeup`] or the next request.
 
@@ -192,7 +197,7 @@ pub struct Grant {
     pub borrowed: bool,
 }
 
-/// Per-class counters.
+/// Per-class counters, reserved and spot requests together.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClassStats {
     /// Requests waiting.
@@ -204,6 +209,28 @@ pub struct ClassStats {
     /// Time so far during which the class had requests waiting: close to all of a
     /// period when the class wants more than it gets.
     pub backlogged: Duration,
+    /// The reserved requests' part of the counters.
+    pub reserved: LaneStats,
+    /// The spot requests' part of the counters.
+    pub spot: LaneStats,
+}
+
+/// The reserved or the spot requests of a class (see [`ClassStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Requests waiting.
+    pub queued: usize,
+    /// Bytes granted so far.
+    pub granted_bytes: u64,
+    /// Time so far with requests waiting.
+    pub backlogged: Duration,
+}
+
+/// Queues: the reserved one of each class (0..4), then the spot one (4..8).
+const LANES: usize = 8;
+
+fn class_of_lane(lane: usize) -> usize {
+    lane % 4
 }
 
 /// One link direction's governor. See the [module docs](self).
@@ -213,9 +240,11 @@ pub struct Governor {
     link: Bucket,
     guaranteed: [Bucket; 4],
     ceil: [Bucket; 4],
-    queues: [VecDeque<(RequestId, u64)>; 4],
-    granted: [u64; 4],
-    backlogged: [Duration; 4],
+    queues: [VecDeque<(RequestId, u64)>; LANES],
+    granted: [u64; LANES],
+    backlogged: [Duration; LANES],
+    /// Time with requests waiting in either lane, per class.
+    class_backlogged: [Duration; 4],
     last: Instant,
     next_id: u64,
 }
@@ -233,8 +262,9 @@ impl Governor {
                 .map(|c| Bucket::new(c.rate, if c.rate > 0 { b } else { 0 })),
             ceil: config.classes.map(|c| Bucket::new(c.ceil, b)),
             queues: Default::default(),
-            granted: [0; 4],
-            backlogged: [Duration::ZERO; 4],
+            granted: [0; LANES],
+            backlogged: [Duration::ZERO; LANES],
+            class_backlogged: [Duration::ZERO; 4],
             last: now,
             next_id: 0,
             config,
@@ -257,16 +287,32 @@ impl Governor {
                 *b += elapsed;
             }
         }
+        for c in 0..4 {
+            if !self.queues[c].is_empty() || !self.queues[c + 4].is_empty() {
+                self.class_backlogged[c] += elapsed;
+            }
+        }
         self.link.refill(elapsed);
         for b in self.guaranteed.iter_mut().chain(self.ceil.iter_mut()) {
             b.refill(elapsed);
         }
     }
 
-    /// Queues a request of `bytes` (1..=burst) in `class`.
+    /// Queues a reserved request of `bytes` (1..=burst) in `class`.
     pub fn request(
         &mut self,
         class: TrafficClass,
+        bytes: u64,
+        now: Instant,
+    ) -> Result<RequestId, GovernorError> {
+        self.request_as(class, false, bytes, now)
+    }
+
+    /// Queues a request of `bytes` (1..=burst) in `class`, spot or reserved.
+    pub fn request_as(
+        &mut self,
+        class: TrafficClass,
+        spot: bool,
         bytes: u64,
         now: Instant,
     ) -> Result<RequestId, GovernorError> {
@@ -277,10 +323,10 @@ impl Governor {
             });
         }
         self.advance(now);
-        let c = class as usize;
+        let lane = class as usize + if spot { 4 } else { 0 };
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        self.queues[c].push_back((id, bytes));
+        self.queues[lane].push_back((id, bytes));
         Ok(id)
     }
 
@@ -316,16 +362,28 @@ impl Governor {
         }
         // 2. Borrowing of idle budget, highest priority first. A borrower leaves enough
         //    link tokens for every class that may send within its guarantee now, so
-        //    borrowing delays a guaranteed send by at most the grant in progress.
-        for c in 0..4 {
-            let Some(&(id, bytes)) = self.queues[c].front() else {
+        //    borrowing delays a guaranteed send by at most the grant in progress. Spot
+        //    requests borrow only while no reserved request waits.
+        for lane in self.borrowers() {
+            let Some(&(id, bytes)) = self.queues[lane].front() else {
                 continue;
             };
+            let c = class_of_lane(lane);
             if self.ceil[c].has(bytes) && self.link.has(bytes + self.reserve_for_others(c)) {
-                return Some(self.grant(c, id, bytes, true));
+                return Some(self.grant(lane, id, bytes, true));
             }
         }
         None
+    }
+
+    /// The lanes that may borrow now, in order: the reserved ones, and the spot ones
+    /// once no reserved request waits.
+    fn borrowers(&self) -> std::ops::Range<usize> {
+        if self.queues[..4].iter().all(VecDeque::is_empty) {
+            0..LANES
+        } else {
+            0..4
+        }
     }
 
     /// Link bytes to keep for the head requests of the other classes that may send
@@ -340,14 +398,15 @@ impl Governor {
             .sum()
     }
 
-    fn grant(&mut self, c: usize, id: RequestId, bytes: u64, borrowed: bool) -> Grant {
-        self.queues[c].pop_front();
+    fn grant(&mut self, lane: usize, id: RequestId, bytes: u64, borrowed: bool) -> Grant {
+        let c = class_of_lane(lane);
+        self.queues[lane].pop_front();
         self.link.take(bytes);
         self.ceil[c].take(bytes);
         // Borrowed bytes also use up the class's own tokens, so a class that borrowed
         // does not then claim its full guarantee on top.
         self.guaranteed[c].take(bytes);
-        self.granted[c] += bytes;
+        self.granted[lane] += bytes;
         Grant {
             id,
             class: CLASSES[c],
@@ -370,14 +429,17 @@ impl Governor {
                     b: Option<Duration>,
                     c: Option<Duration>|
          -> Option<Duration> { Some(a?.max(b?).max(c?)) };
-        for c in 0..4 {
-            let Some(&(_, bytes)) = self.queues[c].front() else {
+        for lane in self.borrowers() {
+            let Some(&(_, bytes)) = self.queues[lane].front() else {
                 continue;
             };
-            let g = self.guaranteed[c].wait_for(bytes);
+            let c = class_of_lane(lane);
             let ce = self.ceil[c].wait_for(bytes);
-            let l = self.link.wait_for(bytes);
-            consider(max3(g, ce, l));
+            if lane < 4 {
+                let g = self.guaranteed[c].wait_for(bytes);
+                let l = self.link.wait_for(bytes);
+                consider(max3(g, ce, l));
+            }
             let lb = self.link.wait_for(bytes + self.reserve_for_others(c));
             consider(max3(Some(Duration::ZERO), ce, lb));
         }
@@ -422,12 +484,23 @@ impl Governor {
 
     /// Counters of one class.
     pub fn stats(&self, class: TrafficClass) -> ClassStats {
-        let q = &self.queues[class as usize];
+        let (r, sp) = (class as usize, class as usize + 4);
+        let both = || self.queues[r].iter().chain(&self.queues[sp]);
         ClassStats {
-            queued: q.len(),
-            queued_bytes: q.iter().map(|(_, b)| b).sum(),
-            granted_bytes: self.granted[class as usize],
-            backlogged: self.backlogged[class as usize],
+            queued: both().count(),
+            queued_bytes: both().map(|(_, b)| b).sum(),
+            granted_bytes: self.granted[r] + self.granted[sp],
+            backlogged: self.class_backlogged[r],
+            reserved: self.lane_stats(r),
+            spot: self.lane_stats(sp),
+        }
+    }
+
+    fn lane_stats(&self, lane: usize) -> LaneStats {
+        LaneStats {
+            queued: self.queues[lane].len(),
+            granted_bytes: self.granted[lane],
+            backlogged: self.backlogged[lane],
         }
     }
 
@@ -459,18 +532,32 @@ mod tests {
         g: &mut Governor,
         t0: Instant,
         until: Duration,
-        mut arrivals: Vec<(Duration, TrafficClass, u64)>,
+        arrivals: Vec<(Duration, TrafficClass, u64)>,
+    ) -> Vec<(Duration, TrafficClass, u64)> {
+        let arrivals = arrivals
+            .into_iter()
+            .map(|(t, c, b)| (t, c, false, b))
+            .collect();
+        simulate_as(g, t0, until, arrivals)
+    }
+
+    /// Like `simulate`, each arrival reserved or spot (`true`).
+    fn simulate_as(
+        g: &mut Governor,
+        t0: Instant,
+        until: Duration,
+        mut arrivals: Vec<(Duration, TrafficClass, bool, u64)>,
     ) -> Vec<(Duration, TrafficClass, u64)> {
         arrivals.sort_by_key(|a| a.0);
         let mut arrivals: VecDeque<_> = arrivals.into();
         let mut out = Vec::new();
         let mut now = t0;
         loop {
-            while let Some(&(at, c, b)) = arrivals.front() {
+            while let Some(&(at, c, spot, b)) = arrivals.front() {
                 if t0 + at > now {
                     break;
                 }
-                g.request(c, b, now).unwrap();
+                g.request_as(c, spot, b, now).unwrap();
                 arrivals.pop_front();
             }
             while let Some(gr) = g.poll_grant(now) {
@@ -595,6 +682,52 @@ mod tests {
     }
 
     #[test]
+    fn spot_uses_idle_capacity_and_yields_to_reserved_requests() {
+        let t0 = Instant::now();
+        // 10 MB/s link; async guaranteed 2, ceiling 10; the others nothing.
+        let mb = 1_000_000;
+        let c = cfg(
+            10 * mb,
+            mb / 4,
+            [(0, 10 * mb), (0, 10 * mb), (2 * mb, 10 * mb), (0, 10 * mb)],
+        );
+        let mut g = Governor::new(c, t0).unwrap();
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let chunk = mb / 10;
+        // Spot repair alone for the first second, then reserved async backlogged for a
+        // second, then spot alone again.
+        let mut arrivals: Vec<(Duration, TrafficClass, bool, u64)> = Vec::new();
+        for i in 0..300u64 {
+            arrivals.push((ms(i * 10), TrafficClass::Repair, true, chunk));
+        }
+        for i in 0..200u64 {
+            arrivals.push((s(1) + ms(i * 5), TrafficClass::Async, false, chunk));
+        }
+        let grants = simulate_as(&mut g, t0, s(3), arrivals);
+        let in_window = |from: Duration, to: Duration, class| {
+            grants
+                .iter()
+                .filter(|(t, c, _)| *t >= from && *t < to && *c == class)
+                .map(|(_, _, b)| b)
+                .sum::<u64>()
+        };
+        // Alone, spot takes the idle link (10 MB/s): its 10 MB/s of arrivals go through.
+        assert!(in_window(ms(200), ms(900), TrafficClass::Repair) >= 6 * mb);
+        // While reserved async is backlogged (20 MB/s of arrivals), spot gets nothing but
+        // what async leaves (nothing: async can use the whole link).
+        let spot_during = in_window(ms(1100), ms(1900), TrafficClass::Repair);
+        assert!(
+            spot_during <= chunk,
+            "spot took {spot_during} from reserved"
+        );
+        assert!(in_window(ms(1100), ms(1900), TrafficClass::Async) >= 7 * mb);
+        let st = g.stats(TrafficClass::Repair);
+        assert_eq!(st.spot.granted_bytes, st.granted_bytes);
+        assert!(st.spot.backlogged > Duration::ZERO);
+    }
+
+    #[test]
     fn sync_takes_back_lent_budget() {
         let t0 = Instant::now();
         let c = cfg(
@@ -700,11 +833,11 @@ mod tests {
         /// For any demand, every window of the run stays within rate·t + burst (link) and
         /// ceil·t + burst (each class).
         #[test]
-        fn never_exceeds_rate_or_ceil(c in arb_config(), demand in proptest::collection::vec((0u64..2_000, 0u8..4, 1u64..1_000_000), 1..200)) {
+        fn never_exceeds_rate_or_ceil(c in arb_config(), demand in proptest::collection::vec((0u64..2_000, 0u8..4, any::<bool>(), 1u64..1_000_000), 1..200)) {
             let t0 = Instant::now();
             let mut g = Governor::new(c.clone(), t0).unwrap();
-            let arrivals: Vec<_> = demand.iter().map(|&(ms, cl, b)| (Duration::from_millis(ms), class_of(cl), b.min(c.burst).max(1))).collect();
-            let grants = simulate(&mut g, t0, Duration::from_secs(3), arrivals);
+            let arrivals: Vec<_> = demand.iter().map(|&(ms, cl, spot, b)| (Duration::from_millis(ms), class_of(cl), spot, b.min(c.burst).max(1))).collect();
+            let grants = simulate_as(&mut g, t0, Duration::from_secs(3), arrivals);
             // Check all windows that start and end at grant times.
             let bound = |rate: u64, t: Duration| (u128::from(rate) * t.as_nanos() / NANOS) as u64 + c.burst;
             for i in 0..grants.len() {

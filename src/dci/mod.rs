@@ -121,21 +121,27 @@ impl DciGovernor {
     /// driver's timer fires late (tokio timers round up to the millisecond), and no
     /// budget is lost to a full bucket.
     pub async fn acquire(&self, class: TrafficClass, bytes: u64) {
+        self.acquire_as(class, false, bytes).await
+    }
+
+    /// Like [`acquire`](Self::acquire), as a spot request (`spot`: it uses idle
+    /// capacity and yields to every reserved request) or a reserved one.
+    pub async fn acquire_as(&self, class: TrafficClass, spot: bool, bytes: u64) {
         let part_max = (self.lock().config().burst / 4).max(1);
         let mut left = bytes;
         while left > 0 {
             let part = left.min(part_max);
-            self.acquire_part(class, part).await;
+            self.acquire_part(class, spot, part).await;
             left -= part;
         }
     }
 
-    async fn acquire_part(&self, class: TrafficClass, bytes: u64) {
+    async fn acquire_part(&self, class: TrafficClass, spot: bool, bytes: u64) {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut g = self.lock();
             let was_backlogged = g.backlogged();
-            let Ok(id) = g.request(class, bytes, Instant::now()) else {
+            let Ok(id) = g.request_as(class, spot, bytes, Instant::now()) else {
                 return;
             };
             if was_backlogged {
@@ -243,7 +249,8 @@ pub struct SharesSettings {
     /// How often a node reports its demand (a quarter of the lease or less keeps grants
     /// current through a lost report).
     pub period: std::time::Duration,
-    /// Classes whose demand is spot (served after every reserved demand of the link).
+    /// Classes this node sends as spot whatever the transfer says: its governor serves
+    /// them after every reserved request, and the allocator after every reserved demand.
     pub spot: Vec<TrafficClass>,
     /// Tenant quotas on every link (empty: none). A node belongs to the tenant its
     /// topology entry names; the allocator divides each link by tenant first
@@ -310,6 +317,8 @@ pub(crate) struct Egress {
     me: NodeId,
     /// The share and class split of static shares (`None` with cluster-wide shares).
     fixed: Option<(f64, Option<ClassSplit>)>,
+    /// Classes whose traffic is spot whatever its transfer says (`[dci.shares] spot`).
+    spot_classes: Vec<TrafficClass>,
     governors: DciGovernors,
     compress: Option<compress::CompressPolicy>,
 }
@@ -338,6 +347,11 @@ impl Egress {
                 Some(_) => None,
                 None => Some((config.share, config.classes)),
             },
+            spot_classes: config
+                .shares
+                .as_ref()
+                .map(|s| s.spot.clone())
+                .unwrap_or_default(),
             governors,
             compress: config.compress.then(compress::CompressPolicy::default),
         })
@@ -394,12 +408,14 @@ impl Egress {
 
     /// Prepares a packet for the hop to `peer`: across the DCI, compresses it when the
     /// receiver accepts that (`compression`) and it pays, waits for the governor to admit
-    /// its bytes in `class`, and counts them in `metrics`. Intra-IDC packets pass
-    /// untouched.
+    /// its bytes in `class` — as spot when the transfer is (`spot`) or this node makes
+    /// the class spot — and counts them in `metrics`. Intra-IDC packets pass untouched.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn govern_packet(
         &self,
         peer: NodeId,
         class: TrafficClass,
+        spot: bool,
         compression: Compression,
         p: Packet,
         metrics: &NodeMetrics,
@@ -414,7 +430,8 @@ impl Egress {
         };
         let wire = p.payload.len() as u64;
         // Charge what actually crosses: payload plus frame header and checksums.
-        gov.acquire(class, wire + 32 + 4 * p.crcs.len() as u64)
+        let spot = spot || self.spot_classes.contains(&class);
+        gov.acquire_as(class, spot, wire + 32 + 4 * p.crcs.len() as u64)
             .await;
         metrics
             .dci_wire_bytes

@@ -117,8 +117,12 @@ pub struct WriteParams {
     pub genstamp: GenStamp,
     /// Chunking and checksum.
     pub checksum: ChecksumSpec,
-    /// Traffic class of governed hops.
+    /// Traffic class of governed hops: the transfer's purpose.
     pub class: TrafficClass,
+    /// `Spot`: on DCI hops the write uses idle capacity only and yields to every reserved
+    /// transfer (and is reported to the shares allocator as spot demand). Nodes may also
+    /// make whole classes spot (`[dci.shares] spot`).
+    pub provisioning: crate::scheduler::shares::Provisioning,
     /// Nodes that may replace a failed target in the same IDC: on recovery, a survivor
     /// copies the acknowledged prefix to the first usable spare, which then joins the
     /// pipeline in the failed node's place. Without one, the survivors go on alone.
@@ -145,6 +149,7 @@ impl WriteParams {
             genstamp,
             checksum: ChecksumSpec::default(),
             class: TrafficClass::Sync,
+            provisioning: crate::scheduler::shares::Provisioning::Reserved,
             spares: Vec::new(),
             mode: WriteMode::Sync,
             recover: true,

@@ -559,7 +559,14 @@ async fn relay(
             let forwarded = unless_cancelled(cancel, async {
                 let p = shared
                     .dci
-                    .govern_packet(next, req.class, req.compression, p, &shared.metrics)
+                    .govern_packet(
+                        next,
+                        req.class,
+                        req.spot,
+                        req.compression,
+                        p,
+                        &shared.metrics,
+                    )
                     .await;
                 w.send(&Frame::Packet(p)).await
             })

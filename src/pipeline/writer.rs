@@ -14,6 +14,7 @@ use super::{
 };
 use crate::block::{BlockId, GenStamp};
 use crate::context::{NodeContext, NodeEvent};
+use crate::scheduler::shares::Provisioning;
 use crate::topology::NodeId;
 use crate::transport::{FrameWriter, Sink, Stream};
 use crate::wire::{
@@ -300,6 +301,7 @@ impl Writer {
                 .govern_packet(
                     self.win.first(),
                     self.params.class,
+                    self.params.provisioning == Provisioning::Spot,
                     self.compression(),
                     packet,
                     &self.ctx.metrics,
@@ -490,6 +492,7 @@ impl Writer {
             targets: self.win.targets().skip(1).map(|t| self.name(t)).collect(),
             mode: self.params.mode,
             class: self.params.class,
+            spot: self.params.provisioning == Provisioning::Spot,
             checksum: self.params.checksum,
             compression: self.compression(),
             // Async: the head queues the remote copy once the block is final locally.

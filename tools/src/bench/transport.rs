@@ -170,6 +170,7 @@ async fn raw(t: &Transport, peer: NodeId, p: &TransportBenchParams) -> Result<Ph
         targets: vec![],
         mode: WriteMode::Sync,
         class: TrafficClass::Sync,
+        spot: false,
         checksum: ChecksumSpec::default(),
         compression: Compression::None,
         remote_targets: vec![],
