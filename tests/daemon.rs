@@ -128,6 +128,27 @@ fn spawn(dir: &Path, name: &str) -> Daemon {
     Daemon { child }
 }
 
+/// The `client` identity as a node in this process, on the cluster's topology file.
+async fn start_client(dir: &Path) -> Node {
+    let certs = dir.join("certs");
+    let id = TlsIdentity::from_pem_files(
+        &certs.join("ca.pem"),
+        &certs.join("client.pem"),
+        &certs.join("client.key"),
+    )
+    .unwrap();
+    let topo = Topology::from_file(dir.join("topology.toml")).unwrap();
+    let (client, _) = Node::start(NodeConfig::new(
+        "client",
+        Arc::new(topo),
+        id,
+        dir.join("data/client"),
+    ))
+    .await
+    .unwrap();
+    client
+}
+
 fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -148,22 +169,9 @@ async fn daemons_serve_writes_reads_metrics_and_stop_cleanly() {
         .collect();
 
     // A client node in this process (it stores nothing of this block).
-    let topo = Arc::new(Topology::from_file(dir.path().join("topology.toml")).unwrap());
+    let client = start_client(dir.path()).await;
+    let topo = client.topology();
     let certs = dir.path().join("certs");
-    let id = TlsIdentity::from_pem_files(
-        &certs.join("ca.pem"),
-        &certs.join("client.pem"),
-        &certs.join("client.key"),
-    )
-    .unwrap();
-    let (client, _) = Node::start(NodeConfig::new(
-        "client",
-        topo.clone(),
-        id,
-        dir.path().join("data/client"),
-    ))
-    .await
-    .unwrap();
     let targets: Vec<_> = ["a1", "a2", "b1", "b2"]
         .iter()
         .map(|n| topo.node_by_name(n).unwrap())
@@ -333,21 +341,7 @@ async fn nodes_join_and_leave_running_daemons_on_sighup() {
         .collect();
     let metrics = |h: u8| -> SocketAddr { format!("127.7.{net}.{h}:9900").parse().unwrap() };
     let certs = dir.path().join("certs");
-    let id = TlsIdentity::from_pem_files(
-        &certs.join("ca.pem"),
-        &certs.join("client.pem"),
-        &certs.join("client.key"),
-    )
-    .unwrap();
-    let topo = Topology::from_file(dir.path().join("topology.toml")).unwrap();
-    let (client, _) = Node::start(NodeConfig::new(
-        "client",
-        Arc::new(topo),
-        id,
-        dir.path().join("data/client"),
-    ))
-    .await
-    .unwrap();
+    let client = start_client(dir.path()).await;
     let write = |block: u64, targets: Vec<&'static str>| {
         let client = client.clone();
         async move {

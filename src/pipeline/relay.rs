@@ -383,13 +383,14 @@ async fn relay(
     };
     // Gang admission: a slot now or a refusal now, never a wait while upstream hops
     // hold theirs.
+    let busy = |refusals: &std::sync::atomic::AtomicU64, what: &str| {
+        tracing::debug!(%block, "no {what} slot free");
+        refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        setup_ack(vec![Status::Busy])
+    };
     let Some(_slot) = svc.try_slot() else {
-        tracing::debug!(%block, "no write slot free");
-        shared
-            .metrics
-            .write_busy_refusals
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = up.writer.send(&setup_ack(vec![Status::Busy])).await;
+        let refusal = busy(&shared.metrics.write_busy_refusals, "write");
+        let _ = up.writer.send(&refusal).await;
         return;
     };
     // A sync pipeline forwarded across the DCI from here also needs a DCI slot: the
@@ -400,12 +401,8 @@ async fn relay(
         .filter(|&idc| idc != topo.location(shared.me).idc && req.class == TrafficClass::Sync);
     let _dci_slot = match crossing.map(|idc| svc.try_dci_slot(idc)) {
         Some(None) => {
-            tracing::debug!(%block, "no DCI slot free");
-            shared
-                .metrics
-                .dci_busy_refusals
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let _ = up.writer.send(&setup_ack(vec![Status::Busy])).await;
+            let refusal = busy(&shared.metrics.dci_busy_refusals, "DCI");
+            let _ = up.writer.send(&refusal).await;
             return;
         }
         Some(Some(slot)) => slot,
