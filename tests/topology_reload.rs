@@ -206,3 +206,109 @@ async fn a_reload_a_node_cannot_apply_changes_nothing_and_budgets_reach_the_gove
     );
     assert_eq!(rate(c.node("a2")), 50_000_000, "a2 did not reload");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_go_on_while_nodes_join_and_leave() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _ = repairing();
+    let mut c = Cluster::start().await;
+    let next = c.edited_topology(&["a4"], &[("a5", "idc-a", "r2", 9)], 125_000_000);
+    let old = std::mem::replace(&mut c.topo, Arc::new(next.clone()));
+    c.dirs.insert("a5".into(), tempfile::tempdir().unwrap());
+    c.start_node("a5").await;
+    c.topo = old;
+
+    // a2 writes 2+2 blocks one after another, placed on its view of the topology, until
+    // it has written `stop_at`.
+    let a2 = c.node("a2").clone();
+    let (written, stop_at) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(usize::MAX)),
+    );
+    let writer = {
+        let (a2, written, stop_at) = (a2.clone(), written.clone(), stop_at.clone());
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let spec = "2+2".parse().unwrap();
+            let mut out = Vec::new();
+            while out.len() < stop_at.load(Ordering::Acquire) {
+                let block = 1000 + out.len() as u64;
+                let topo = a2.topology();
+                let origin = Origin::node(topo.location(a2.id()));
+                let p = placement::choose_targets(
+                    &topo,
+                    &origin,
+                    &spec,
+                    &[],
+                    &a2.node_states(),
+                    &mut rng,
+                )
+                .unwrap();
+                let names: Vec<String> = p
+                    .targets()
+                    .iter()
+                    .map(|&t| topo.node(t).name.clone())
+                    .collect();
+                let mut w = a2
+                    .writer(BlockId(block), p.targets(), WriteParams::new(GenStamp(1)))
+                    .await
+                    .unwrap_or_else(|e| panic!("block {block} on {names:?}: {e}"));
+                w.write(Bytes::from(pattern(block, LEN))).await.unwrap();
+                let done = w
+                    .close()
+                    .await
+                    .unwrap_or_else(|e| panic!("block {block} on {names:?}: {e}"));
+                out.push((names, done.replicas.len()));
+                written.fetch_add(1, Ordering::AcqRel);
+            }
+            out
+        })
+    };
+    // Reload every node but a4 while the writes go on: a5 joins, a4 leaves (running).
+    while written.load(Ordering::Acquire) < 5 {
+        tokio::task::yield_now().await;
+    }
+    for name in NAMES.iter().chain(["a5"].iter()).filter(|&&n| n != "a4") {
+        c.node(name).set_topology(&next).unwrap();
+    }
+    // Blocks placed from here on (after the one in progress) see the new topology.
+    let reloaded_at = written.load(Ordering::Acquire) + 1;
+    stop_at.store(reloaded_at + 10, Ordering::Release);
+    let written = writer.await.unwrap();
+    for (names, replicas) in &written {
+        assert!(*replicas >= 3, "{names:?}: {replicas} replicas");
+    }
+    for (names, replicas) in &written[reloaded_at..] {
+        assert!(
+            !names.contains(&"a4".to_string()),
+            "placed on a removed node: {names:?}"
+        );
+        assert_eq!(*replicas, 4, "{names:?}");
+    }
+    assert!(
+        written[reloaded_at..]
+            .iter()
+            .any(|(n, _)| n.contains(&"a5".to_string())),
+        "a5 took no replica in 10 blocks"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_reloaded_blames_the_removed_hop_not_itself() {
+    let c = Cluster::start().await;
+    // Everyone but a3 and a4 forgets a4; a3 still writes through it.
+    let next = c.edited_topology(&["a4"], &[], 125_000_000);
+    for name in NAMES.iter().filter(|&&n| n != "a3" && n != "a4") {
+        c.node(name).set_topology(&next).unwrap();
+    }
+    let a3 = c.node("a3");
+    let targets = c.ids(&["a3", "a2", "a4", "b1"]);
+    let mut w = a3
+        .writer(BlockId(77), &targets, WriteParams::new(GenStamp(1)))
+        .await
+        .unwrap();
+    w.write(Bytes::from(pattern(77, LEN))).await.unwrap();
+    let out = w.close().await.unwrap();
+    let names: Vec<&str> = out.replicas.iter().map(|&r| c.name(r)).collect();
+    assert_eq!(names, ["a3", "a2", "b1"], "a2 refused a4 and was kept");
+}

@@ -188,6 +188,9 @@ pub struct Node {
     bandwidth_tasks: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     repairs: Option<Arc<Repairs>>,
     grace: Duration,
+    /// Held while a topology reload is applied: two at once would each revise the same
+    /// old topology and the second would undo the first.
+    reloading: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -273,6 +276,7 @@ impl Node {
             bandwidth_tasks: Arc::new(std::sync::Mutex::new(bandwidth_tasks)),
             repairs,
             grace: config.shutdown_grace,
+            reloading: Default::default(),
         };
         Ok((node, report))
     }
@@ -411,6 +415,7 @@ impl Node {
     /// and a topology that removes this node or changes its address (its sockets are
     /// bound to it: restart it instead).
     pub fn set_topology(&self, next: &Topology) -> Result<TopologyChange, TopologyError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.ctx.topology();
         let revised = old.revise(next)?;
         let me = self.ctx.me;

@@ -340,9 +340,19 @@ async fn relay(
     let topo = shared.topology();
     let block = req.block;
     let mut targets = Vec::with_capacity(req.targets.len());
-    for name in &req.targets {
+    for (j, name) in req.targets.iter().enumerate() {
         match topo.node_by_name(name) {
             Some(id) if id != shared.me && !targets.contains(&id) => targets.push(id),
+            // Not (or no longer) a node here, say one a reload removed that the writer
+            // still knows: blame that hop, not this one, so the writer drops it and
+            // goes on with the others. Nothing was opened yet.
+            None if !name.is_empty() => {
+                let mut blame = vec![Status::Success; j + 1];
+                blame.push(Status::Unreachable);
+                tracing::warn!(%block, target = %name, "downstream target is not in the topology");
+                let _ = up.writer.send(&setup_ack(blame)).await;
+                return;
+            }
             _ => {
                 let _ = up
                     .writer

@@ -21,6 +21,9 @@ use crate::wire::{
     self, Ack, Compression, Frame, Packet, PacketFlags, Status, TrafficClass, WriteBlock, WriteMode,
 };
 
+/// Why a target a topology reload removed leaves a pipeline.
+const REMOVED: &str = "removed from the topology";
+
 enum AckMsg {
     Ack(Ack),
     Broken(String),
@@ -367,6 +370,14 @@ impl Writer {
     async fn establish(&mut self, offset: u64) -> Result<(), WriteError> {
         let mut admission = self.admission();
         loop {
+            // A node a reload removed since the pipeline was planned fails as a dead one.
+            if let Some(index) = self.removed_target() {
+                self.drop_target(index, REMOVED)?;
+                if offset > 0 || !self.win.failed().is_empty() {
+                    self.win.bump_genstamp();
+                }
+                continue;
+            }
             // A first setup creates the replicas (a retry after a refusal too: the refused
             // attempt's replicas were removed); only a recovery resumes them.
             match self.try_establish(offset, offset > 0).await {
@@ -399,6 +410,10 @@ impl Writer {
                     status: Some(Status::Denied),
                     why,
                 }) => return Err(self.denied(index, why)),
+                // A removed node's word on its downstream is not taken: peers that
+                // reloaded refuse it, so it blames healthy nodes. It goes instead (at
+                // the top of the loop).
+                Err(_) if self.removed_target().is_some() => {}
                 Err(SetupFailure { index, why, .. }) => {
                     self.drop_target(index, &why)?;
                     if offset > 0 || !self.win.failed().is_empty() {
@@ -407,6 +422,12 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// The first target a topology reload removed, if any.
+    fn removed_target(&self) -> Option<usize> {
+        let topo = self.ctx.topology();
+        self.win.targets().position(|t| !topo.contains(t))
     }
 
     /// `targets[index]` refused the setup: the peer's certificate does not allow it. The
@@ -555,6 +576,11 @@ impl Writer {
     /// was not acknowledged.
     async fn recover(&mut self, index: usize, why: &str) -> Result<(), WriteError> {
         self.pipe = None;
+        // A node a reload removed goes first, whoever was blamed (see `establish`).
+        let (index, why) = match self.removed_target() {
+            Some(i) => (i, REMOVED),
+            None => (index, why),
+        };
         let failed = self.drop_target(index, why)?;
         let mut to_replace = vec![(index, failed)];
         let mut admission = self.admission();
@@ -576,6 +602,10 @@ impl Writer {
                     why,
                 }) => return Err(self.denied(index, why)),
                 Err(SetupFailure { index: i, why, .. }) => {
+                    let (i, why) = match self.removed_target() {
+                        Some(r) => (r, REMOVED.to_string()),
+                        None => (i, why),
+                    };
                     let f = self.drop_target(i, &why)?;
                     to_replace.push((i, f));
                     continue;
