@@ -40,6 +40,11 @@
 //! max_lag_age = "5min"
 //! policy = "sync"                      # block | sync | warn
 //!
+//! [pipeline]                           # optional: admission of write pipelines
+//! max_writes = 1024                    # pipelines through this node at once
+//! admission_timeout = "30s"            # how long a writer retries a busy pipeline
+//! dci_min_rate = "2MB/s"               # least rate of a sync pipeline across the DCI; 0: off
+//!
 //! [repair]                             # optional: notice lost replicas and restore them
 //! log_dir = "data/a1-repair"           # the durable repair queue
 //! workers = 2                          # repairs at once
@@ -312,6 +317,15 @@ struct RawMetrics {
     addr: String,
 }
 
+/// `[pipeline]`: admission of write pipelines through this node.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    max_writes: Option<usize>,
+    admission_timeout: Option<String>,
+    dci_min_rate: Option<toml::Value>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -328,6 +342,7 @@ struct RawConfig {
     dci: Option<RawDci>,
     replication: Option<RawReplication>,
     repair: Option<RawRepair>,
+    pipeline: Option<RawPipeline>,
     metrics: Option<RawMetrics>,
 }
 
@@ -485,6 +500,34 @@ impl DaemonConfig {
         if let Some(r) = raw.repair {
             node.repair = Some(repair(r, &rel, &field)?);
         }
+        if let Some(p) = raw.pipeline {
+            let pc = &mut node.pipeline;
+            if let Some(m) = p.max_writes {
+                if m == 0 {
+                    return Err(field("pipeline.max_writes", "must be at least 1".into()));
+                }
+                pc.max_writes = m;
+            }
+            pc.admission_timeout = duration(
+                &field,
+                "pipeline.admission_timeout",
+                p.admission_timeout,
+                pc.admission_timeout,
+            )?;
+            if let Some(v) = p.dci_min_rate {
+                pc.dci_min_rate = match &v {
+                    toml::Value::Integer(i) if *i >= 0 => *i as u64,
+                    toml::Value::String(t) => units::parse_rate(t)
+                        .map_err(|e| field("pipeline.dci_min_rate", e.to_string()))?,
+                    other => {
+                        return Err(field(
+                            "pipeline.dci_min_rate",
+                            format!("{other} is not a rate (bytes/s, or \"2MB/s\"; 0: off)"),
+                        ));
+                    }
+                };
+            }
+        }
         let metrics_addr = match raw.metrics {
             Some(m) => Some(
                 m.addr
@@ -587,6 +630,38 @@ addr = "127.0.0.1:9100"
             (0.3, 1.0)
         );
         assert_eq!(s.tenants[1].quota(1000).capability, 500);
+    }
+
+    #[test]
+    fn pipeline_admission_is_configured_and_checked() {
+        let f = fixture();
+        let text = format!(
+            "{GOOD}\n[pipeline]\nmax_writes = 8\nadmission_timeout = \"5s\"\ndci_min_rate = \"4MB/s\"\n"
+        );
+        let p = parse(&f, &text).unwrap().node.pipeline;
+        assert_eq!(
+            (p.max_writes, p.admission_timeout, p.dci_min_rate),
+            (8, std::time::Duration::from_secs(5), 4_000_000)
+        );
+        let off = format!("{GOOD}\n[pipeline]\ndci_min_rate = 0\n");
+        assert_eq!(parse(&f, &off).unwrap().node.pipeline.dci_min_rate, 0);
+        for (text, name) in [
+            (
+                format!("{GOOD}\n[pipeline]\nmax_writes = 0\n"),
+                "`pipeline.max_writes`",
+            ),
+            (
+                format!("{GOOD}\n[pipeline]\ndci_min_rate = \"fast\"\n"),
+                "`pipeline.dci_min_rate`",
+            ),
+            (
+                format!("{GOOD}\n[pipeline]\ndci_min_rate = -1\n"),
+                "`pipeline.dci_min_rate`",
+            ),
+        ] {
+            let e = parse(&f, &text).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
     }
 
     #[test]

@@ -59,6 +59,7 @@ fn every_field_is_documented_and_nothing_else() {
             ("RawClasses", "dci.classes."),
             ("RawReplication", "replication."),
             ("RawRepair", "repair."),
+            ("RawPipeline", "pipeline."),
             ("RawMetrics", "metrics."),
         ],
     );
@@ -79,6 +80,7 @@ fn every_field_is_documented_and_nothing_else() {
         "dci.classes",
         "replication",
         "repair",
+        "pipeline",
         "metrics",
     ];
     let expected: BTreeSet<String> = node
