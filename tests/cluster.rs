@@ -1,5 +1,5 @@
 //! An in-process cluster on real sockets: 2 IDCs × 2 racks × 2 nodes, each node with its
-//! own address on 127.2.N.x and its own store. Sync 2+2 writes, locality of reads,
+//! own address on 127.M.N.x and its own store. Sync 2+2 writes, locality of reads,
 //! pipeline recovery, corrupt and missing replicas, unreachable targets.
 
 mod common;

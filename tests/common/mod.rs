@@ -29,7 +29,9 @@ static NET: AtomicU8 = AtomicU8::new(1);
 
 pub(crate) const NAMES: [&str; 8] = ["a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4"];
 
-/// An in-process cluster on real sockets: 2 IDCs × 2 racks × 2 nodes on 127.2.N.x.
+/// An in-process cluster on real sockets: 2 IDCs × 2 racks × 2 nodes on 127.M.N.x, M
+/// from the process id (test binaries run at once by hand do not collide), N one per
+/// cluster of the process.
 pub(crate) struct Cluster {
     pub(crate) topo: Arc<Topology>,
     pub(crate) ca: CertAuthority,
@@ -105,7 +107,8 @@ impl Cluster {
         for (i, name) in NAMES.iter().enumerate() {
             let idc = if i < 4 { "idc-a" } else { "idc-b" };
             let rack = if i % 4 < 2 { "r1" } else { "r2" };
-            let addr: SocketAddr = format!("127.2.{net}.{}:7500", i + 1).parse().unwrap();
+            let space = 2 + std::process::id() % 200;
+            let addr: SocketAddr = format!("127.{space}.{net}.{}:7500", i + 1).parse().unwrap();
             b = b.node(*name, idc, rack, addr, 1 << 40);
         }
         let topo = Arc::new(
