@@ -483,6 +483,11 @@ async fn a_peer_the_transport_cannot_reach_is_not_alive_for_placement() {
     assert!(a1.node_states().get(b2).alive);
     c.stop("b2").await;
     assert!(a1.transport().open(b2).await.is_err());
+    assert!(
+        a1.transport().unreachable_peers().is_empty(),
+        "one failure is not enough"
+    );
+    assert!(a1.transport().open(b2).await.is_err());
     assert_eq!(a1.transport().unreachable_peers(), vec![b2]);
     let states = a1.node_states();
     assert!(

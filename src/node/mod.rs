@@ -364,7 +364,7 @@ impl Node {
     /// What this node knows of every node, for placement
     /// ([`placement::choose_targets`](crate::placement::choose_targets)): the nodes its
     /// peer watch counts as down (with `NodeConfig::repair`), the ones its transport
-    /// could not reach at the last attempt ([`Transport::unreachable_peers`]) and the ones
+    /// failed to reach twice in a row ([`Transport::unreachable_peers`]) and the ones
     /// a reload removed are not alive, and its own
     /// free bytes are what its store's filesystem has left (at most its capacity). Other
     /// nodes' free space is not known here: their capacity stands for it.

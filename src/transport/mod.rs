@@ -311,9 +311,9 @@ struct Inner {
     closing: tokio::sync::watch::Sender<bool>,
     counters: LinkCounters,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// Peers the last attempt to reach failed, and when (cleared by a stream opened to
-    /// or accepted from them).
-    unreachable: std::sync::Mutex<HashMap<NodeId, std::time::Instant>>,
+    /// Peers whose last attempts to reach failed: how many in a row, and when the last
+    /// one did (cleared by a stream opened to or accepted from them).
+    unreachable: std::sync::Mutex<HashMap<NodeId, (u32, std::time::Instant)>>,
     /// Test seam: the filter put on the frames of streams opened from now on.
     filter: std::sync::RwLock<Option<Arc<dyn filter::FrameFilter>>>,
 }
@@ -653,14 +653,16 @@ impl Transport {
         if ok {
             u.remove(&peer);
         } else {
-            u.insert(peer, std::time::Instant::now());
+            let e = u.entry(peer).or_insert((0, std::time::Instant::now()));
+            *e = (e.0.saturating_add(1), std::time::Instant::now());
         }
     }
 
-    /// Peers this node could not reach at its last attempt, within the last idle
-    /// timeout, with no stream to or from them since: what placement should skip
-    /// (`Node::node_states`). A failure older than
-    /// the idle timeout no longer counts, so that a peer nobody dials is tried again.
+    /// Peers this node failed to reach at least twice in a row, the last time within the
+    /// last idle timeout, with no stream to or from them since: what placement should
+    /// skip (`Node::node_states`). One failure is not enough (a timeout under load would
+    /// take a healthy node out of placement); a failure older than the idle timeout no
+    /// longer counts, so that a peer nobody dials is tried again.
     pub fn unreachable_peers(&self) -> Vec<NodeId> {
         let within = self.inner.config.idle_timeout;
         let mut u = self
@@ -668,8 +670,12 @@ impl Transport {
             .unreachable
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        u.retain(|_, at| at.elapsed() < within);
-        let mut v: Vec<NodeId> = u.keys().copied().collect();
+        u.retain(|_, (_, at)| at.elapsed() < within);
+        let mut v: Vec<NodeId> = u
+            .iter()
+            .filter(|(_, (n, _))| *n >= 2)
+            .map(|(&p, _)| p)
+            .collect();
         v.sort();
         v
     }
