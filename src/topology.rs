@@ -3,7 +3,9 @@
 //! A [`Topology`] is built once — from a TOML file ([`Topology::from_toml_str`]) or in code
 //! ([`TopologyBuilder`]) — validated as a whole, and then read-only. Nodes, racks and IDCs
 //! are referred to by small copyable ids ([`NodeId`], [`RackId`], [`IdcId`]) that index into
-//! it, so placement and read ranking never compare strings on the hot path.
+//! it, so placement and read ranking never compare strings on the hot path. A running node
+//! takes a changed file with [`Topology::revise`], which keeps every id (removed nodes stay
+//! as retired entries), and serves it from a [`LiveTopology`].
 //!
 //! Distance follows the HyperNode tiers of the design: two locations are joined at the
 //! lowest [`Tier`] they share — the same node, the same rack switch, the same IDC, or only
