@@ -292,7 +292,7 @@ impl Reader {
                                 if matches!(f, ReplicaFailure::Corrupt(_)) {
                                     self.shared.emit(NodeEvent::CorruptReplica { block: self.block, genstamp: self.genstamp, node });
                                 }
-                                tried.push((self.shared.name(node).to_string(), f));
+                                tried.push((self.shared.name(node), f));
                             }
                         }
                         if next < group.len() {

@@ -263,7 +263,7 @@ impl Repairs {
         replicas: &[NodeId],
         lost: &[NodeId],
     ) -> Task {
-        let name = |n: &NodeId| self.ctx.name(*n).to_string();
+        let name = |n: &NodeId| self.ctx.name(*n);
         let topo = self.ctx.topology();
         Task {
             seq: 0,
@@ -707,7 +707,7 @@ impl Repairs {
                 ),
             );
         }
-        let names = |v: &[NodeId]| v.iter().map(|&n| self.ctx.name(n).to_string()).collect();
+        let names = |v: &[NodeId]| v.iter().map(|&n| self.ctx.name(n)).collect();
         match self
             .repair_now(req.block, req.genstamp, req.len, &set)
             .await
@@ -715,11 +715,7 @@ impl Repairs {
             Ok(r) => RepairResult {
                 status: Status::Success,
                 replicas: names(&r.replicas),
-                copied: r
-                    .copied
-                    .iter()
-                    .map(|(n, _)| self.ctx.name(*n).to_string())
-                    .collect(),
+                copied: r.copied.iter().map(|(n, _)| self.ctx.name(*n)).collect(),
                 tiers: r.copied.iter().map(|(_, t)| *t as u8).collect(),
                 message: String::new(),
             },

@@ -474,16 +474,7 @@ impl Topology {
             let idc = idc_of(r.idc);
             let id = match racks.iter().position(|o| o.idc == idc && o.name == r.name) {
                 Some(p) => RackId(p as u32),
-                None => {
-                    let id = RackId(racks.len() as u32);
-                    racks.push(RackInfo {
-                        name: r.name.clone(),
-                        idc,
-                        nodes: Vec::new(),
-                    });
-                    idcs[idc.index()].racks.push(id);
-                    id
-                }
+                None => add_rack(&mut idcs, &mut racks, idc, &r.name),
             };
             rack_of.insert(RackId(i as u32), id);
         }
@@ -492,8 +483,8 @@ impl Topology {
         let mut retired = vec![true; nodes.len()];
         let mut node_by_name = HashMap::new();
         for n in &next.nodes {
-            let id = match self.nodes.iter().position(|o| o.name == n.name) {
-                Some(p) => NodeId(p as u32),
+            let id = match self.find_node(&n.name) {
+                Some(id) => id,
                 None => {
                     nodes.push(n.clone());
                     retired.push(true);
@@ -777,6 +768,18 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// Appends an empty rack `name` to `idc`; returns its id.
+fn add_rack(idcs: &mut [IdcInfo], racks: &mut Vec<RackInfo>, idc: IdcId, name: &str) -> RackId {
+    let id = RackId(racks.len() as u32);
+    racks.push(RackInfo {
+        name: name.to_string(),
+        idc,
+        nodes: Vec::new(),
+    });
+    idcs[idc.index()].racks.push(id);
+    id
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && !name.contains('/') && !name.chars().any(char::is_whitespace)
 }
@@ -928,16 +931,9 @@ impl TopologyBuilder {
         for (i, declared) in declared_racks.iter().enumerate() {
             for r in declared.iter().flatten() {
                 let idc = IdcId(i as u32);
-                rack_by_name.entry((idc, r.clone())).or_insert_with(|| {
-                    let id = RackId(racks.len() as u32);
-                    racks.push(RackInfo {
-                        name: r.clone(),
-                        idc,
-                        nodes: Vec::new(),
-                    });
-                    idcs[i].racks.push(id);
-                    id
-                });
+                rack_by_name
+                    .entry((idc, r.clone()))
+                    .or_insert_with(|| add_rack(&mut idcs, &mut racks, idc, r));
             }
         }
 
@@ -995,13 +991,7 @@ impl TopologyBuilder {
                     });
                 }
                 None => {
-                    let r = RackId(racks.len() as u32);
-                    racks.push(RackInfo {
-                        name: e.rack.clone(),
-                        idc,
-                        nodes: Vec::new(),
-                    });
-                    idcs[idc.index()].racks.push(r);
+                    let r = add_rack(&mut idcs, &mut racks, idc, &e.rack);
                     rack_by_name.insert((idc, e.rack.clone()), r);
                     r
                 }

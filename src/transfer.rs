@@ -218,7 +218,7 @@ impl Transfers {
             return self.copy_through_me(job, &leg.targets).await;
         }
         let ctx = &self.ctx;
-        let names = |v: &[NodeId]| v.iter().map(|&t| ctx.name(t).to_string()).collect();
+        let names = |v: &[NodeId]| v.iter().map(|&t| ctx.name(t)).collect();
         let req = CopyBlock {
             block: job.block,
             genstamp: job.genstamp,

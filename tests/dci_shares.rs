@@ -90,6 +90,14 @@ async fn restart_with_grants(
         })));
 }
 
+/// Whether `node` holds a lease on the link to idc-b from `allocator`.
+fn leases_from(c: &Cluster, node: &str, allocator: NodeId) -> bool {
+    let idc_b = c.topo.idc_by_name("idc-b").unwrap();
+    c.node(node)
+        .dci_share(idc_b)
+        .is_some_and(|s| s.leased && s.allocator == Some(allocator))
+}
+
 /// Waits (bounded) until `cond` holds, polling every 50 ms.
 async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -183,16 +191,13 @@ async fn when_the_allocator_dies_the_sum_stays_within_budget_and_another_takes_o
 
     // a2 becomes the allocator (after its quiet lease) and the three survivors share
     // the link again.
-    let idc_b = c.topo.idc_by_name("idc-b").unwrap();
     until(
         "a2 allocates for the survivors",
         Duration::from_secs(10),
         || {
-            ["a2", "a3", "a4"].iter().all(|n| {
-                c.node(n)
-                    .dci_share(idc_b)
-                    .is_some_and(|s| s.leased && s.allocator == Some(c.id("a2")))
-            })
+            ["a2", "a3", "a4"]
+                .iter()
+                .all(|n| leases_from(&c, n, c.id("a2")))
         },
     )
     .await;
@@ -279,15 +284,8 @@ async fn a_slow_allocator_keeps_its_members() {
     for g in &govs {
         saturate(g.clone(), TrafficClass::Async, stop.clone());
     }
-    let idc_b = c.topo.idc_by_name("idc-b").unwrap();
     let a1 = c.id("a1");
-    let from_a1 = |c: &Cluster| {
-        ["a2", "a3", "a4"].iter().all(|n| {
-            c.node(n)
-                .dci_share(idc_b)
-                .is_some_and(|s| s.leased && s.allocator == Some(a1))
-        })
-    };
+    let from_a1 = |c: &Cluster| ["a2", "a3", "a4"].iter().all(|n| leases_from(c, n, a1));
     // The restart failed each member once, so each skipped a1 for two leases; then
     // they come back to it.
     until(
@@ -332,17 +330,11 @@ async fn two_allocators_in_a_partial_partition_stay_within_budget() {
         Arc::new(std::sync::Mutex::new(None)),
         stop.clone(),
     );
-    let idc_b = c.topo.idc_by_name("idc-b").unwrap();
     let (a1, a2) = (c.id("a1"), c.id("a2"));
-    let leased_from = |c: &Cluster, n: &str, from| {
-        c.node(n)
-            .dci_share(idc_b)
-            .is_some_and(|s| s.leased && s.allocator == Some(from))
-    };
     until(
         "a2 and a3 lease from a1 while a4 leases from a2",
         Duration::from_secs(30),
-        || leased_from(&c, "a2", a1) && leased_from(&c, "a3", a1) && leased_from(&c, "a4", a2),
+        || leases_from(&c, "a2", a1) && leases_from(&c, "a3", a1) && leases_from(&c, "a4", a2),
     )
     .await;
     // Both allocators grant for a while; the link is still used.

@@ -380,7 +380,7 @@ impl Egress {
         let from = topo.location(self.me).idc;
         let link = topo.link(from, idc)?;
         Some(match self.fixed {
-            Some((share, _)) => (link.budget_bps as f64 * share.clamp(0.0, 1.0)) as u64,
+            Some((share, _)) => share_of(link.budget_bps, share),
             None => link.budget_bps / share_members(&topo, from).len().max(1) as u64,
         })
     }
@@ -443,13 +443,18 @@ impl Egress {
     }
 }
 
+/// `share` (0..=1) of a link's budget, bytes/s, at least 1.
+fn share_of(budget_bps: u64, share: f64) -> u64 {
+    ((budget_bps as f64) * share.clamp(0.0, 1.0)).max(1.0) as u64
+}
+
 /// Per class (rate %, ceil %) of a node's share, in `TrafficClass::ALL` order.
 type ClassSplit = [(u8, u8); 4];
 
 /// A governor at `share` (0..=1) of a link's budget, with class (rate %, ceil %) of that
 /// share (`None`: the default split).
 fn static_config(budget_bps: u64, share: f64, classes: Option<ClassSplit>) -> GovernorConfig {
-    let rate = ((budget_bps as f64) * share.clamp(0.0, 1.0)).max(1.0) as u64;
+    let rate = share_of(budget_bps, share);
     let mut cfg = GovernorConfig::for_link(rate);
     if let Some(classes) = classes {
         for (c, (r, ceil)) in cfg.classes.iter_mut().zip(classes) {

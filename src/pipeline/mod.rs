@@ -292,9 +292,12 @@ pub(crate) struct Pipelines {
     origins: std::sync::Mutex<Origins>,
     /// This node's write slots (gang admission).
     slots: std::sync::Mutex<crate::scheduler::gang::Slots>,
-    /// Sync pipelines this node forwards across each DCI link, by remote IDC.
-    dci_slots: std::sync::Mutex<std::collections::HashMap<IdcId, usize>>,
+    /// DCI slots of each link this node forwards sync pipelines across, by remote IDC.
+    dci_slots: std::sync::Mutex<std::collections::HashMap<IdcId, crate::scheduler::gang::Slots>>,
 }
+
+/// Every DCI slot of the link is taken: the setup is refused as busy.
+pub(crate) struct DciBusy;
 
 /// A DCI slot held by a relay that forwards a sync pipeline across a link; given back
 /// when dropped.
@@ -302,14 +305,14 @@ pub(crate) struct DciSlot(Arc<Pipelines>, IdcId);
 
 impl Drop for DciSlot {
     fn drop(&mut self) {
-        if let Some(n) = self
+        if let Some(slots) = self
             .0
             .dci_slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(&self.1)
         {
-            *n = n.saturating_sub(1);
+            slots.release();
         }
     }
 }
@@ -376,21 +379,23 @@ impl Pipelines {
         s.try_take().then(|| WriteSlot(self.clone()))
     }
 
-    /// Takes a DCI slot for a sync pipeline forwarded to `to` (another IDC), if one is
-    /// free; `Some` always when DCI slots are off or the link has no governor.
-    pub(crate) fn try_dci_slot(self: &Arc<Self>, to: IdcId) -> Option<Option<DciSlot>> {
+    /// Takes a DCI slot for a sync pipeline forwarded to `to` (another IDC): `Ok(None)`
+    /// when DCI slots are off or no link leads there, [`DciBusy`] when all are taken.
+    pub(crate) fn try_dci_slot(self: &Arc<Self>, to: IdcId) -> Result<Option<DciSlot>, DciBusy> {
         let min = self.config.dci_min_rate;
         let Some(rate) = (min > 0).then(|| self.ctx.dci.admission_rate(to)).flatten() else {
-            return Some(None);
+            return Ok(None);
         };
-        let capacity = (rate / min).max(1) as usize;
         let mut held = self.dci_slots.lock().unwrap_or_else(|e| e.into_inner());
-        let n = held.entry(to).or_insert(0);
-        let mut slots = crate::scheduler::gang::Slots::with_used(capacity, *n);
-        slots.try_take().then(|| {
-            *n = slots.used();
-            Some(DciSlot(self.clone(), to))
-        })
+        let slots = held
+            .entry(to)
+            .or_insert_with(|| crate::scheduler::gang::Slots::new(0));
+        slots.set_capacity((rate / min).max(1) as usize);
+        if slots.try_take() {
+            Ok(Some(DciSlot(self.clone(), to)))
+        } else {
+            Err(DciBusy)
+        }
     }
 
     /// DCI slots in use, all links.
@@ -399,6 +404,7 @@ impl Pipelines {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
+            .map(crate::scheduler::gang::Slots::used)
             .sum()
     }
 
@@ -421,7 +427,7 @@ impl Pipelines {
             PeerRole::Client => Some(s.peer),
             PeerRole::Node => req.origin.as_deref().and_then(|n| topo.node_by_name(n)),
         };
-        req.origin = origin.map(|o| self.ctx.name(o).to_string());
+        req.origin = origin.map(|o| self.ctx.name(o));
         if s.role == PeerRole::Client {
             let own = self.origins().get(req.block) == Some(s.peer);
             match self.ctx.store.get(req.block) {

@@ -371,7 +371,7 @@ async fn relay(
     } else {
         match svc.queue.clone() {
             Some(rep) => {
-                let mut sources = vec![shared.name(shared.me).to_string()];
+                let mut sources = vec![shared.name(shared.me)];
                 sources.extend(req.targets.iter().cloned());
                 Some(RemoteCopy {
                     rep,
@@ -409,14 +409,13 @@ async fn relay(
         .first()
         .map(|&next| topo.location(next).idc)
         .filter(|&idc| idc != topo.location(shared.me).idc && req.class == TrafficClass::Sync);
-    let _dci_slot = match crossing.map(|idc| svc.try_dci_slot(idc)) {
-        Some(None) => {
+    let _dci_slot = match crossing.map(|idc| svc.try_dci_slot(idc)).transpose() {
+        Ok(slot) => slot.flatten(),
+        Err(super::DciBusy) => {
             let refusal = busy(&shared.metrics.dci_busy_refusals, "DCI");
             let _ = up.writer.send(&refusal).await;
             return;
         }
-        Some(Some(slot)) => slot,
-        None => None,
     };
     // The local replica is opened while the rest of the pipeline is set up: a setup
     // costs one file creation, not one per hop.

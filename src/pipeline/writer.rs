@@ -201,7 +201,7 @@ impl Writer {
     }
 
     fn name(&self, n: NodeId) -> String {
-        self.ctx.name(n).to_string()
+        self.ctx.name(n)
     }
 
     /// Appends data to the block. Returns once it is queued; whole packets are sent as

@@ -24,10 +24,10 @@ impl Slots {
         Slots { capacity, used: 0 }
     }
 
-    /// `capacity` slots, `used` of them taken (a capacity that follows the link's
-    /// budget is computed anew at each admission).
-    pub fn with_used(capacity: usize, used: usize) -> Self {
-        Slots { capacity, used }
+    /// Changes the number of slots; those in use stay taken (a capacity that follows a
+    /// link's budget is set anew at each admission).
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
     }
 
     /// Takes a slot if one is free.
