@@ -5,56 +5,151 @@
 //! call* has completed: everything it wrote before the call (data through O_DIRECT or
 //! the page cache, meta files, renames, new directory entries) is then on stable
 //! storage. Calls that arrive while a `syncfs` runs wait for the next one, which covers
-//! them all: under load one `syncfs` serves a whole batch of replicas. The `syncfs`
-//! itself runs on the store's IO engine, so the fault-injecting engine can fail it.
+//! them all: under load one `syncfs` serves a whole batch of replicas.
+//!
+//! [`Committer::finalize`] does a replica's whole finalize in the same batch: its sealed
+//! header is written, the `syncfs` covers it with everything else, and only then are its
+//! files moved into `finalized`. The committer is one thread of its own that does all of
+//! this with plain syscalls: a finalize costs the caller one hand-off to that thread and
+//! one back (a seal through an IO thread, a sync through another, and a rename through
+//! the blocking pool cost five). The seal and the `syncfs` still run under the engine's
+//! fault plan, so tests can fail them.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::aligned::AlignedBuf;
 use super::engine::{Engine, FileRef};
+use super::{ReplicaState, StoreError, io_err, layout, meta};
+use crate::block::{BlockId, GenStamp};
 
-type Reply = oneshot::Sender<Result<(), (io::ErrorKind, Option<i32>, String)>>;
+/// What a commit reports: the error of the `syncfs` that covered the caller.
+type SyncResult = Result<(), (io::ErrorKind, Option<i32>, String)>;
 
-/// The store's group committer. Its task stops when the committer is dropped.
+/// A replica to finalize in the next batch.
+pub(super) struct Finalize {
+    pub(super) block: BlockId,
+    pub(super) genstamp: GenStamp,
+    /// The replica's meta file: its header is rewritten sealed.
+    pub(super) meta: Arc<FileRef>,
+    pub(super) header: [u8; meta::HEADER_LEN],
+}
+
+enum Job {
+    Commit(oneshot::Sender<SyncResult>),
+    Finalize(Finalize, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The store's group committer. Its thread stops when the committer is dropped.
 pub(super) struct Committer {
-    tx: mpsc::Sender<Reply>,
+    tx: mpsc::Sender<Job>,
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("store committer has stopped")
 }
 
 impl Committer {
-    /// Starts the committer of the filesystem that holds `anchor` (any open file of the
-    /// store), on the current runtime.
-    pub(super) fn start(engine: Engine, anchor: Arc<FileRef>) -> Committer {
-        let (tx, mut rx) = mpsc::channel::<Reply>(1024);
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                // Everyone waiting now joins this sync; later callers wait for the next.
-                let mut batch = vec![first];
-                while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
+    /// Starts the committer of the store at `root`, syncing the filesystem that holds
+    /// `anchor` (any open file of the store).
+    pub(super) fn start(
+        engine: Engine,
+        anchor: Arc<FileRef>,
+        root: PathBuf,
+    ) -> io::Result<Committer> {
+        let (tx, mut rx) = mpsc::channel::<Job>(1024);
+        std::thread::Builder::new()
+            .name("strait-commit".into())
+            .spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    // Everyone waiting now joins this sync; later callers wait for the next.
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    run_batch(&engine, &anchor, &root, batch);
                 }
-                let res = engine
-                    .sync(&anchor)
-                    .await
-                    .map_err(|e| (e.kind(), e.raw_os_error(), e.to_string()));
-                for waiter in batch {
-                    let _ = waiter.send(res.clone());
-                }
-            }
-        });
-        Committer { tx }
+            })?;
+        Ok(Committer { tx })
     }
 
     /// Returns once everything written before this call is durable.
     pub(super) async fn commit(&self) -> io::Result<()> {
-        let stopped = || io::Error::other("store committer has stopped");
         let (reply, rx) = oneshot::channel();
-        self.tx.send(reply).await.map_err(|_| stopped())?;
+        self.tx
+            .send(Job::Commit(reply))
+            .await
+            .map_err(|_| stopped())?;
         match rx.await.map_err(|_| stopped())? {
             Ok(()) => Ok(()),
             Err((_, Some(code), _)) => Err(io::Error::from_raw_os_error(code)),
             Err((kind, None, msg)) => Err(io::Error::new(kind, msg)),
         }
+    }
+
+    /// Seals the replica, makes it durable with everything written before this call, and
+    /// moves it into `finalized`. An error names the step that failed; after a failed
+    /// seal or sync nothing was moved.
+    pub(super) async fn finalize(&self, job: Finalize) -> Result<(), StoreError> {
+        let path = job.meta.path.clone();
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Finalize(job, reply))
+            .await
+            .map_err(|_| io_err("fsync", &path, stopped()))?;
+        rx.await.map_err(|_| io_err("fsync", &path, stopped()))?
+    }
+}
+
+/// One batch: seal every replica to finalize, one `syncfs`, then move the sealed ones.
+fn run_batch(engine: &Engine, anchor: &Arc<FileRef>, root: &Path, batch: Vec<Job>) {
+    let mut commits = Vec::new();
+    let mut sealed = Vec::new();
+    for job in batch {
+        match job {
+            Job::Commit(reply) => commits.push(reply),
+            Job::Finalize(f, reply) => {
+                let mut header = AlignedBuf::new(meta::HEADER_LEN);
+                header.set_len(meta::HEADER_LEN);
+                header.copy_from_slice(&f.header);
+                match engine.write_here(&f.meta, 0, header) {
+                    Ok(()) => sealed.push((f, reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(io_err("write", &f.meta.path, e)));
+                    }
+                }
+            }
+        }
+    }
+    let synced = engine.sync_here(anchor);
+    for reply in commits {
+        let res = synced
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| (e.kind(), e.raw_os_error(), e.to_string()));
+        let _ = reply.send(res);
+    }
+    for (f, reply) in sealed {
+        let res = match &synced {
+            Err(e) => Err(io_err(
+                "fsync",
+                &f.meta.path,
+                match e.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(e.kind(), e.to_string()),
+                },
+            )),
+            Ok(()) => layout::move_replica(
+                root,
+                f.block,
+                f.genstamp,
+                ReplicaState::Rbw,
+                ReplicaState::Finalized,
+            ),
+        };
+        let _ = reply.send(res);
     }
 }

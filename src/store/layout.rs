@@ -33,12 +33,44 @@ pub(super) fn parse_name(name: &str) -> Option<(BlockId, GenStamp, bool)> {
     ))
 }
 
+/// The directory of `block`'s replica in `state`, under the store root: two levels of
+/// hex subdirectories from bits 16..24 and 8..16 of the id.
+pub(super) fn state_dir(root: &Path, state: ReplicaState, block: BlockId) -> PathBuf {
+    root.join(state.dir())
+        .join(format!("{:02x}", (block.0 >> 16) & 0xff))
+        .join(format!("{:02x}", (block.0 >> 8) & 0xff))
+}
+
+/// The data and meta file paths of a replica.
+pub(super) fn replica_paths(
+    root: &Path,
+    state: ReplicaState,
+    block: BlockId,
+    gs: GenStamp,
+) -> (PathBuf, PathBuf) {
+    let dir = state_dir(root, state, block);
+    let name = file_name(block, gs);
+    (dir.join(&name), dir.join(format!("{name}.meta")))
+}
+
+/// See [`Inner::move_replica`].
+pub(super) fn move_replica(
+    root: &Path,
+    block: BlockId,
+    gs: GenStamp,
+    from: ReplicaState,
+    to: ReplicaState,
+) -> Result<(), StoreError> {
+    let (od, om) = replica_paths(root, from, block, gs);
+    let (nd, nm) = replica_paths(root, to, block, gs);
+    in_dir(&state_dir(root, to, block), || fs::rename(&om, &nm))
+        .map_err(|e| io_err("rename", &om, e))?;
+    fs::rename(&od, &nd).map_err(|e| io_err("rename", &od, e))
+}
+
 impl Inner {
     pub(super) fn dir(&self, state: ReplicaState, block: BlockId) -> PathBuf {
-        self.root
-            .join(state.dir())
-            .join(format!("{:02x}", (block.0 >> 16) & 0xff))
-            .join(format!("{:02x}", (block.0 >> 8) & 0xff))
+        state_dir(&self.root, state, block)
     }
 
     pub(super) fn paths(
@@ -47,9 +79,7 @@ impl Inner {
         block: BlockId,
         gs: GenStamp,
     ) -> (PathBuf, PathBuf) {
-        let dir = self.dir(state, block);
-        let name = file_name(block, gs);
-        (dir.join(&name), dir.join(format!("{name}.meta")))
+        replica_paths(&self.root, state, block, gs)
     }
 
     pub(super) fn open_data(
@@ -79,8 +109,36 @@ impl Inner {
         o.open(path)
     }
 
+    /// Moves a replica's files from one state directory to another, meta first (a meta
+    /// file without its data is recovered as an empty replica; data without meta would
+    /// be unverifiable). The target directory is created only when a rename finds it
+    /// missing: the common case costs two renames and nothing else.
+    pub(super) fn move_replica(
+        &self,
+        block: BlockId,
+        gs: GenStamp,
+        from: ReplicaState,
+        to: ReplicaState,
+    ) -> Result<(), StoreError> {
+        move_replica(&self.root, block, gs, from, to)
+    }
+
     pub(super) fn uses_direct(&self, spec: ChecksumSpec) -> bool {
         self.direct_io && (spec.bytes_per_chunk() as usize).is_multiple_of(ALIGN)
+    }
+}
+
+/// Runs `op`, which creates an entry in `dir`; if it fails because `dir` is missing,
+/// creates `dir` (and its parents) and runs `op` once more. State directories are
+/// created on first use and never removed while the store runs, so this is one
+/// syscall where `create_dir_all` first would be three.
+pub(super) fn in_dir<T>(dir: &Path, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    match op() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir)?;
+            op()
+        }
+        other => other,
     }
 }
 

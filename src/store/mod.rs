@@ -267,7 +267,12 @@ impl BlockStore {
         // The group commit syncs the filesystem through a descriptor of the root
         // directory (not a dup of LOCK, which would share its flock).
         let anchor = File::open(&root).map_err(|e| io_err("open", &root, e))?;
-        let committer = commit::Committer::start(engine.clone(), engine.file(anchor, root.clone()));
+        let committer = commit::Committer::start(
+            engine.clone(),
+            engine.file(anchor, root.clone()),
+            root.clone(),
+        )
+        .map_err(|e| io_err("start committer", &root, e))?;
         let inner = Arc::new(Inner {
             root,
             engine,
@@ -418,14 +423,15 @@ impl BlockStore {
         let opened = blocking(move || {
             let (data_path, meta_path) = inner.paths(ReplicaState::Rbw, block, genstamp);
             let dir = inner.dir(ReplicaState::Rbw, block);
-            fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
-            let meta = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&meta_path)
-                .map_err(|e| io_err("create", &meta_path, e))?;
+            let meta = layout::in_dir(&dir, || {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&meta_path)
+            })
+            .map_err(|e| io_err("create", &meta_path, e))?;
             std::os::unix::fs::FileExt::write_all_at(&meta, &meta::encode_header(block, spec), 0)
                 .map_err(|e| io_err("write", &meta_path, e))?;
             let data = inner
@@ -653,16 +659,9 @@ impl BlockStore {
             }
         };
         let inner = self.inner.clone();
-        let result = blocking(move || {
-            let (od, om) = inner.paths(state, block, genstamp);
-            let (nd, nm) = inner.paths(ReplicaState::Corrupt, block, genstamp);
-            let dir = inner.dir(ReplicaState::Corrupt, block);
-            fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
-            fs::rename(&om, &nm).map_err(|e| io_err("rename", &om, e))?;
-            fs::rename(&od, &nd).map_err(|e| io_err("rename", &od, e))?;
-            Ok(())
-        })
-        .await;
+        let result =
+            blocking(move || inner.move_replica(block, genstamp, state, ReplicaState::Corrupt))
+                .await;
         match result {
             Ok(()) => {
                 tracing::error!(%block, %genstamp, "replica failed verification and is quarantined")

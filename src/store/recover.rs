@@ -159,11 +159,7 @@ fn recover_rbw(
     let len = verified_prefix(&dp, spec, &crcs)?;
     let file_len = fs::metadata(&dp).map_err(|e| io_err("stat", &dp, e))?.len();
     if sealed && len == file_len && crcs.len() as u64 == spec.chunks_for(len) {
-        let (fd, fm) = inner.paths(ReplicaState::Finalized, block, gs);
-        let fdir = inner.dir(ReplicaState::Finalized, block);
-        fs::create_dir_all(&fdir).map_err(|e| io_err("create", &fdir, e))?;
-        fs::rename(&mp, &fm).map_err(|e| io_err("rename", &mp, e))?;
-        fs::rename(&dp, &fd).map_err(|e| io_err("rename", &dp, e))?;
+        inner.move_replica(block, gs, ReplicaState::Rbw, ReplicaState::Finalized)?;
         tracing::info!(%block, %gs, len, "finished a sealed finalize");
         return Ok((ReplicaState::Finalized, len));
     }

@@ -2,7 +2,6 @@
 //! recovery, and finalize.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -523,42 +522,30 @@ impl ReplicaWriter {
                 needed: ReplicaState::Rbw,
             });
         }
-        // Sealed, then data and meta durable (one group commit), then the renames. The
-        // renames become durable with a later commit: until then a crash leaves a sealed
-        // `rbw` replica, which recovery finishes (see `meta`).
-        let mut header = aligned::AlignedBuf::new(meta::HEADER_LEN);
-        header.set_len(meta::HEADER_LEN);
-        header.copy_from_slice(&meta::encode_sealed_header(self.block, self.spec));
-        let inner = self.store.inner.clone();
-        inner
-            .engine
-            .write_at(&self.meta, 0, header)
-            .await
-            .0
-            .map_err(|e| io_err("write", &self.meta.path, e))?;
-        if let Err(e) = inner.committer.commit().await {
+        // Sealed, then data and meta durable (one group commit), then the renames, all
+        // on the committer's thread. The renames become durable with a later commit:
+        // until then a crash leaves a sealed `rbw` replica, which recovery finishes (see
+        // `meta`).
+        let block = self.block;
+        let done = self
+            .store
+            .inner
+            .committer
+            .finalize(super::commit::Finalize {
+                block,
+                genstamp: gs,
+                meta: self.meta.clone(),
+                header: meta::encode_sealed_header(block, self.spec),
+            })
+            .await;
+        if let Err(e) = done {
             // After a failed sync the page cache cannot be trusted to hold what was
-            // written (nor the seal to be absent): this writer is done.
-            let e = io_err("fsync", &self.data.path, e);
+            // written (nor the seal to be absent); sealed but not moved, the replica is
+            // never written through this writer again either.
             self.state().failed.get_or_insert_with(|| e.to_string());
             return Err(e);
         }
         let len = self.state().len;
-        let block = self.block;
-        let moved = blocking(move || {
-            let (rd, rm) = inner.paths(ReplicaState::Rbw, block, gs);
-            let (fd, fm) = inner.paths(ReplicaState::Finalized, block, gs);
-            let fdir = inner.dir(ReplicaState::Finalized, block);
-            fs::create_dir_all(&fdir).map_err(|e| io_err("create", &fdir, e))?;
-            fs::rename(&rm, &fm).map_err(|e| io_err("rename", &rm, e))?;
-            fs::rename(&rd, &fd).map_err(|e| io_err("rename", &rd, e))
-        })
-        .await;
-        if let Err(e) = moved {
-            // Sealed but not moved: never written through this writer again.
-            self.state().failed.get_or_insert_with(|| e.to_string());
-            return Err(e);
-        }
         if let Some(e) = self.store.index().get_mut(&block) {
             e.state = ReplicaState::Finalized;
             e.len = len;

@@ -11,19 +11,17 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::fs::File as UringFile;
 
-use super::{FileRef, Op};
+use super::{CloseQueue, FileRef, Op};
 
 type Cache = Rc<RefCell<HashMap<u64, Rc<UringFile>>>>;
 
 /// Starts one uring thread; fails if the ring cannot be created. Returns its op queue
-/// and its close channel.
-pub(super) fn spawn(
-    index: usize,
-    depth: usize,
-) -> io::Result<(mpsc::Sender<Op>, mpsc::UnboundedSender<u64>)> {
+/// and its close queue.
+pub(super) fn spawn(index: usize, depth: usize) -> io::Result<(mpsc::Sender<Op>, Arc<CloseQueue>)> {
     let (tx, rx) = mpsc::channel::<Op>(depth);
-    let (close_tx, close_rx) = mpsc::unbounded_channel::<u64>();
+    let closes = Arc::new(CloseQueue::default());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+    let thread_closes = closes.clone();
     std::thread::Builder::new()
         .name(format!("strait-uring-{index}"))
         .spawn(move || {
@@ -40,12 +38,21 @@ pub(super) fn spawn(
                     return;
                 }
             };
-            rt.block_on(run(rx, close_rx, depth));
+            rt.block_on(run(rx, thread_closes, depth));
         })?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok((tx, close_tx)),
+        Ok(Ok(())) => Ok((tx, closes)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::other("uring thread died during setup")),
+    }
+}
+
+/// Closes the handles of every file dropped so far.
+fn drain(closes: &CloseQueue, cache: &Cache) {
+    let mut c = cache.borrow_mut();
+    for key in closes.take() {
+        // In-flight ops hold their own Rc; the fd closes when the last goes.
+        c.remove(&key);
     }
 }
 
@@ -59,15 +66,21 @@ fn handle(cache: &Cache, file: &Arc<FileRef>) -> io::Result<Rc<UringFile>> {
     Ok(f)
 }
 
-async fn run(mut rx: mpsc::Receiver<Op>, mut closes: mpsc::UnboundedReceiver<u64>, depth: usize) {
+async fn run(mut rx: mpsc::Receiver<Op>, closes: Arc<CloseQueue>, depth: usize) {
     let cache: Cache = Rc::new(RefCell::new(HashMap::new()));
     let slots = Arc::new(Semaphore::new(depth));
+    // Handles of dropped files close at least this often, however idle the thread.
+    let mut tick = tokio::time::interval(super::CLOSE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let op = tokio::select! {
             biased;
-            Some(key) = closes.recv() => {
-                // In-flight ops hold their own Rc; the fd closes when the last goes.
-                cache.borrow_mut().remove(&key);
+            () = closes.wait_full() => {
+                drain(&closes, &cache);
+                continue;
+            }
+            _ = tick.tick() => {
+                drain(&closes, &cache);
                 continue;
             }
             op = rx.recv() => match op {
@@ -75,10 +88,8 @@ async fn run(mut rx: mpsc::Receiver<Op>, mut closes: mpsc::UnboundedReceiver<u64
                 None => break,
             },
         };
+        drain(&closes, &cache);
         if let Op::Barrier { reply } = op {
-            while let Ok(key) = closes.try_recv() {
-                cache.borrow_mut().remove(&key);
-            }
             let _ = reply.send(());
             continue;
         }
@@ -144,15 +155,9 @@ async fn execute(cache: &Cache, op: Op) {
             };
             let _ = reply.send((res, buf));
         }
-        Op::Sync { file, reply } => {
-            // io_uring has no syncfs: a blocking thread does it, off the ring's thread.
-            let res = tokio::task::spawn_blocking(move || {
-                rustix::fs::syncfs(&file.file).map_err(io::Error::from)
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
-            let _ = reply.send(res);
-        }
+        // io_uring has no syncfs; the group committer runs it on its own thread
+        // (`Engine::sync_here`) and never sends it here. Should one arrive, it runs.
+        op @ Op::Sync { .. } => super::psync::execute(op),
         Op::Barrier { reply } => {
             let _ = reply.send(());
         }
