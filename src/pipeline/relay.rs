@@ -166,7 +166,38 @@ enum Local {
     Complete(Complete),
 }
 
-type WriteTask = tokio::task::JoinHandle<Result<(), StoreError>>;
+/// The local write of one packet, started by [`Local::accept`].
+enum WriteTask {
+    /// Running as a task of its own, so that it overlaps with the packets after it.
+    Spawned(tokio::task::JoinHandle<Result<(), StoreError>>),
+    /// A block's only packet: nothing comes after it to overlap with, so the ack loop
+    /// runs the write itself (a spawn would cost a task and often a wake-up of another
+    /// runtime thread, per replica of every small block).
+    Inline(Option<std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>>),
+}
+
+impl WriteTask {
+    /// Waits for the write; `None` if its task died.
+    async fn wait(mut self) -> Option<Result<(), StoreError>> {
+        match &mut self {
+            WriteTask::Spawned(h) => h.await.ok(),
+            WriteTask::Inline(f) => Some(f.take()?.await),
+        }
+    }
+}
+
+impl Drop for WriteTask {
+    /// An inline write dropped before it ran (its pipeline was cancelled) still runs, on
+    /// its own: its range is reserved in the replica writer, which waits for every write
+    /// it reserved before it finalizes or recovers.
+    fn drop(&mut self) {
+        if let WriteTask::Inline(f) = self
+            && let Some(f) = f.take()
+        {
+            tokio::spawn(f);
+        }
+    }
+}
 
 impl Local {
     fn genstamp(&self) -> GenStamp {
@@ -188,7 +219,10 @@ impl Local {
         match self {
             Local::Write(w) => {
                 match w.try_write_owned(p.offset, p.payload.clone(), p.crcs.clone(), durability) {
-                    Ok(fut) => Ok(Some(tokio::spawn(fut))),
+                    Ok(fut) if p.flags.last && p.offset == 0 => {
+                        Ok(Some(WriteTask::Inline(Some(Box::pin(fut)))))
+                    }
+                    Ok(fut) => Ok(Some(WriteTask::Spawned(tokio::spawn(fut)))),
                     Err(e) => {
                         tracing::warn!(block = %w.block(), seq = p.seq, error = %e, "packet refused");
                         Err(Status::from(&e))
@@ -658,13 +692,13 @@ async fn ack_loop(
             break;
         };
         let mut local_status = match p.write {
-            Ok(Some(h)) => match h.await {
-                Ok(Ok(())) => Status::Success,
-                Ok(Err(e)) => {
+            Ok(Some(h)) => match h.wait().await {
+                Some(Ok(())) => Status::Success,
+                Some(Err(e)) => {
                     tracing::warn!(%block, error = %e, "local write failed");
                     Status::from(&e)
                 }
-                Err(_) => Status::DiskError,
+                None => Status::DiskError,
             },
             Ok(None) => Status::Success,
             Err(s) => s,
@@ -787,7 +821,7 @@ async fn drained(mut r: FrameReader<Source>, limit: Duration) {
 /// Waits for a local write that no ack loop will see.
 async fn land(write: Result<Option<WriteTask>, Status>) {
     if let Ok(Some(h)) = write {
-        let _ = h.await;
+        let _ = h.wait().await;
     }
 }
 
