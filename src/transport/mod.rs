@@ -823,7 +823,7 @@ impl Transport {
                 .map_err(|e| connect_err(e.to_string()))?;
             tune_tcp(&tcp, &self.inner.config);
             connector
-                .connect(server_name, tcp)
+                .connect(server_name, reuse::buffered(tcp))
                 .await
                 .map_err(|e| connect_err(e.to_string()))
         };
@@ -1126,7 +1126,8 @@ async fn accept_tcp(
         let (t, tx, acceptor) = (t.clone(), tx.clone(), acceptor.clone());
         tokio::spawn(async move {
             let after = t.inner.config.connect_timeout;
-            let tls = match tokio::time::timeout(after, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(after, acceptor.accept(reuse::buffered(tcp))).await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::warn!(%remote, error = %e, "TLS handshake from a peer failed");

@@ -31,7 +31,21 @@ use super::framed::{ByteSink, EndMarks};
 use crate::wire;
 
 /// A TLS-over-TCP connection (either side).
-pub(crate) type TlsTcp = tokio_rustls::TlsStream<TcpStream>;
+pub(crate) type TlsTcp = tokio_rustls::TlsStream<BufferedTcp>;
+
+/// The socket under TLS, read through a buffer: rustls reads at most 4 KiB per call
+/// (its deframer grows in 4 KiB steps), which on a bare socket is a `recvfrom` per 4 KiB
+/// (256 for one 1 MiB packet, 16 for a 64 KiB one). The buffer takes whatever the socket
+/// holds in one call and serves rustls from memory. Writes pass straight through.
+pub(crate) type BufferedTcp = tokio::io::BufReader<TcpStream>;
+
+/// Bytes one read from a TCP socket may take.
+const TCP_READ_BUF: usize = 256 << 10;
+
+/// Wraps a connected socket for TLS.
+pub(crate) fn buffered(tcp: TcpStream) -> BufferedTcp {
+    tokio::io::BufReader::with_capacity(TCP_READ_BUF, tcp)
+}
 
 /// The acceptor's word that it keeps the connection for the opener's next stream: sent
 /// after its own end mark, once both halves of its stream are whole again.
@@ -326,7 +340,12 @@ pub(crate) async fn await_next(
 /// Whether an idle connection still looks open: nothing to read, no FIN, no error (a
 /// peer that closed or restarted has sent a FIN or a reset by now).
 pub(crate) fn looks_open(conn: &TlsTcp) -> bool {
-    let tcp = conn.get_ref().0;
+    let buffered = conn.get_ref().0;
+    if !buffered.buffer().is_empty() {
+        // Bytes after the stream's end: not a connection to reuse.
+        return false;
+    }
+    let tcp = buffered.get_ref();
     let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     matches!(
         socket2::SockRef::from(tcp).peek(&mut byte),
