@@ -443,7 +443,7 @@ impl BlockStore {
         match opened {
             Ok((data, data_path, meta, meta_path)) => {
                 let engine = &self.inner.engine;
-                let (data, meta) = (engine.file(data, data_path), engine.file(meta, meta_path));
+                let (data, meta) = engine.pair((data, data_path), (meta, meta_path));
                 Ok(ReplicaWriter::new(
                     self.clone(),
                     block,
@@ -510,8 +510,7 @@ impl BlockStore {
             Ok(((data, data_path), (meta, meta_path), spec))
         })
         .await?;
-        let engine = &self.inner.engine;
-        let (data, meta) = (engine.file(data.0, data.1), engine.file(meta.0, meta.1));
+        let (data, meta) = self.inner.engine.pair(data, meta);
         Ok(ReplicaWriter::new(
             self.clone(),
             block,

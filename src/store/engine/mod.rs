@@ -72,6 +72,8 @@ static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub(crate) struct FileRef {
     key: u64,
+    /// Which uring thread serves the file (modulo the threads).
+    lane: usize,
     pub(crate) file: File,
     pub(crate) path: PathBuf,
     /// Tells the file's uring thread to drop its cached handle.
@@ -278,14 +280,33 @@ impl Engine {
 
     /// Wraps an open file for IO through this engine.
     pub(crate) fn file(&self, file: File, path: PathBuf) -> Arc<FileRef> {
+        self.file_in_lane(file, path, None)
+    }
+
+    /// Wraps a replica's data and meta files, both served by the same IO thread: a
+    /// packet's data and checksum writes, issued together, then wake one thread, not two.
+    pub(crate) fn pair(
+        &self,
+        data: (File, PathBuf),
+        meta: (File, PathBuf),
+    ) -> (Arc<FileRef>, Arc<FileRef>) {
+        let data = self.file(data.0, data.1);
+        let meta = self.file_in_lane(meta.0, meta.1, Some(data.lane));
+        (data, meta)
+    }
+
+    /// `lane`: the thread of another file to share (default: files spread by key).
+    fn file_in_lane(&self, file: File, path: PathBuf, lane: Option<usize>) -> Arc<FileRef> {
         let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+        let lane = lane.unwrap_or(key as usize);
         let closer = match self.inner.closers.len() {
             0 => None,
-            n => Some(self.inner.closers[key as usize % n].clone()),
+            n => Some(self.inner.closers[lane % n].clone()),
         };
         self.inner.open.fetch_add(1, Ordering::Relaxed);
         Arc::new(FileRef {
             key,
+            lane,
             file,
             path,
             closer,
@@ -302,7 +323,7 @@ impl Engine {
         let w = &self.inner.workers;
         let i = match self.inner.backend {
             // uring threads cache per-file handles: keep a file on one thread.
-            BackendKind::Uring => file.key as usize % w.len(),
+            BackendKind::Uring => file.lane % w.len(),
             // psync threads are interchangeable: spread the load.
             _ => self.inner.next.fetch_add(1, Ordering::Relaxed) % w.len(),
         };
@@ -415,3 +436,41 @@ mod psync;
 mod uring;
 
 pub(crate) use faulty::FaultPlan;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(dir: &std::path::Path, name: &str) -> (File, PathBuf) {
+        let path = dir.join(name);
+        (File::create(&path).unwrap(), path)
+    }
+
+    #[test]
+    fn a_replicas_two_files_share_one_io_thread() {
+        let dir = std::env::temp_dir().join(format!("strait-engine-lanes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let engine = Engine::start(
+            BackendKind::Psync,
+            EngineConfig {
+                threads: 3,
+                depth: 4,
+                faults: None,
+            },
+        )
+        .unwrap()
+        .0;
+        for i in 0..10 {
+            let (data, meta) = engine.pair(
+                temp_file(&dir, &format!("d{i}")),
+                temp_file(&dir, &format!("m{i}")),
+            );
+            assert_eq!(data.lane, meta.lane, "pair {i}");
+            assert_ne!(
+                data.key, meta.key,
+                "keys stay unique (each has its own handle)"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
