@@ -147,6 +147,28 @@ pub fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Context switches so far of every live thread of this process (voluntary and not):
+/// each is a thread hand-off or a preemption. Counted, so steadier across runs than
+/// timings on a shared machine; per block it shows how many thread hops a block costs.
+/// Threads that exited are not counted (a run's IO and runtime threads live throughout).
+pub fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let count = |status: &str, key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|s| count(&s, "voluntary_ctxt_switches:") + count(&s, "nonvoluntary_ctxt_switches:"))
+        .sum()
+}
+
 /// Wall time, CPU time and bytes of one measured phase.
 #[derive(Debug, Clone, Copy)]
 pub struct Phase {

@@ -151,6 +151,8 @@ struct RunLatency {
     setups: Latency,
     /// From the last write to `close` returning (every replica final and acked).
     closes: Latency,
+    /// Context switches of the whole process during the run (every node's threads).
+    switches: u64,
 }
 
 /// How long one block took: set up, whole.
@@ -192,6 +194,7 @@ async fn run_blocks(
         .map(|i| BlockId(first_block + i))
         .collect();
     let total = (p.blocks * p.block_size) as u64;
+    let switches0 = super::context_switches();
     let (phase, res) = Phase::measure(
         total,
         write_blocks(
@@ -205,7 +208,9 @@ async fn run_blocks(
         ),
     )
     .await;
-    Ok((phase, res?))
+    let mut lat = res?;
+    lat.switches = super::context_switches().saturating_sub(switches0);
+    Ok((phase, lat))
 }
 
 /// Writes one block; its packet-ack latencies and how long its stages took.
@@ -288,6 +293,7 @@ async fn write_blocks(
         blocks,
         setups,
         closes,
+        switches: 0,
     })
 }
 
@@ -456,12 +462,14 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
     let (link, single, _, full, fl) = rows.first().ok_or("no link measured")?;
     let acked = fl.acks.count() > 0;
     println!(
-        "{} {link}: pipeline setup p50 {} us p99 {} us; close (last packet to every replica final) p50 {} us p99 {} us",
+        "{} {link}: pipeline setup p50 {} us p99 {} us; close (last packet to every replica final) p50 {} us p99 {} us; {:.1} context switches per block (single hop {:.1})",
         p.spec,
         fl.setups.at(0.5),
         fl.setups.at(0.99),
         fl.closes.at(0.5),
-        fl.closes.at(0.99)
+        fl.closes.at(0.99),
+        fl.switches as f64 / p.blocks.max(1) as f64,
+        rows[0].2.switches as f64 / p.blocks.max(1) as f64,
     );
     let mut out = json!({
         "scenario": "pipeline",
@@ -489,6 +497,7 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         "close_p50_us": fl.closes.at(0.5),
         "close_p99_us": fl.closes.at(0.99),
         "cpu_s_per_gb": r3(full.cpu_s_per_gb()),
+        "switches_per_block": r3(fl.switches as f64 / p.blocks.max(1) as f64),
         "tcp_connects": handshakes[0].0,
         "tcp_reused": handshakes[0].1,
     });
