@@ -173,8 +173,10 @@ enum WriteTask {
     /// A block's only packet: nothing comes after it to overlap with, so the ack loop
     /// runs the write itself (a spawn would cost a task and often a wake-up of another
     /// runtime thread, per replica of every small block).
-    Inline(Option<std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>>),
+    Inline(Option<WriteFuture>),
 }
+
+type WriteFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 impl WriteTask {
     /// Waits for the write; `None` if its task died.
