@@ -533,7 +533,10 @@ async fn relay(
     let names =
         |v: &[String]| -> Vec<NodeId> { v.iter().filter_map(|n| topo.node_by_name(n)).collect() };
     let siblings = (names(&req.replicas), names(&req.lost));
-    let acker = tokio::spawn(ack_loop(
+    // The ack loop runs beside the receive loop in this task (joined, not spawned): a
+    // task per relay and block, and the wake-up of another runtime thread it often cost,
+    // were a large part of what a small block cost.
+    let acker = ack_loop(
         svc.clone(),
         local.clone(),
         siblings,
@@ -543,114 +546,115 @@ async fn relay(
         targets.len(),
         queue,
         cancel.clone(),
-    ));
+    );
 
     // Receive, verify, forward, write.
-    let mut down_w = down_w;
-    let mut received = false;
-    let mut abandoned = None;
-    loop {
-        let p = match unless_cancelled(cancel, up_r.recv()).await {
-            Some(Ok(Some(Frame::Packet(p)))) => p,
-            // The only frame an upstream hop sends besides packets: see `abandon`.
-            Some(Ok(Some(Frame::Error(e)))) if !received => {
-                abandoned = Some(e.status);
-                break;
-            }
-            // Upstream ended, broke, sent something else, or a newer pipeline took over.
-            _ => break,
-        };
-        received = true;
-        shared
-            .metrics
-            .pipeline_received_bytes
-            .add(up_tier, p.payload.len() as u64);
-        shared
-            .metrics
-            .peers
-            .received(up_peer, p.payload.len() as u64);
-        let last = p.flags.last;
-        let seq = p.seq;
-        // The last packet needs no fdatasync of its own: finalize fsyncs the replica.
-        let durability = if p.flags.sync {
-            Durability::Sync
-        } else {
-            Durability::Buffered
-        };
-        // A packet that crossed the DCI may be compressed: expand it (bounded) first.
-        let p = match crate::dci::compress::decompress(p) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(%block, seq, error = %e, "undecodable compressed packet");
-                let _ = tx
-                    .send(Pending {
-                        seq,
-                        last,
-                        write: Err(Status::ChecksumError),
-                    })
-                    .await;
-                break;
-            }
-        };
-        // Checksums are verified here, before anything is forwarded or written.
-        let write = local.accept(&p, durability);
-        let bad = write.is_err();
-        if !bad && let (Some(w), Some(&next)) = (down_w.as_mut(), targets.first()) {
-            let len = p.payload.len() as u64;
-            // Across the DCI: compressed when that pays, admitted by the governor.
-            let forwarded = unless_cancelled(cancel, async {
-                let p = shared
-                    .dci
-                    .govern_packet(
-                        next,
-                        req.class,
-                        req.spot,
-                        req.compression,
-                        p,
-                        &shared.metrics,
-                    )
-                    .await;
-                w.send(&Frame::Packet(p)).await
-            })
-            .await;
-            match forwarded {
-                Some(Ok(())) => {
-                    if let Some(t) = down_tier {
-                        shared.metrics.pipeline_sent_bytes.add(t, len);
-                        shared.metrics.peers.sent(next, len);
+    let receive = async {
+        let mut down_w = down_w;
+        let mut received = false;
+        let mut abandoned = None;
+        loop {
+            let p = match unless_cancelled(cancel, up_r.recv()).await {
+                Some(Ok(Some(Frame::Packet(p)))) => p,
+                // The only frame an upstream hop sends besides packets: see `abandon`.
+                Some(Ok(Some(Frame::Error(e)))) if !received => {
+                    abandoned = Some(e.status);
+                    break;
+                }
+                // Upstream ended, broke, sent something else, or a newer pipeline took over.
+                _ => break,
+            };
+            received = true;
+            shared
+                .metrics
+                .pipeline_received_bytes
+                .add(up_tier, p.payload.len() as u64);
+            shared
+                .metrics
+                .peers
+                .received(up_peer, p.payload.len() as u64);
+            let last = p.flags.last;
+            let seq = p.seq;
+            // The last packet needs no fdatasync of its own: finalize fsyncs the replica.
+            let durability = if p.flags.sync {
+                Durability::Sync
+            } else {
+                Durability::Buffered
+            };
+            // A packet that crossed the DCI may be compressed: expand it (bounded) first.
+            let p = match crate::dci::compress::decompress(p) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%block, seq, error = %e, "undecodable compressed packet");
+                    let _ = tx
+                        .send(Pending {
+                            seq,
+                            last,
+                            write: Err(Status::ChecksumError),
+                        })
+                        .await;
+                    break;
+                }
+            };
+            // Checksums are verified here, before anything is forwarded or written.
+            let write = local.accept(&p, durability);
+            let bad = write.is_err();
+            if !bad && let (Some(w), Some(&next)) = (down_w.as_mut(), targets.first()) {
+                let len = p.payload.len() as u64;
+                // Across the DCI: compressed when that pays, admitted by the governor.
+                let forwarded = unless_cancelled(cancel, async {
+                    let p = shared
+                        .dci
+                        .govern_packet(
+                            next,
+                            req.class,
+                            req.spot,
+                            req.compression,
+                            p,
+                            &shared.metrics,
+                        )
+                        .await;
+                    w.send(&Frame::Packet(p)).await
+                })
+                .await;
+                match forwarded {
+                    Some(Ok(())) => {
+                        if let Some(t) = down_tier {
+                            shared.metrics.pipeline_sent_bytes.add(t, len);
+                            shared.metrics.peers.sent(next, len);
+                        }
+                    }
+                    // The ack loop sees the broken stream and reports it.
+                    Some(Err(_)) => down_w = None,
+                    None => {
+                        land(write).await;
+                        break;
                     }
                 }
-                // The ack loop sees the broken stream and reports it.
-                Some(Err(_)) => down_w = None,
-                None => {
+            }
+            // Hand the packet to the ack loop; a write that cannot be handed over lands here,
+            // so that no write of this relay outlives it.
+            match unless_cancelled(cancel, tx.reserve()).await {
+                Some(Ok(slot)) => slot.send(Pending { seq, last, write }),
+                _ => {
                     land(write).await;
                     break;
                 }
             }
-        }
-        // Hand the packet to the ack loop; a write that cannot be handed over lands here,
-        // so that no write of this relay outlives it.
-        match unless_cancelled(cancel, tx.reserve()).await {
-            Some(Ok(slot)) => slot.send(Pending { seq, last, write }),
-            _ => {
-                land(write).await;
+            if bad || last {
                 break;
             }
         }
-        if bad || last {
-            break;
+        drop(tx);
+        if let Some(mut w) = down_w {
+            if let Some(status) = abandoned {
+                abandon(&mut w, status).await;
+            }
+            let _ = unless_cancelled(cancel, w.finish()).await;
         }
-    }
-    drop(tx);
-    if let Some(mut w) = down_w {
-        if let Some(status) = abandoned {
-            abandon(&mut w, status).await;
-        }
-        let _ = unless_cancelled(cancel, w.finish()).await;
-    }
-    let Ok((mut up_w, down_r)) = acker.await else {
-        return;
+        abandoned
     };
+    let (abandoned, (mut up_w, down_r)) = tokio::join!(receive, acker);
     // Set up for nothing: an upstream hop could not open its own replica. The new
     // replica nobody will write to is removed, as a refused setup's is, once the hops
     // after this one removed theirs; upstream hears the end of this stream only then.
