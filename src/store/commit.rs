@@ -26,9 +26,6 @@ use super::engine::{Engine, FileRef};
 use super::{ReplicaState, StoreError, io_err, layout, meta};
 use crate::block::{BlockId, GenStamp};
 
-/// What a commit reports: the error of the `syncfs` that covered the caller.
-type SyncResult = Result<(), (io::ErrorKind, Option<i32>, String)>;
-
 /// A replica to finalize in the next batch.
 pub(super) struct Finalize {
     pub(super) block: BlockId,
@@ -39,7 +36,7 @@ pub(super) struct Finalize {
 }
 
 enum Job {
-    Commit(oneshot::Sender<SyncResult>),
+    Commit(oneshot::Sender<io::Result<()>>),
     Finalize(Finalize, oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -83,11 +80,7 @@ impl Committer {
             .send(Job::Commit(reply))
             .await
             .map_err(|_| stopped())?;
-        match rx.await.map_err(|_| stopped())? {
-            Ok(()) => Ok(()),
-            Err((_, Some(code), _)) => Err(io::Error::from_raw_os_error(code)),
-            Err((kind, None, msg)) => Err(io::Error::new(kind, msg)),
-        }
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Seals the replica, makes it durable with everything written before this call, and
@@ -125,23 +118,20 @@ fn run_batch(engine: &Engine, anchor: &Arc<FileRef>, root: &Path, batch: Vec<Job
         }
     }
     let synced = engine.sync_here(anchor);
+    // Every waiter gets its own copy of the one sync's error (io::Error is not Clone).
+    let outcome = || match &synced {
+        Ok(()) => Ok(()),
+        Err(e) => Err(match e.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(e.kind(), e.to_string()),
+        }),
+    };
     for reply in commits {
-        let res = synced
-            .as_ref()
-            .map(|_| ())
-            .map_err(|e| (e.kind(), e.raw_os_error(), e.to_string()));
-        let _ = reply.send(res);
+        let _ = reply.send(outcome());
     }
     for (f, reply) in sealed {
-        let res = match &synced {
-            Err(e) => Err(io_err(
-                "fsync",
-                &f.meta.path,
-                match e.raw_os_error() {
-                    Some(code) => io::Error::from_raw_os_error(code),
-                    None => io::Error::new(e.kind(), e.to_string()),
-                },
-            )),
+        let res = match outcome() {
+            Err(e) => Err(io_err("fsync", &f.meta.path, e)),
             Ok(()) => layout::move_replica(
                 root,
                 f.block,
