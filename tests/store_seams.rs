@@ -165,6 +165,47 @@ async fn finalize_waits_for_one_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalizes_that_queue_behind_a_slow_sync_share_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let store = open(dir.path(), Some(&plan)).await;
+    // The first sync takes a second (a slow disk); every later one is only counted.
+    plan.add(FaultRule::new(FaultOp::Sync, Fault::Delay(Duration::from_secs(1))).times(1));
+    plan.add(FaultRule::new(FaultOp::Sync, Fault::Delay(Duration::ZERO)));
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { write_block(&store, BlockId(1), &pattern(1, 65_536)).await })
+    };
+    // Wait (bounded) until that sync has started.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while plan.injected() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first sync never started"
+        );
+        tokio::task::yield_now().await;
+    }
+    // Eight more replicas finalize while it runs: they wait for the next sync, together.
+    let rest: Vec<_> = (2..10u64)
+        .map(|b| {
+            let store = store.clone();
+            tokio::spawn(async move { write_block(&store, BlockId(b), &pattern(b, 65_536)).await })
+        })
+        .collect();
+    first.await.unwrap().unwrap();
+    for r in rest {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(plan.injected(), 2, "nine finalizes, two syncs");
+    for b in 1..10u64 {
+        assert_eq!(
+            store.get(BlockId(b)).unwrap().state,
+            ReplicaState::Finalized
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_cut_recovers_to_the_prefix_that_reached_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let plan = FaultPlan::new();
