@@ -754,6 +754,7 @@ impl Decoder {
             }),
         }
     }
+    /// A byte that must be 0 (false) or 1 (true).
     fn flag(&mut self, what: &'static str) -> Result<bool, WireError> {
         match self.u8(what)? {
             0 => Ok(false),
@@ -837,16 +838,7 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
                     }
                     o.pop()
                 },
-                resume: match r.u8("resume")? {
-                    0 => false,
-                    1 => true,
-                    v => {
-                        return Err(WireError::BadValue {
-                            what: "resume",
-                            value: u64::from(v),
-                        });
-                    }
-                },
+                resume: r.flag("resume")?,
                 replicas: r.names()?,
                 lost: r.names()?,
             })
@@ -923,16 +915,7 @@ pub fn decode_body(body: Bytes) -> Result<Frame, WireError> {
             status: Status::from_u8(r.u8("status")?)?,
             replica_len: r.block_offset("replica length")?,
             checksum: r.spec()?,
-            finalized: match r.u8("finalized")? {
-                0 => false,
-                1 => true,
-                v => {
-                    return Err(WireError::BadValue {
-                        what: "finalized",
-                        value: u64::from(v),
-                    });
-                }
-            },
+            finalized: r.flag("finalized")?,
         }),
         T_COPY => Frame::CopyBlock(CopyBlock {
             block: BlockId(r.u64("block")?),

@@ -191,12 +191,14 @@ impl WriteTask {
 impl Drop for WriteTask {
     /// An inline write dropped before it ran (its pipeline was cancelled) still runs, on
     /// its own: its range is reserved in the replica writer, which waits for every write
-    /// it reserved before it finalizes or recovers.
+    /// it reserved before it finalizes or recovers. (Dropped outside a runtime, as when
+    /// the runtime itself is going away, there is nothing left to run it on.)
     fn drop(&mut self) {
         if let WriteTask::Inline(f) = self
             && let Some(f) = f.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            tokio::spawn(f);
+            rt.spawn(f);
         }
     }
 }

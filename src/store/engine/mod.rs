@@ -283,8 +283,9 @@ impl Engine {
         self.file_in_lane(file, path, None)
     }
 
-    /// Wraps a replica's data and meta files, both served by the same IO thread: a
-    /// packet's data and checksum writes, issued together, then wake one thread, not two.
+    /// Wraps a replica's data and meta files in one lane: with the uring backend both are
+    /// served by the same ring thread, so a packet's data and checksum writes, issued
+    /// together, wake one thread, not two. (psync threads take any file's ops.)
     pub(crate) fn pair(
         &self,
         data: (File, PathBuf),
@@ -448,8 +449,8 @@ mod tests {
 
     #[test]
     fn a_replicas_two_files_share_one_io_thread() {
-        let dir = std::env::temp_dir().join(format!("strait-engine-lanes-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let engine = Engine::start(
             BackendKind::Psync,
             EngineConfig {
@@ -462,8 +463,8 @@ mod tests {
         .0;
         for i in 0..10 {
             let (data, meta) = engine.pair(
-                temp_file(&dir, &format!("d{i}")),
-                temp_file(&dir, &format!("m{i}")),
+                temp_file(dir, &format!("d{i}")),
+                temp_file(dir, &format!("m{i}")),
             );
             assert_eq!(data.lane, meta.lane, "pair {i}");
             assert_ne!(
@@ -471,6 +472,5 @@ mod tests {
                 "keys stay unique (each has its own handle)"
             );
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
