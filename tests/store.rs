@@ -487,6 +487,114 @@ async fn sealed_replica_left_in_rbw_is_finished(backend: BackendKind) {
     }
 }
 
+/// A replica's last write and its finalize in one step (the committer writes the data,
+/// cuts a padded tail, writes the checksums, seals, syncs and moves it): whole blocks
+/// of every size in one write, a last write after earlier ones, and a last write that
+/// rewrites a partial last chunk longer. Each reads back whole, after a reopen too.
+async fn last_write_and_finalize_in_one_step(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChecksumSpec::default();
+    let sizes = [
+        0usize,
+        1,
+        4095,
+        4096,
+        4097,
+        65_536,
+        65_536 + 1,
+        (1 << 20) + 123,
+    ];
+    let mut expect = Vec::new();
+    {
+        let store = open(dir.path(), backend).await;
+        for (i, &size) in sizes.iter().enumerate() {
+            let block = BlockId(200 + i as u64);
+            let data = bytes::Bytes::from(pattern(200 + i as u64, size));
+            let w = std::sync::Arc::new(store.create(block, GS, spec).await.unwrap());
+            let last = w
+                .reserve_owned(0, data.clone(), spec.checksums(&data))
+                .unwrap();
+            assert_eq!(last.write_and_finalize().await.unwrap(), size as u64);
+            let info = store.get(block).unwrap();
+            assert_eq!(
+                (info.state, info.len),
+                (ReplicaState::Finalized, size as u64)
+            );
+            // Finalized: nothing more is written through it.
+            let one = bytes::Bytes::from_static(b"x");
+            let more = w.reserve_owned(size as u64, one.clone(), spec.checksums(&one));
+            assert!(more.is_err(), "size {size}: a write after the final one");
+            assert_eq!(read_all(&store, block, GS).await, data, "size {size}");
+            expect.push((block, data.to_vec()));
+        }
+        // Earlier writes, then the last one: appended after them.
+        let data = pattern(300, 3 * 65_536 + 100);
+        let w = std::sync::Arc::new(store.create(BlockId(300), GS, spec).await.unwrap());
+        write_all(&w, &data[..2 * 65_536], 65_536, Durability::Buffered).await;
+        let tail = bytes::Bytes::copy_from_slice(&data[2 * 65_536..]);
+        let last = w
+            .reserve_owned(2 * 65_536, tail.clone(), spec.checksums(&tail))
+            .unwrap();
+        assert_eq!(last.write_and_finalize().await.unwrap(), data.len() as u64);
+        expect.push((BlockId(300), data));
+        // A partial last chunk rewritten longer by the last write: ordered data, cut,
+        // checksum.
+        let data = pattern(301, 9000);
+        let w = std::sync::Arc::new(store.create(BlockId(301), GS, spec).await.unwrap());
+        write_all(&w, &data[..5000], 65_536, Durability::Buffered).await;
+        let tail = bytes::Bytes::copy_from_slice(&data[4096..]);
+        let last = w
+            .reserve_owned(4096, tail.clone(), spec.checksums(&tail))
+            .unwrap();
+        assert_eq!(last.write_and_finalize().await.unwrap(), 9000);
+        expect.push((BlockId(301), data));
+        for (block, data) in &expect {
+            assert_eq!(&read_all(&store, *block, GS).await, data, "{block}");
+        }
+    }
+    let store = open(dir.path(), backend).await;
+    for (block, data) in &expect {
+        let info = store.get(*block).unwrap();
+        assert_eq!(
+            (info.state, info.len),
+            (ReplicaState::Finalized, data.len() as u64)
+        );
+        assert_eq!(
+            &read_all(&store, *block, GS).await,
+            data,
+            "{block} after a reopen"
+        );
+    }
+}
+
+/// A reserved write dropped before it ran still lands (as a plain write) when a runtime
+/// is there to run it, so the replica finalizes whole; with no runtime it fails the
+/// writer instead of leaving its finalize waiting forever, and a recovery's truncate
+/// makes the writer usable again.
+async fn reserved_write_dropped_unrun(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), backend).await;
+    let spec = ChecksumSpec::default();
+    let data = bytes::Bytes::from(pattern(400, 65_536));
+    let crcs = spec.checksums(&data);
+
+    let w = std::sync::Arc::new(store.create(BlockId(400), GS, spec).await.unwrap());
+    drop(w.reserve_owned(0, data.clone(), crcs.clone()).unwrap());
+    assert_eq!(w.finalize().await.unwrap(), 65_536);
+    assert_eq!(read_all(&store, BlockId(400), GS).await, data);
+
+    let w = std::sync::Arc::new(store.create(BlockId(401), GS, spec).await.unwrap());
+    let reserved = w.reserve_owned(0, data.clone(), crcs.clone()).unwrap();
+    std::thread::spawn(move || drop(reserved)).join().unwrap();
+    let e = w.finalize().await.unwrap_err();
+    assert!(matches!(e, StoreError::WriterFailed { .. }), "{e}");
+    assert!(e.to_string().contains("dropped before it ran"), "{e}");
+    w.truncate_to(0).await.unwrap();
+    let last = w.reserve_owned(0, data.clone(), crcs).unwrap();
+    assert_eq!(last.write_and_finalize().await.unwrap(), 65_536);
+    assert_eq!(read_all(&store, BlockId(401), GS).await, data);
+}
+
 async fn second_open_is_locked(backend: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let _store = open(dir.path(), backend).await;
@@ -539,4 +647,6 @@ conformance!(
     interrupted_finalize_is_finished,
     sealed_replica_left_in_rbw_is_finished,
     second_open_is_locked,
+    last_write_and_finalize_in_one_step,
+    reserved_write_dropped_unrun,
 );

@@ -145,6 +145,52 @@ async fn failed_sync_at_finalize_leaves_the_replica_unfinalized() {
     assert_eq!(store.get(BlockId(5)).unwrap().state, ReplicaState::Rbw);
 }
 
+/// A small block's only write done by the committer with its finalize: a full disk on
+/// that write is a typed error, nothing is sealed, synced or moved, the replica stays in
+/// `rbw`, and the other replicas of the batch are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_on_a_last_write_done_with_its_finalize() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let store = open(dir.path(), Some(&plan)).await;
+    let spec = ChecksumSpec::default();
+    plan.add(
+        FaultRule::new(FaultOp::Write, Fault::ShortWrite(4096))
+            .on_file("blk_6_1")
+            .times(1),
+    );
+    let (bad, good) = (
+        bytes::Bytes::from(pattern(6, 65_536)),
+        bytes::Bytes::from(pattern(7, 65_536)),
+    );
+    let wb = std::sync::Arc::new(store.create(BlockId(6), GS, spec).await.unwrap());
+    let wg = std::sync::Arc::new(store.create(BlockId(7), GS, spec).await.unwrap());
+    let b = wb
+        .reserve_owned(0, bad.clone(), spec.checksums(&bad))
+        .unwrap();
+    let g = wg
+        .reserve_owned(0, good.clone(), spec.checksums(&good))
+        .unwrap();
+    let (rb, rg) = tokio::join!(b.write_and_finalize(), g.write_and_finalize());
+    let err = rb.unwrap_err();
+    assert!(matches!(err, StoreError::NoSpace { .. }), "{err}");
+    assert_eq!(store.get(BlockId(6)).unwrap().state, ReplicaState::Rbw);
+    let again = wb.finalize().await.unwrap_err();
+    assert!(matches!(again, StoreError::WriterFailed { .. }), "{again}");
+    assert_eq!(rg.unwrap(), 65_536);
+    assert_eq!(read_all(&store, BlockId(7)).await.unwrap(), good.to_vec());
+    drop((wb, wg, store));
+    // Reopened: the failed replica was never sealed, so recovery keeps it in rbw at the
+    // prefix its checksums cover (none were written).
+    let store = open(dir.path(), None).await;
+    let info = store.get(BlockId(6)).unwrap();
+    assert_eq!((info.state, info.len), (ReplicaState::Rbw, 0));
+    assert_eq!(
+        store.get(BlockId(7)).unwrap().state,
+        ReplicaState::Finalized
+    );
+}
+
 /// One durability wait per replica: finalize makes data, meta and the seal durable with
 /// one group commit and does not wait for a second one after its renames.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,9 @@ use super::{Pipelines, SETUP_SEQ, setup_exchange, window_for};
 use crate::block::{BlockId, ChecksumSpec, GenStamp};
 use crate::context::{NodeContext, SiblingSet};
 use crate::replication::ReplicationQueue;
-use crate::store::{BlockStore, Durability, ReplicaState, ReplicaWriter, StoreError};
+use crate::store::{
+    BlockStore, Durability, ReplicaState, ReplicaWriter, ReservedWrite, StoreError,
+};
 use crate::topology::NodeId;
 use crate::transport::{FrameReader, FrameWriter, Sink, Source, Stream};
 use crate::wire::{Ack, ErrorFrame, Frame, Packet, Status, TrafficClass, WriteBlock};
@@ -171,35 +173,27 @@ enum WriteTask {
     /// Running as a task of its own, so that it overlaps with the packets after it.
     Spawned(tokio::task::JoinHandle<Result<(), StoreError>>),
     /// A block's only packet: nothing comes after it to overlap with, so the ack loop
-    /// runs the write itself (a spawn would cost a task and often a wake-up of another
-    /// runtime thread, per replica of every small block).
-    Inline(Option<WriteFuture>),
+    /// runs it, and as the replica's last write: the store's committer writes it and
+    /// finalizes the replica in one hand-off (a spawned write would cost a task, a
+    /// wake-up of another runtime thread and a round trip through an IO thread, per
+    /// replica of every small block). Dropped unrun (its pipeline was cancelled), the
+    /// reserved write runs on its own, as a plain write.
+    Final(Option<ReservedWrite>),
 }
-
-type WriteFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 impl WriteTask {
-    /// Waits for the write; `None` if its task died.
-    async fn wait(mut self) -> Option<Result<(), StoreError>> {
-        match &mut self {
+    /// Waits for the write (and, for [`WriteTask::Final`], the finalize); `None` if its
+    /// task died.
+    async fn wait(self) -> Option<Result<(), StoreError>> {
+        match self {
             WriteTask::Spawned(h) => h.await.ok(),
-            WriteTask::Inline(f) => Some(f.take()?.await),
+            WriteTask::Final(w) => Some(w?.write_and_finalize().await.map(|_| ())),
         }
     }
-}
 
-impl Drop for WriteTask {
-    /// An inline write dropped before it ran (its pipeline was cancelled) still runs, on
-    /// its own: its range is reserved in the replica writer, which waits for every write
-    /// it reserved before it finalizes or recovers. (Dropped outside a runtime, as when
-    /// the runtime itself is going away, there is nothing left to run it on.)
-    fn drop(&mut self) {
-        if let WriteTask::Inline(f) = self
-            && let Some(f) = f.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(f);
-        }
+    /// Whether a successful [`wait`](Self::wait) leaves the replica final.
+    fn finalizes(&self) -> bool {
+        matches!(self, WriteTask::Final(_))
     }
 }
 
@@ -222,11 +216,9 @@ impl Local {
     fn accept(&self, p: &Packet, durability: Durability) -> Result<Option<WriteTask>, Status> {
         match self {
             Local::Write(w) => {
-                match w.try_write_owned(p.offset, p.payload.clone(), p.crcs.clone(), durability) {
-                    Ok(fut) if p.flags.last && p.offset == 0 => {
-                        Ok(Some(WriteTask::Inline(Some(Box::pin(fut)))))
-                    }
-                    Ok(fut) => Ok(Some(WriteTask::Spawned(tokio::spawn(fut)))),
+                match w.reserve_owned(p.offset, p.payload.clone(), p.crcs.clone()) {
+                    Ok(r) if p.flags.last && p.offset == 0 => Ok(Some(WriteTask::Final(Some(r)))),
+                    Ok(r) => Ok(Some(WriteTask::Spawned(tokio::spawn(r.write(durability))))),
                     Err(e) => {
                         tracing::warn!(block = %w.block(), seq = p.seq, error = %e, "packet refused");
                         Err(Status::from(&e))
@@ -699,6 +691,7 @@ async fn ack_loop(
         let Some(Some(p)) = unless_cancelled(&mut cancel, rx.recv()).await else {
             break;
         };
+        let finalized = matches!(&p.write, Ok(Some(h)) if h.finalizes());
         let mut local_status = match p.write {
             Ok(Some(h)) => match h.wait().await {
                 Some(Ok(())) => Status::Success,
@@ -712,6 +705,7 @@ async fn ack_loop(
             Err(s) => s,
         };
         if p.last
+            && !finalized
             && local_status == Status::Success
             && let Err(e) = local.finish().await
         {

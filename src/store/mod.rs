@@ -63,7 +63,7 @@ pub mod faults {
 pub use error::StoreError;
 pub use meta::MetaError;
 pub use reader::ReplicaReader;
-pub use writer::ReplicaWriter;
+pub use writer::{ReplicaWriter, ReservedWrite};
 
 use error::{blocking, io_err};
 use layout::{fsync_dir, probe_direct};

@@ -195,17 +195,54 @@ impl ReplicaWriter {
         impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
         StoreError,
     > {
-        let (write, limit) = self.issue(offset, &data, &crcs)?;
-        let this = self.clone();
-        Ok(async move {
-            if let Some(r) = write {
-                this.run_write(r, offset, &data, &crcs).await?;
-            }
-            if durability == Durability::Sync {
-                this.make_durable(limit).await?;
-            }
-            Ok(())
+        Ok(self.reserve_owned(offset, data, crcs)?.write(durability))
+    }
+
+    /// Checks and reserves a write as [`write`](Self::write) does, without running it:
+    /// the returned [`ReservedWrite`] runs it later, either as a plain write or as the
+    /// replica's last write together with its finalize.
+    pub fn reserve_owned(
+        self: &Arc<Self>,
+        offset: u64,
+        data: Bytes,
+        crcs: Vec<u32>,
+    ) -> Result<ReservedWrite, StoreError> {
+        let (reservation, limit) = self.issue(offset, &data, &crcs)?;
+        Ok(ReservedWrite {
+            writer: self.clone(),
+            parts: Some(Parts {
+                reservation,
+                limit,
+                offset,
+                data,
+                crcs,
+            }),
         })
+    }
+
+    /// Runs a reserved write (see [`ReservedWrite::write`]).
+    async fn run_parts(&self, p: Parts, durability: Durability) -> Result<(), StoreError> {
+        if let Some(r) = p.reservation {
+            self.run_write(r, p.offset, &p.data, &p.crcs).await?;
+        }
+        if durability == Durability::Sync {
+            self.make_durable(p.limit).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a reservation whose write never ran: its range never lands, so the writer
+    /// fails (a recovery's [`truncate_to`](Self::truncate_to) clears that), and whoever
+    /// waits for its ticket is let go.
+    fn abandon(&self, p: Parts) {
+        if let Some(r) = p.reservation {
+            let mut st = self.state();
+            st.in_flight.remove(&r.ticket);
+            st.failed.get_or_insert_with(|| {
+                format!("the write at {} was dropped before it ran", p.offset)
+            });
+        }
+        self.landed.notify_waiters();
     }
 
     /// Reserves a write (none for empty data) and says which writes a sync after it must
@@ -240,12 +277,19 @@ impl ReplicaWriter {
         let result = self
             .do_write(offset, data, crcs, short_end, r.exclusive)
             .await;
+        self.settle(r.ticket, offset, offset + data.len() as u64, &result);
+        result
+    }
+
+    /// Records the outcome of the write with `ticket` over `[offset, end)`: landed, or
+    /// the writer failed; wakes whoever waits for writes to land.
+    fn settle<T>(&self, ticket: u64, offset: u64, end: u64, result: &Result<T, StoreError>) {
         {
             let mut st = self.state();
-            st.in_flight.remove(&r.ticket);
-            match &result {
-                Ok(()) => {
-                    let landed = st.land(offset, offset + data.len() as u64);
+            st.in_flight.remove(&ticket);
+            match result {
+                Ok(_) => {
+                    let landed = st.land(offset, end);
                     if let Some(e) = self.store.index().get_mut(&self.block) {
                         e.len = landed;
                     }
@@ -256,7 +300,6 @@ impl ReplicaWriter {
             }
         }
         self.landed.notify_waiters();
-        result
     }
 
     /// Waits until every write with a ticket below `limit` has landed, then makes the
@@ -370,20 +413,8 @@ impl ReplicaWriter {
         short_end: bool,
         ordered: bool,
     ) -> Result<(), StoreError> {
-        let inner = &self.store.inner;
-        let engine = &inner.engine;
-        let direct = inner.uses_direct(self.spec);
-        let mut dbuf = inner.pool.get_at_least(round_up(data.len()));
-        if direct {
-            dbuf.fill_padded(data);
-        } else {
-            dbuf.set_len(data.len());
-            dbuf.copy_from_slice(data);
-        }
-        let first_chunk = offset / u64::from(self.spec.bytes_per_chunk());
-        let mut mbuf = aligned::AlignedBuf::new(crcs.len() * 4);
-        mbuf.set_len(crcs.len() * 4);
-        meta::encode_crcs(crcs, &mut mbuf);
+        let engine = &self.store.inner.engine;
+        let (dbuf, mbuf, meta_at, direct) = self.buffers(offset, data, crcs);
         let end = offset + data.len() as u64;
         let cut = async {
             if short_end && direct {
@@ -398,7 +429,6 @@ impl ReplicaWriter {
             }
             Ok::<(), StoreError>(())
         };
-        let meta_at = meta::crc_offset(first_chunk);
         if ordered {
             engine
                 .write_at(&self.data, offset, dbuf)
@@ -421,6 +451,31 @@ impl ReplicaWriter {
             cut.await?;
         }
         Ok(())
+    }
+
+    /// The buffers of a write: the data (padded to the alignment when the data file is
+    /// O_DIRECT), its checksums, where they go in the meta file, and whether the data
+    /// file is O_DIRECT.
+    fn buffers(
+        &self,
+        offset: u64,
+        data: &[u8],
+        crcs: &[u32],
+    ) -> (aligned::AlignedBuf, aligned::AlignedBuf, u64, bool) {
+        let inner = &self.store.inner;
+        let direct = inner.uses_direct(self.spec);
+        let mut dbuf = inner.pool.get_at_least(round_up(data.len()));
+        if direct {
+            dbuf.fill_padded(data);
+        } else {
+            dbuf.set_len(data.len());
+            dbuf.copy_from_slice(data);
+        }
+        let mut mbuf = aligned::AlignedBuf::new(crcs.len() * 4);
+        mbuf.set_len(crcs.len() * 4);
+        meta::encode_crcs(crcs, &mut mbuf);
+        let first_chunk = offset / u64::from(self.spec.bytes_per_chunk());
+        (dbuf, mbuf, meta::crc_offset(first_chunk), direct)
     }
 
     /// Cuts the replica to `len` bytes (pipeline recovery agreeing on the acked length)
@@ -500,9 +555,31 @@ impl ReplicaWriter {
     /// leaves a sealed replica that the next open finishes moving.
     /// Returns the length. Later writes are refused.
     pub async fn finalize(&self) -> Result<u64, StoreError> {
+        self.finish(None).await?;
+        Ok(self.mark_finalized())
+    }
+
+    /// Runs a reserved write as the replica's last and finalizes it (see
+    /// [`ReservedWrite::write_and_finalize`]).
+    async fn write_final(&self, p: Parts) -> Result<u64, StoreError> {
+        let Some(r) = p.reservation else {
+            return self.finalize().await;
+        };
+        let result = self.finish(Some((r, &p))).await;
+        self.settle(r.ticket, p.offset, p.offset + p.data.len() as u64, &result);
+        result?;
+        Ok(self.mark_finalized())
+    }
+
+    /// Finalize, with the replica's last write done by the committer just before the
+    /// seal when there is one: waits for the writes before it, then one hand-off seals,
+    /// commits and moves the replica. On success the replica is final on disk; the
+    /// caller records it.
+    async fn finish(&self, last: Option<(Reservation, &Parts)>) -> Result<(), StoreError> {
         // Writes reserved but not yet started hold no lock: wait for them by ticket
         // first (they need the lock to start), then take the tail alone.
-        self.wait_landed(u64::MAX).await?;
+        self.wait_landed(last.map_or(u64::MAX, |(r, _)| r.ticket))
+            .await?;
         let _guard = self.tail.write().await;
         let gs = {
             let st = self.state();
@@ -522,36 +599,142 @@ impl ReplicaWriter {
                 needed: ReplicaState::Rbw,
             });
         }
+        let write = last.map(|(_, p)| {
+            let (data, crcs, meta_at, direct) = self.buffers(p.offset, &p.data, &p.crcs);
+            let end = p.offset + p.data.len() as u64;
+            let bpc = u64::from(self.spec.bytes_per_chunk());
+            super::commit::LastWrite {
+                file: self.data.clone(),
+                offset: p.offset,
+                data,
+                // The padded tail of a short last chunk goes to disk: cut it off.
+                cut_to: (direct && !end.is_multiple_of(bpc)).then_some(end),
+                meta_at,
+                crcs,
+            }
+        });
         // Sealed, then data and meta durable (one group commit), then the renames, all
         // on the committer's thread. The renames become durable with a later commit:
         // until then a crash leaves a sealed `rbw` replica, which recovery finishes (see
         // `meta`).
-        let block = self.block;
         let done = self
             .store
             .inner
             .committer
             .finalize(super::commit::Finalize {
-                block,
+                block: self.block,
                 genstamp: gs,
                 meta: self.meta.clone(),
-                header: meta::encode_sealed_header(block, self.spec),
+                header: meta::encode_sealed_header(self.block, self.spec),
+                write,
             })
             .await;
-        if let Err(e) = done {
+        if let Err(e) = &done {
             // After a failed sync the page cache cannot be trusted to hold what was
             // written (nor the seal to be absent); sealed but not moved, the replica is
             // never written through this writer again either.
             self.state().failed.get_or_insert_with(|| e.to_string());
-            return Err(e);
         }
-        let len = self.state().len;
-        if let Some(e) = self.store.index().get_mut(&block) {
+        done
+    }
+
+    /// Records a finalize that succeeded; returns the length.
+    fn mark_finalized(&self) -> u64 {
+        let len = {
+            let mut st = self.state();
+            st.finalized = true;
+            st.len
+        };
+        if let Some(e) = self.store.index().get_mut(&self.block) {
             e.state = ReplicaState::Finalized;
             e.len = len;
         }
-        self.state().finalized = true;
-        Ok(len)
+        len
+    }
+}
+
+/// What a reserved write runs.
+struct Parts {
+    /// `None` for empty data.
+    reservation: Option<Reservation>,
+    /// A sync after the write waits for every ticket below this.
+    limit: u64,
+    offset: u64,
+    data: Bytes,
+    crcs: Vec<u32>,
+}
+
+/// A write checked and reserved by [`ReplicaWriter::reserve_owned`] that has not run yet.
+/// Its range belongs to the replica from the reservation on: later writes are placed
+/// after it, and the replica's finalize and recovery wait for it. Dropped unrun, it runs
+/// on its own as a task of the current runtime; with no runtime to run it on, it fails
+/// the writer instead (a recovery's truncate clears that) rather than leave it waiting.
+#[must_use = "a reserved write runs only when asked to"]
+pub struct ReservedWrite {
+    writer: Arc<ReplicaWriter>,
+    parts: Option<Parts>,
+}
+
+impl std::fmt::Debug for ReservedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("ReservedWrite");
+        d.field("block", &self.writer.block);
+        if let Some(p) = &self.parts {
+            d.field("offset", &p.offset).field("len", &p.data.len());
+        }
+        d.finish()
+    }
+}
+
+impl ReservedWrite {
+    /// Runs the write; with [`Durability::Sync`] it returns once this write and every
+    /// write reserved before it are durable. The future borrows nothing and can be
+    /// spawned.
+    pub fn write(
+        mut self,
+        durability: Durability,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let parts = self.parts.take();
+        let writer = self.writer.clone();
+        async move {
+            match parts {
+                Some(p) => writer.run_parts(p, durability).await,
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// Runs the write as the replica's last one and finalizes the replica (see
+    /// [`ReplicaWriter::finalize`]); returns its length. The data, its checksums and the
+    /// seal are written by the store's committer in the batch whose one sync makes them
+    /// durable: one hand-off for the whole of a small block's replica instead of a write
+    /// through an IO thread and then a finalize.
+    pub fn write_and_finalize(
+        mut self,
+    ) -> impl std::future::Future<Output = Result<u64, StoreError>> + Send + 'static {
+        let parts = self.parts.take();
+        let writer = self.writer.clone();
+        async move {
+            match parts {
+                Some(p) => writer.write_final(p).await,
+                None => writer.finalize().await,
+            }
+        }
+    }
+}
+
+impl Drop for ReservedWrite {
+    fn drop(&mut self) {
+        let Some(p) = self.parts.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let writer = self.writer.clone();
+                rt.spawn(async move { writer.run_parts(p, Durability::Buffered).await });
+            }
+            Err(_) => self.writer.abandon(p),
+        }
     }
 }
 
