@@ -547,6 +547,7 @@ async fn relay(
         let mut down_w = down_w;
         let mut received = false;
         let mut abandoned = None;
+        let mut down_ended = false;
         loop {
             let p = match unless_cancelled(cancel, up_r.recv()).await {
                 Some(Ok(Some(Frame::Packet(p)))) => p,
@@ -608,11 +609,18 @@ async fn relay(
                             &shared.metrics,
                         )
                         .await;
-                    w.send(&Frame::Packet(p)).await
+                    if last {
+                        // The last frame and the end of the stream go out together.
+                        w.feed(&Frame::Packet(p)).await?;
+                        w.finish().await
+                    } else {
+                        w.send(&Frame::Packet(p)).await
+                    }
                 })
                 .await;
                 match forwarded {
                     Some(Ok(())) => {
+                        down_ended = last;
                         if let Some(t) = down_tier {
                             shared.metrics.pipeline_sent_bytes.add(t, len);
                             shared.metrics.peers.sent(next, len);
@@ -640,7 +648,7 @@ async fn relay(
             }
         }
         drop(tx);
-        if let Some(mut w) = down_w {
+        if let Some(mut w) = down_w.filter(|_| !down_ended) {
             if let Some(status) = abandoned {
                 abandon(&mut w, status).await;
             }
@@ -783,11 +791,14 @@ async fn ack_loop(
             seq: p.seq,
             statuses,
         });
-        if !matches!(
-            unless_cancelled(&mut cancel, up_w.send(&ack)).await,
-            Some(Ok(()))
-        ) || failed
-        {
+        // The last ack is only fed: the relay ends the stream right after this loop,
+        // and the ack and the end mark go out in one write.
+        let sent = if p.last {
+            unless_cancelled(&mut cancel, up_w.feed(&ack)).await
+        } else {
+            unless_cancelled(&mut cancel, up_w.send(&ack)).await
+        };
+        if !matches!(sent, Some(Ok(()))) || failed {
             break;
         }
     }

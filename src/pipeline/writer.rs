@@ -31,6 +31,8 @@ enum AckMsg {
 
 struct Pipe {
     sink: FrameWriter<Sink>,
+    /// The writer's side of the stream has ended (after the last packet).
+    ended: bool,
     acks: mpsc::Receiver<AckMsg>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -290,7 +292,12 @@ impl Writer {
         if let Err(e) = sent {
             // The first hop is gone; recovery resends everything unacked.
             self.recover(0, &e).await?;
-        } else if flags.last || flags.sync || self.win.in_flight() == 1 {
+        } else if flags.last {
+            // The last packet and the end of this side of the stream go out together.
+            self.end_pipe().await?;
+        } else {
+            // Each packet goes out now: a link may hold what it is fed until a flush
+            // (TLS over TCP does, to write a frame's head and payload together).
             self.flush_pipe().await?;
         }
         Ok(())
@@ -320,6 +327,22 @@ impl Writer {
     async fn flush_pipe(&mut self) -> Result<(), WriteError> {
         let r = match self.pipe.as_mut() {
             Some(p) => p.sink.flush().await.map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        if let Err(e) = r {
+            self.recover(0, &e).await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and ends the writer's side of the stream (after the last packet; acks
+    /// still come back on the other side).
+    async fn end_pipe(&mut self) -> Result<(), WriteError> {
+        let r = match self.pipe.as_mut() {
+            Some(p) => {
+                p.ended = true;
+                p.sink.finish().await.map_err(|e| e.to_string())
+            }
             None => Ok(()),
         };
         if let Err(e) = r {
@@ -565,6 +588,7 @@ impl Writer {
         });
         Ok(Pipe {
             sink: writer,
+            ended: false,
             acks: rx,
             reader: task,
         })
@@ -770,7 +794,7 @@ impl Writer {
         )
         .await?;
         self.drain_acks().await?;
-        if let Some(mut p) = self.pipe.take() {
+        if let Some(mut p) = self.pipe.take().filter(|p| !p.ended) {
             let _ = p.sink.finish().await;
         }
         Ok(WriteOutcome {

@@ -153,6 +153,8 @@ pub(crate) fn split(
         TcpSink {
             half: Some(w),
             halves,
+            held: Vec::new(),
+            held_bytes: 0,
             writing: false,
             ended: false,
         },
@@ -208,25 +210,59 @@ impl Drop for TcpSource {
 }
 
 /// The sending half of a stream on a TLS-over-TCP connection.
+///
+/// Bytes sent are held (shared, not copied) until a flush, the end of the stream, or
+/// [`SINK_HOLD`] bytes, and then go out in one vectored write: TLS over TCP writes to the
+/// socket on every write call, so a frame's head and payload, or a last frame and the
+/// end mark, sent one by one cost a syscall and a TLS record each, and could wake the
+/// peer once for each.
 pub struct TcpSink {
     half: Option<WriteHalf<TlsTcp>>,
     halves: Arc<Halves>,
+    /// Sent but not yet written.
+    held: Vec<Bytes>,
+    held_bytes: usize,
     /// A write is under way; still set when its future was dropped half done.
     writing: bool,
     ended: bool,
 }
 
+/// Bytes a [`TcpSink`] holds before it writes them out without waiting for a flush.
+const SINK_HOLD: usize = 256 << 10;
+
 impl TcpSink {
-    async fn write(&mut self, bytes: &[u8], flush: bool) -> std::io::Result<()> {
+    fn hold(&mut self, bytes: Bytes) -> std::io::Result<()> {
         if self.ended {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
                 "stream already ended",
             ));
         }
+        if !bytes.is_empty() {
+            self.held_bytes += bytes.len();
+            self.held.push(bytes);
+        }
+        Ok(())
+    }
+
+    /// Writes out what is held, then flushes if asked.
+    async fn write_held(&mut self, flush: bool) -> std::io::Result<()> {
         let half = self.half.as_mut().ok_or(std::io::ErrorKind::NotConnected)?;
         self.writing = true;
-        let mut r = half.write_all(bytes).await;
+        let mut r = Ok(());
+        while r.is_ok() && !self.held.is_empty() {
+            let slices: Vec<std::io::IoSlice<'_>> =
+                self.held.iter().map(|b| std::io::IoSlice::new(b)).collect();
+            r = match half.write_vectored(&slices).await {
+                Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    consume(&mut self.held, n);
+                    self.held_bytes -= n;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+        }
         if r.is_ok() && flush {
             r = half.flush().await;
         }
@@ -238,15 +274,40 @@ impl TcpSink {
     }
 }
 
+/// Drops the first `n` bytes of `held`.
+fn consume(held: &mut Vec<Bytes>, mut n: usize) {
+    let mut whole = 0;
+    for b in held.iter_mut() {
+        if n < b.len() {
+            bytes::Buf::advance(b, n);
+            break;
+        }
+        n -= b.len();
+        whole += 1;
+    }
+    held.drain(..whole);
+}
+
 impl ByteSink for TcpSink {
     async fn send_bytes(&mut self, bytes: Bytes) -> std::io::Result<()> {
-        self.write(&bytes, false).await
+        self.hold(bytes)?;
+        if self.held_bytes >= SINK_HOLD {
+            self.write_held(false).await?;
+        }
+        Ok(())
     }
     async fn flush_bytes(&mut self) -> std::io::Result<()> {
-        self.write(&[], true).await
+        if self.ended {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "stream already ended",
+            ));
+        }
+        self.write_held(true).await
     }
     async fn finish(&mut self) -> std::io::Result<()> {
-        self.write(&wire::END_MARK, true).await?;
+        self.hold(Bytes::from_static(&wire::END_MARK))?;
+        self.write_held(true).await?;
         self.ended = true;
         self.halves.state().sent_end = true;
         Ok(())
@@ -351,4 +412,30 @@ pub(crate) fn looks_open(conn: &TlsTcp) -> bool {
         socket2::SockRef::from(tcp).peek(&mut byte),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(parts: &[&'static [u8]]) -> Vec<Bytes> {
+        parts.iter().map(|p| Bytes::from_static(p)).collect()
+    }
+
+    #[test]
+    fn a_partial_vectored_write_keeps_exactly_the_unwritten_bytes() {
+        // (`hold` never keeps an empty buffer.)
+        let all: &[&'static [u8]] = &[b"head", b"payload", b"end"];
+        let whole: Vec<u8> = all.concat();
+        for n in 0..=whole.len() {
+            let mut h = held(all);
+            consume(&mut h, n);
+            let rest: Vec<u8> = h.iter().flat_map(|b| b.iter().copied()).collect();
+            assert_eq!(rest, whole[n..], "after {n} bytes written");
+            assert!(
+                h.first().is_none_or(|b| !b.is_empty()),
+                "after {n}: a written-out buffer stays at the front"
+            );
+        }
+    }
 }
