@@ -134,7 +134,8 @@ impl<R: EndMarks> Drop for FrameReader<R> {
 
 /// Where [`FrameWriter`] puts bytes: an owned-buffer sink.
 pub trait ByteSink: Send {
-    /// Sends all of `bytes`.
+    /// Sends all of `bytes`; a sink may hold them until [`flush_bytes`](Self::flush_bytes)
+    /// or [`finish`](Self::finish).
     fn send_bytes(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Pushes out anything buffered.
     fn flush_bytes(&mut self) -> impl Future<Output = io::Result<()>> + Send;
