@@ -41,21 +41,24 @@ async fn read_all(store: &BlockStore, block: BlockId, gs: GenStamp) -> Vec<u8> {
 
 const GS: GenStamp = GenStamp(1);
 
+/// Block sizes at the edges of chunks, O_DIRECT alignment and packets.
+const SIZES: [usize; 9] = [
+    0,
+    1,
+    4095,
+    4096,
+    4097,
+    65_536,
+    65_536 + 1,
+    (1 << 20) + 123,
+    3 << 20,
+];
+
 async fn round_trip_sizes(backend: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), backend).await;
     let spec = ChecksumSpec::default();
-    let sizes = [
-        0usize,
-        1,
-        4095,
-        4096,
-        4097,
-        65_536 + 1,
-        (1 << 20) + 123,
-        3 << 20,
-    ];
-    for (i, &size) in sizes.iter().enumerate() {
+    for (i, &size) in SIZES.iter().enumerate() {
         let block = BlockId(i as u64 + 100);
         let data = pattern(i as u64, size);
         let w = store.create(block, GS, spec).await.unwrap();
@@ -89,12 +92,12 @@ async fn round_trip_sizes(backend: BackendKind) {
     cfg.backend = backend;
     cfg.verify_on_open = true;
     let (store, report) = BlockStore::open(cfg).await.unwrap();
-    assert_eq!(report.finalized, sizes.len());
+    assert_eq!(report.finalized, SIZES.len());
     let open = store.create(BlockId(999), GS, spec).await.unwrap();
     assert_eq!(
         store.counts(),
         strait::store::ReplicaCounts {
-            finalized: sizes.len(),
+            finalized: SIZES.len(),
             rbw: 1,
             corrupt: 0
         }
@@ -106,7 +109,7 @@ async fn round_trip_sizes(backend: BackendKind) {
     );
     assert_eq!(
         read_all(&store, BlockId(106), GS).await,
-        pattern(6, sizes[6])
+        pattern(6, SIZES[6])
     );
 }
 
@@ -494,20 +497,10 @@ async fn sealed_replica_left_in_rbw_is_finished(backend: BackendKind) {
 async fn last_write_and_finalize_in_one_step(backend: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let spec = ChecksumSpec::default();
-    let sizes = [
-        0usize,
-        1,
-        4095,
-        4096,
-        4097,
-        65_536,
-        65_536 + 1,
-        (1 << 20) + 123,
-    ];
     let mut expect = Vec::new();
     {
         let store = open(dir.path(), backend).await;
-        for (i, &size) in sizes.iter().enumerate() {
+        for (i, &size) in SIZES.iter().enumerate() {
             let block = BlockId(200 + i as u64);
             let data = bytes::Bytes::from(pattern(200 + i as u64, size));
             let w = std::sync::Arc::new(store.create(block, GS, spec).await.unwrap());
