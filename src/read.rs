@@ -556,6 +556,6 @@ pub(crate) async fn serve(shared: Arc<NodeContext>, mut s: Stream, req: ReadBloc
         seq += 1;
         pos += n;
     }
-    let _ = s.writer.flush().await;
+    // Ending the stream flushes: the last packets and the end mark go out together.
     let _ = s.writer.finish().await;
 }

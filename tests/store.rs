@@ -581,7 +581,7 @@ async fn reserved_write_dropped_unrun(backend: BackendKind) {
     std::thread::spawn(move || drop(reserved)).join().unwrap();
     let e = w.finalize().await.unwrap_err();
     assert!(matches!(e, StoreError::WriterFailed { .. }), "{e}");
-    assert!(e.to_string().contains("dropped before it ran"), "{e}");
+    assert!(e.to_string().contains("dropped before it landed"), "{e}");
     w.truncate_to(0).await.unwrap();
     let last = w.reserve_owned(0, data.clone(), crcs).unwrap();
     assert_eq!(last.write_and_finalize().await.unwrap(), 65_536);

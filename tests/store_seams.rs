@@ -191,6 +191,37 @@ async fn full_disk_on_a_last_write_done_with_its_finalize() {
     );
 }
 
+/// A write whose future is dropped half way (its task aborted, its runtime gone) does
+/// not leave the replica's finalize waiting for it forever: the writer fails instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_dropped_half_way_fails_the_writer_instead_of_hanging_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let store = open(dir.path(), Some(&plan)).await;
+    let spec = ChecksumSpec::default();
+    plan.add(
+        FaultRule::new(FaultOp::Write, Fault::Delay(Duration::from_millis(300)))
+            .on_file("blk_8_1")
+            .times(1),
+    );
+    let data = bytes::Bytes::from(pattern(8, 65_536));
+    let w = std::sync::Arc::new(store.create(BlockId(8), GS, spec).await.unwrap());
+    let write = w
+        .reserve_owned(0, data.clone(), spec.checksums(&data))
+        .unwrap()
+        .write(Durability::Buffered);
+    // Started (its data write is held by the fault plan), then dropped.
+    let cut = tokio::time::timeout(Duration::from_millis(50), write).await;
+    assert!(cut.is_err(), "the held write finished early");
+    let e = tokio::time::timeout(Duration::from_secs(5), w.finalize())
+        .await
+        .expect("finalize returns")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::WriterFailed { .. }), "{e}");
+    assert!(e.to_string().contains("dropped before it landed"), "{e}");
+    assert_eq!(store.get(BlockId(8)).unwrap().state, ReplicaState::Rbw);
+}
+
 /// One durability wait per replica: finalize makes data, meta and the seal durable with
 /// one group commit and does not wait for a second one after its renames.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

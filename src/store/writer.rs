@@ -236,13 +236,19 @@ impl ReplicaWriter {
     /// waits for its ticket is let go.
     fn abandon(&self, p: Parts) {
         if let Some(r) = p.reservation {
-            let mut st = self.state();
-            st.in_flight.remove(&r.ticket);
-            st.failed.get_or_insert_with(|| {
-                format!("the write at {} was dropped before it ran", p.offset)
-            });
+            drop(self.ticket(r, p.offset, &p.data));
         }
-        self.landed.notify_waiters();
+    }
+
+    /// The ticket of a reserved write about to run.
+    fn ticket(&self, r: Reservation, offset: u64, data: &[u8]) -> Ticket<'_> {
+        Ticket {
+            writer: self,
+            ticket: r.ticket,
+            offset,
+            end: offset + data.len() as u64,
+            open: true,
+        }
     }
 
     /// Reserves a write (none for empty data) and says which writes a sync after it must
@@ -267,6 +273,7 @@ impl ReplicaWriter {
         data: &[u8],
         crcs: &[u32],
     ) -> Result<(), StoreError> {
+        let ticket = self.ticket(r, offset, data);
         // A write that changes the tail waits for the appends before it to land.
         let _guard = if r.exclusive {
             Guard::Write(self.tail.write().await)
@@ -277,7 +284,7 @@ impl ReplicaWriter {
         let result = self
             .do_write(offset, data, crcs, short_end, r.exclusive)
             .await;
-        self.settle(r.ticket, offset, offset + data.len() as u64, &result);
+        ticket.settle(&result);
         result
     }
 
@@ -565,8 +572,9 @@ impl ReplicaWriter {
         let Some(r) = p.reservation else {
             return self.finalize().await;
         };
+        let ticket = self.ticket(r, p.offset, &p.data);
         let result = self.finish(Some((r, &p))).await;
-        self.settle(r.ticket, p.offset, p.offset + p.data.len() as u64, &result);
+        ticket.settle(&result);
         result?;
         Ok(self.mark_finalized())
     }
@@ -650,6 +658,38 @@ impl ReplicaWriter {
             e.len = len;
         }
         len
+    }
+}
+
+/// The ticket of a write that runs: settled with its outcome, or, if dropped first (a
+/// write never started, or one whose future was dropped half way), settled as a failed
+/// write, so that nothing waits for it forever.
+struct Ticket<'a> {
+    writer: &'a ReplicaWriter,
+    ticket: u64,
+    offset: u64,
+    end: u64,
+    open: bool,
+}
+
+impl Ticket<'_> {
+    fn settle<T>(mut self, result: &Result<T, StoreError>) {
+        self.open = false;
+        self.writer
+            .settle(self.ticket, self.offset, self.end, result);
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            let dropped: Result<(), _> = Err(StoreError::WriterFailed {
+                block: self.writer.block,
+                reason: format!("the write at {} was dropped before it landed", self.offset),
+            });
+            self.writer
+                .settle(self.ticket, self.offset, self.end, &dropped);
+        }
     }
 }
 

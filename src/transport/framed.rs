@@ -139,7 +139,7 @@ pub trait ByteSink: Send {
     fn send_bytes(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Pushes out anything buffered.
     fn flush_bytes(&mut self) -> impl Future<Output = io::Result<()>> + Send;
-    /// Ends the stream (no more frames).
+    /// Pushes out anything held and ends the stream (no more frames).
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
