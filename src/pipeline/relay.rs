@@ -178,7 +178,7 @@ enum WriteTask {
     /// wake-up of another runtime thread and a round trip through an IO thread, per
     /// replica of every small block). Dropped unrun (its pipeline was cancelled), the
     /// reserved write runs on its own, as a plain write.
-    Final(Option<ReservedWrite>),
+    Final(ReservedWrite),
 }
 
 impl WriteTask {
@@ -187,7 +187,7 @@ impl WriteTask {
     async fn wait(self) -> Option<Result<(), StoreError>> {
         match self {
             WriteTask::Spawned(h) => h.await.ok(),
-            WriteTask::Final(w) => Some(w?.write_and_finalize().await.map(|_| ())),
+            WriteTask::Final(w) => Some(w.write_and_finalize().await.map(|_| ())),
         }
     }
 
@@ -217,7 +217,7 @@ impl Local {
         match self {
             Local::Write(w) => {
                 match w.reserve_owned(p.offset, p.payload.clone(), p.crcs.clone()) {
-                    Ok(r) if p.flags.last && p.offset == 0 => Ok(Some(WriteTask::Final(Some(r)))),
+                    Ok(r) if p.flags.last && p.offset == 0 => Ok(Some(WriteTask::Final(r))),
                     Ok(r) => Ok(Some(WriteTask::Spawned(tokio::spawn(r.write(durability))))),
                     Err(e) => {
                         tracing::warn!(block = %w.block(), seq = p.seq, error = %e, "packet refused");
