@@ -12,8 +12,9 @@
 //! files moved into `finalized`. The committer is one thread of its own that does all of
 //! this with plain syscalls: a finalize costs the caller one hand-off to that thread and
 //! one back (a seal through an IO thread, a sync through another, and a rename through
-//! the blocking pool cost five). The seal and the `syncfs` still run under the engine's
-//! fault plan, so tests can fail them.
+//! the blocking pool cost five). A replica's last write may come with its finalize
+//! ([`LastWrite`]): a small block's replica then costs one hand-off in all. The writes
+//! and the `syncfs` run under the engine's fault plan, so tests can fail them.
 
 use std::io;
 use std::path::{Path, PathBuf};

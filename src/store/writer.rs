@@ -170,14 +170,9 @@ impl ReplicaWriter {
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'a {
         let reserved = self.issue(offset, data, crcs);
         async move {
-            let (write, limit) = reserved?;
-            if let Some(r) = write {
-                self.run_write(r, offset, data, crcs).await?;
-            }
-            if durability == Durability::Sync {
-                self.make_durable(limit).await?;
-            }
-            Ok(())
+            let (r, limit) = reserved?;
+            self.run_reserved(r, limit, offset, data, crcs, durability)
+                .await
         }
     }
 
@@ -222,11 +217,33 @@ impl ReplicaWriter {
 
     /// Runs a reserved write (see [`ReservedWrite::write`]).
     async fn run_parts(&self, p: Parts, durability: Durability) -> Result<(), StoreError> {
-        if let Some(r) = p.reservation {
-            self.run_write(r, p.offset, &p.data, &p.crcs).await?;
+        self.run_reserved(
+            p.reservation,
+            p.limit,
+            p.offset,
+            &p.data,
+            &p.crcs,
+            durability,
+        )
+        .await
+    }
+
+    /// Runs the write reserved as `r` (none for empty data); with [`Durability::Sync`],
+    /// then waits until every write below `limit` has landed and is durable.
+    async fn run_reserved(
+        &self,
+        r: Option<Reservation>,
+        limit: u64,
+        offset: u64,
+        data: &[u8],
+        crcs: &[u32],
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        if let Some(r) = r {
+            self.run_write(r, offset, data, crcs).await?;
         }
         if durability == Durability::Sync {
-            self.make_durable(p.limit).await?;
+            self.make_durable(limit).await?;
         }
         Ok(())
     }

@@ -212,7 +212,7 @@ impl Drop for TcpSource {
 /// The sending half of a stream on a TLS-over-TCP connection.
 ///
 /// Bytes sent are held (shared, not copied) until a flush, the end of the stream, or
-/// [`SINK_HOLD`] bytes, and then go out in one vectored write: TLS over TCP writes to the
+/// 256 KiB, and then go out in one vectored write: TLS over TCP writes to the
 /// socket on every write call, so a frame's head and payload, or a last frame and the
 /// end mark, sent one by one cost a syscall and a TLS record each, and could wake the
 /// peer once for each.
@@ -233,10 +233,7 @@ const SINK_HOLD: usize = 256 << 10;
 impl TcpSink {
     fn hold(&mut self, bytes: Bytes) -> std::io::Result<()> {
         if self.ended {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                "stream already ended",
-            ));
+            return Err(ended());
         }
         if !bytes.is_empty() {
             self.held_bytes += bytes.len();
@@ -274,6 +271,10 @@ impl TcpSink {
     }
 }
 
+fn ended() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, "stream already ended")
+}
+
 /// Drops the first `n` bytes of `held`.
 fn consume(held: &mut Vec<Bytes>, mut n: usize) {
     let mut whole = 0;
@@ -298,10 +299,7 @@ impl ByteSink for TcpSink {
     }
     async fn flush_bytes(&mut self) -> std::io::Result<()> {
         if self.ended {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                "stream already ended",
-            ));
+            return Err(ended());
         }
         self.write_held(true).await
     }

@@ -6,14 +6,16 @@
 //! - `uring`: each thread runs a tokio-uring runtime and keeps up to `depth` operations in
 //!   flight. tokio-uring types are `!Send`; they never leave their thread. A file is pinned
 //!   to one thread, which caches its own handle (a dup of the caller's fd) for it; when the
-//!   last [`FileRef`] is dropped, a close message tells the thread to drop its handle, and
-//!   [`Engine::barrier`] waits until every such close sent so far has happened (so that a
+//!   last [`FileRef`] is dropped, its key joins the thread's [`CloseQueue`], and
+//!   [`Engine::barrier`] waits until every close queued so far has happened (so that a
 //!   deleted file's space is free when `delete` returns).
 //! - `psync`: plain `pread`/`pwrite`/`fdatasync` on a small pool of threads; always
 //!   compiled, used where io_uring cannot be set up.
 //!
+//! The store's group committer runs its writes and `syncfs` on its own thread through
+//! [`Engine::write_here`] and [`Engine::sync_here`] (under the fault plan, if any).
 //! Metadata operations (open, rename, unlink, directory fsync) are not here: the store
-//! runs them with `spawn_blocking`, since they are rare and not on the data path.
+//! runs them with `spawn_blocking` or on the committer.
 
 use std::fmt;
 use std::fs::File;
