@@ -240,7 +240,12 @@ async fn write_one(
     let t_close = std::time::Instant::now();
     let out = w.close().await.map_err(|e| e.to_string())?;
     if mode == WriteMode::Sync && out.replicas.len() != targets.len() {
-        return Err(format!("{block} lost replicas: {:?}", out.failed));
+        let topo = writer.topology();
+        let names: Vec<&str> = out.failed.iter().map(|&n| &*topo.node(n).name).collect();
+        return Err(format!(
+            "{block} lost replicas on {} (RUST_LOG=strait=warn says why)",
+            names.join(", ")
+        ));
     }
     let times = BlockTimes {
         setup,
