@@ -588,65 +588,6 @@ async fn reserved_write_dropped_unrun(backend: BackendKind) {
     assert_eq!(read_all(&store, BlockId(401), GS).await, data);
 }
 
-/// Stores of one process on one filesystem share their committer: replicas of several
-/// stores finalized at once each land in their own store, a store that goes does not
-/// stop the others, and everything is there after a reopen.
-async fn stores_sharing_a_filesystem_finalize_together(backend: BackendKind) {
-    let dir = tempfile::tempdir().unwrap();
-    let roots: Vec<_> = (0..3).map(|i| dir.path().join(format!("s{i}"))).collect();
-    let spec = ChecksumSpec::default();
-    let one_store = |store: BlockStore, s: u64, blocks: std::ops::Range<u64>| async move {
-        let mut made = Vec::new();
-        for b in blocks {
-            let block = BlockId(s * 1000 + b);
-            let data = pattern(block.0, 1000 + (b as usize % 7) * 20_000);
-            let w = std::sync::Arc::new(store.create(block, GS, spec).await.unwrap());
-            if b % 2 == 0 {
-                let data = bytes::Bytes::from(data.clone());
-                let last = w.reserve_owned(0, data.clone(), spec.checksums(&data));
-                last.unwrap().write_and_finalize().await.unwrap();
-            } else {
-                write_all(&w, &data, 16_384, Durability::Sync).await;
-                w.finalize().await.unwrap();
-            }
-            made.push((block, data));
-        }
-        (store, made)
-    };
-    let mut stores = Vec::new();
-    for r in &roots {
-        stores.push(open(r, backend).await);
-    }
-    let runs = stores.into_iter().enumerate();
-    let first = futures_join_all(runs.map(|(s, st)| one_store(st, s as u64, 0..12)).collect());
-    let (mut stores, mut expect): (Vec<_>, Vec<_>) = first.await.into_iter().unzip();
-    // The first store goes; the others go on finalizing.
-    drop(stores.remove(0));
-    let runs = stores.into_iter().enumerate();
-    let more = futures_join_all(
-        runs.map(|(i, st)| one_store(st, i as u64 + 1, 12..20))
-            .collect(),
-    );
-    for (i, (store, made)) in more.await.into_iter().enumerate() {
-        expect[i + 1].extend(made);
-        drop(store);
-    }
-    for (root, blocks) in roots.iter().zip(&expect) {
-        let store = open(root, backend).await;
-        for (block, data) in blocks {
-            let info = store.get(*block).unwrap();
-            assert_eq!(
-                (info.state, info.len),
-                (ReplicaState::Finalized, data.len() as u64),
-                "{block} in {}",
-                root.display()
-            );
-            assert_eq!(&read_all(&store, *block, GS).await, data, "{block}");
-        }
-        assert_eq!(store.list().len(), blocks.len(), "{}", root.display());
-    }
-}
-
 async fn second_open_is_locked(backend: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let _store = open(dir.path(), backend).await;
@@ -699,7 +640,6 @@ conformance!(
     interrupted_finalize_is_finished,
     sealed_replica_left_in_rbw_is_finished,
     second_open_is_locked,
-    stores_sharing_a_filesystem_finalize_together,
     last_write_and_finalize_in_one_step,
     reserved_write_dropped_unrun,
 );

@@ -15,15 +15,10 @@
 //! the blocking pool cost five). A replica's last write may come with its finalize
 //! ([`LastWrite`]): a small block's replica then costs one hand-off in all. The writes
 //! and the `syncfs` run under the engine's fault plan, so tests can fail them.
-//!
-//! The stores of one process on one filesystem share one committer thread (a store
-//! under a fault plan has its own): one `syncfs` covers every store on the filesystem,
-//! and one thread draining all their finalizes batches more of them per wake-up than
-//! one thread per store, each woken for a batch of its own.
 
 use std::io;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -78,51 +73,28 @@ impl LastWrite {
     }
 }
 
-/// The store a job comes from: its engine (fault plan), a descriptor on its filesystem
-/// for `syncfs`, and its root (for the renames).
-struct Store {
-    engine: Engine,
-    anchor: Arc<FileRef>,
-    root: PathBuf,
-}
-
 enum Job {
-    Commit(Arc<Store>, oneshot::Sender<io::Result<()>>),
-    Finalize(
-        Arc<Store>,
-        Finalize,
-        oneshot::Sender<Result<(), StoreError>>,
-    ),
+    Commit(oneshot::Sender<io::Result<()>>),
+    Finalize(Finalize, oneshot::Sender<Result<(), StoreError>>),
 }
 
-impl Job {
-    fn store(&self) -> &Arc<Store> {
-        match self {
-            Job::Commit(s, _) | Job::Finalize(s, _, _) => s,
-        }
-    }
-}
-
-/// A committer thread; it stops when the last [`Committer`] using it is dropped.
-struct Thread {
-    tx: mpsc::Sender<Job>,
-}
-
-/// Committer threads shared by the stores of this process, by filesystem (device id).
-static SHARED: Mutex<Vec<(u64, Weak<Thread>)>> = Mutex::new(Vec::new());
-
-/// A store's group committer.
+/// The store's group committer. Its thread stops when the committer is dropped.
 pub(super) struct Committer {
-    thread: Arc<Thread>,
-    store: Arc<Store>,
+    tx: mpsc::Sender<Job>,
 }
 
 fn stopped() -> io::Error {
     io::Error::other("store committer has stopped")
 }
 
-impl Thread {
-    fn start() -> io::Result<Arc<Thread>> {
+impl Committer {
+    /// Starts the committer of the store at `root`, syncing the filesystem that holds
+    /// `anchor` (any open file of the store).
+    pub(super) fn start(
+        engine: Engine,
+        anchor: Arc<FileRef>,
+        root: PathBuf,
+    ) -> io::Result<Committer> {
         let (tx, mut rx) = mpsc::channel::<Job>(1024);
         std::thread::Builder::new()
             .name("strait-commit".into())
@@ -133,58 +105,17 @@ impl Thread {
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
-                    run_batch(batch);
+                    run_batch(&engine, &anchor, &root, batch);
                 }
             })?;
-        Ok(Arc::new(Thread { tx }))
-    }
-
-    /// The committer thread of the filesystem with device id `dev`, started if none runs.
-    fn shared(dev: u64) -> io::Result<Arc<Thread>> {
-        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-        shared.retain(|(_, t)| t.strong_count() > 0);
-        if let Some(t) = shared
-            .iter()
-            .find(|(d, _)| *d == dev)
-            .and_then(|(_, t)| t.upgrade())
-        {
-            return Ok(t);
-        }
-        let t = Thread::start()?;
-        shared.push((dev, Arc::downgrade(&t)));
-        Ok(t)
-    }
-}
-
-impl Committer {
-    /// The committer of the store at `root`, syncing the filesystem that holds `anchor`
-    /// (any open file of the store). A store without a fault plan shares the thread of
-    /// the other stores of this process on the same filesystem.
-    pub(super) fn start(
-        engine: Engine,
-        anchor: Arc<FileRef>,
-        root: PathBuf,
-    ) -> io::Result<Committer> {
-        use std::os::unix::fs::MetadataExt;
-        let thread = if engine.has_faults() {
-            Thread::start()?
-        } else {
-            Thread::shared(anchor.file.metadata()?.dev())?
-        };
-        let store = Arc::new(Store {
-            engine,
-            anchor,
-            root,
-        });
-        Ok(Committer { thread, store })
+        Ok(Committer { tx })
     }
 
     /// Returns once everything written before this call is durable.
     pub(super) async fn commit(&self) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
-        self.thread
-            .tx
-            .send(Job::Commit(self.store.clone(), reply))
+        self.tx
+            .send(Job::Commit(reply))
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
@@ -196,9 +127,8 @@ impl Committer {
     pub(super) async fn finalize(&self, job: Finalize) -> Result<(), StoreError> {
         let path = job.meta.path.clone();
         let (reply, rx) = oneshot::channel();
-        self.thread
-            .tx
-            .send(Job::Finalize(self.store.clone(), job, reply))
+        self.tx
+            .send(Job::Finalize(job, reply))
             .await
             .map_err(|_| io_err("fsync", &path, stopped()))?;
         rx.await.map_err(|_| io_err("fsync", &path, stopped()))?
@@ -206,19 +136,13 @@ impl Committer {
 }
 
 /// One batch: seal every replica to finalize, one `syncfs`, then move the sealed ones.
-/// Every store of a batch is on one filesystem, and either all of them are the one store
-/// of a private thread or none has a fault plan: the first job's store syncs for all.
-fn run_batch(batch: Vec<Job>) {
-    let Some(first) = batch.first().map(|j| j.store().clone()) else {
-        return;
-    };
+fn run_batch(engine: &Engine, anchor: &Arc<FileRef>, root: &Path, batch: Vec<Job>) {
     let mut commits = Vec::new();
     let mut sealed = Vec::new();
     for job in batch {
         match job {
-            Job::Commit(_, reply) => commits.push(reply),
-            Job::Finalize(store, mut f, reply) => {
-                let engine = &store.engine;
+            Job::Commit(reply) => commits.push(reply),
+            Job::Finalize(mut f, reply) => {
                 if let Some(w) = f.write.take()
                     && let Err(e) = w.run(engine, &f.meta)
                 {
@@ -229,7 +153,7 @@ fn run_batch(batch: Vec<Job>) {
                 header.set_len(meta::HEADER_LEN);
                 header.copy_from_slice(&f.header);
                 match engine.write_here(&f.meta, 0, header) {
-                    Ok(()) => sealed.push((store, f, reply)),
+                    Ok(()) => sealed.push((f, reply)),
                     Err(e) => {
                         let _ = reply.send(Err(io_err("write", &f.meta.path, e)));
                     }
@@ -237,7 +161,7 @@ fn run_batch(batch: Vec<Job>) {
             }
         }
     }
-    let synced = first.engine.sync_here(&first.anchor);
+    let synced = engine.sync_here(anchor);
     // Every waiter gets its own copy of the one sync's error (io::Error is not Clone).
     let outcome = || match &synced {
         Ok(()) => Ok(()),
@@ -249,11 +173,11 @@ fn run_batch(batch: Vec<Job>) {
     for reply in commits {
         let _ = reply.send(outcome());
     }
-    for (store, f, reply) in sealed {
+    for (f, reply) in sealed {
         let res = match outcome() {
             Err(e) => Err(io_err("fsync", &f.meta.path, e)),
             Ok(()) => layout::move_replica(
-                &store.root,
+                root,
                 f.block,
                 f.genstamp,
                 ReplicaState::Rbw,
@@ -261,46 +185,5 @@ fn run_batch(batch: Vec<Job>) {
             ),
         };
         let _ = reply.send(res);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::{BlockStore, StoreConfig};
-
-    async fn open(cfg: StoreConfig) -> BlockStore {
-        BlockStore::open(cfg).await.expect("store opens").0
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn stores_on_one_filesystem_share_one_committer_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = open(StoreConfig::new(dir.path().join("a"))).await;
-        let b = open(StoreConfig::new(dir.path().join("b"))).await;
-        let thread = |s: &BlockStore| s.inner.committer.thread.clone();
-        assert!(Arc::ptr_eq(&thread(&a), &thread(&b)));
-        // The thread outlives a store that goes while another still uses it.
-        drop(a);
-        b.inner
-            .committer
-            .commit()
-            .await
-            .expect("commit after the other store went");
-        #[cfg(feature = "fault-injection")]
-        {
-            // A store under a fault plan syncs on its own thread: a fault injected into
-            // its sync fails its own commit, never another store's.
-            use crate::store::faults::{Fault, FaultOp, FaultPlan, FaultRule};
-            let plan = FaultPlan::new();
-            let mut cfg = StoreConfig::new(dir.path().join("c"));
-            cfg.faults = Some(plan.clone());
-            let c = open(cfg).await;
-            assert!(!Arc::ptr_eq(&thread(&b), &thread(&c)));
-            plan.add(FaultRule::new(FaultOp::Sync, Fault::Eio).times(1));
-            let (rb, rc) = tokio::join!(b.inner.committer.commit(), c.inner.committer.commit());
-            assert!(rb.is_ok(), "{rb:?}");
-            assert!(rc.is_err(), "the injected fault reaches its own store");
-        }
     }
 }

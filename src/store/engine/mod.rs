@@ -317,11 +317,6 @@ impl Engine {
         })
     }
 
-    /// Whether operations run under a fault plan (tests only).
-    pub(crate) fn has_faults(&self) -> bool {
-        self.inner.faults.is_some()
-    }
-
     /// Files open through this engine (each replica writer or reader holds two).
     pub(crate) fn open_files(&self) -> usize {
         self.inner.open.load(Ordering::Relaxed)
