@@ -777,3 +777,46 @@ async fn a_renewed_certificate_is_presented_from_the_next_handshake() {
     assert_eq!(exchange(&a1, a2).await, Ok(LinkKind::TcpTls));
     assert_eq!(exchange(&a1, b1).await, Ok(LinkKind::Quic));
 }
+
+/// An acceptor whose service read the opener's end before it ended its own half sends
+/// READY with its end mark: the opener keeps the connection for its next stream even
+/// while that service still holds its finished stream, and the next stream reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_comes_with_the_acceptors_end_when_it_read_the_openers_end_first() {
+    let topo = topology();
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let (a1, _) = start(&topo, &ca, "a1").await;
+    let (_a2, mut a2_in) = start(&topo, &ca, "a2").await;
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(mut s) = a2_in.accept().await {
+            let held_tx = held_tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Ok(Some(f)) = s.reader.recv().await {
+                    got.push(f);
+                }
+                for f in &got {
+                    let _ = s.writer.send(f).await;
+                }
+                let _ = s.writer.finish().await;
+                // The service keeps its finished stream until the test lets it go.
+                let _ = held_tx.send(s);
+            });
+        }
+    });
+    let a2 = topo.node_by_name("a2").unwrap();
+    clean_exchange(&a1, a2, &sample_frames()).await.unwrap();
+    idle_tcp(&a1, 1).await;
+    let first = held.recv().await.unwrap();
+    let next = {
+        let a1 = a1.clone();
+        tokio::spawn(async move { clean_exchange(&a1, a2, &sample_frames()).await })
+    };
+    // The acceptor takes the next stream once its service lets go of the first.
+    drop(first);
+    next.await.unwrap().unwrap();
+    let c = a1.counters();
+    assert_eq!(c.connections[1].load(Ordering::Relaxed), 1, "one handshake");
+    assert_eq!(c.tcp_reused.load(Ordering::Relaxed), 1);
+}

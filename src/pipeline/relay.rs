@@ -643,6 +643,11 @@ async fn relay(
                     break;
                 }
             }
+            if last {
+                // The end of upstream's half came with its last packet: taken now, it
+                // lets this relay's last ack carry word that the connection is kept.
+                up_r.try_end();
+            }
             if bad || last {
                 break;
             }

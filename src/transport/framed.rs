@@ -87,18 +87,12 @@ impl<R: AsyncRead + EndMarks + Unpin> FrameReader<R> {
     /// stream ended, or an end mark where the byte stream accepts one).
     pub async fn recv(&mut self) -> Result<Option<Frame>, FramedError> {
         loop {
-            if self.ended {
+            if self.try_end() {
                 return Ok(None);
             }
             if self.buf.len() >= wire::LEN_PREFIX {
                 let prefix: [u8; wire::LEN_PREFIX] =
                     self.buf[..wire::LEN_PREFIX].try_into().unwrap_or_default();
-                if prefix == wire::END_MARK && self.inner.accepts_end_mark() {
-                    bytes::Buf::advance(&mut self.buf, wire::LEN_PREFIX);
-                    self.ended = true;
-                    self.inner.end_marked(&mut self.buf);
-                    return Ok(None);
-                }
                 let need = wire::LEN_PREFIX + wire::frame_len(prefix)?;
                 if self.buf.len() >= need {
                     return Ok(wire::decode_frame(&mut self.buf)?);
@@ -116,6 +110,19 @@ impl<R: AsyncRead + EndMarks + Unpin> FrameReader<R> {
                 };
             }
         }
+    }
+
+    /// Whether the stream has ended at an end mark, taking a mark that is already
+    /// buffered (no IO). A service that knows the peer sent its last frame calls this
+    /// before it ends its own half: the peers then know at once that the connection can
+    /// carry their next stream.
+    pub fn try_end(&mut self) -> bool {
+        if !self.ended && self.buf.starts_with(&wire::END_MARK) && self.inner.accepts_end_mark() {
+            bytes::Buf::advance(&mut self.buf, wire::LEN_PREFIX);
+            self.ended = true;
+            self.inner.end_marked(&mut self.buf);
+        }
+        self.ended
     }
 
     /// The underlying stream.
@@ -336,6 +343,60 @@ mod tests {
         }
         assert!(r.recv().await.unwrap().is_none(), "clean end");
         writer.await.unwrap();
+    }
+
+    /// A pipe that takes end marks and keeps what came after one.
+    struct Marked(tokio::io::DuplexStream, Option<BytesMut>);
+
+    impl AsyncRead for Marked {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl EndMarks for Marked {
+        fn accepts_end_mark(&self) -> bool {
+            true
+        }
+        fn end_marked(&mut self, rest: &mut BytesMut) {
+            self.1 = Some(rest.split());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_end_mark_already_read_is_taken_without_io() {
+        let ack = Frame::Ack(Ack {
+            seq: 1,
+            statuses: vec![Status::Success],
+        });
+        let mut bytes = BytesMut::new();
+        ack.encode(&mut bytes);
+        // Two frames, the end mark, and what the peer sends next, in one write.
+        let mut all = [&bytes[..], &bytes[..], &wire::END_MARK[..], b"next"].concat();
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&all).await.unwrap();
+        let mut r = FrameReader::new(Marked(b, None));
+        assert!(!r.try_end(), "nothing read yet");
+        assert_eq!(r.recv().await.unwrap().as_ref(), Some(&ack));
+        assert!(!r.try_end(), "a frame before the mark");
+        assert_eq!(r.inner.1, None);
+        assert_eq!(r.recv().await.unwrap().as_ref(), Some(&ack));
+        assert!(r.try_end());
+        assert_eq!(r.inner.1.as_deref(), Some(&b"next"[..]), "bytes after the mark");
+        assert!(r.try_end(), "ended stays ended");
+        assert!(r.recv().await.unwrap().is_none());
+        // A pipe that takes no end marks: the same bytes are no end.
+        all.truncate(2 * bytes.len() + wire::LEN_PREFIX);
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&all).await.unwrap();
+        let mut r = FrameReader::new(b);
+        r.recv().await.unwrap();
+        r.recv().await.unwrap();
+        assert!(!r.try_end());
     }
 
     #[tokio::test]

@@ -791,7 +791,7 @@ impl Transport {
             None => self.connect_tcp(peer).await?,
         };
         let weak = Arc::downgrade(&self.inner);
-        let (source, sink) = reuse::split(conn, move |whole| {
+        let (source, sink) = reuse::split(conn, false, move |whole| {
             if let Some(inner) = weak.upgrade() {
                 spawn_detached(Transport { inner }.keep_idle_tcp(peer, whole));
             }
@@ -895,7 +895,7 @@ impl Transport {
     ) -> Stream {
         let weak = Arc::downgrade(&self.inner);
         let next_tx = tx;
-        let (source, sink) = reuse::split(conn, move |whole| {
+        let (source, sink) = reuse::split(conn, true, move |whole| {
             if let Some(inner) = weak.upgrade() {
                 spawn_detached(Transport { inner }.await_next_tcp(whole, peer, role, next_tx));
             }
@@ -924,8 +924,9 @@ impl Transport {
             self.inner.config.idle_timeout,
         );
         let next = async {
+            let ready_sent = whole.ready_sent;
             let (conn, rest) = reuse::finish_reading(whole, within).await?;
-            reuse::await_next(conn, rest, idle).await
+            reuse::await_next(conn, rest, idle, ready_sent).await
         };
         let next = tokio::select! {
             n = next => n,

@@ -48,7 +48,10 @@ pub(crate) fn buffered(tcp: TcpStream) -> BufferedTcp {
 }
 
 /// The acceptor's word that it keeps the connection for the opener's next stream: sent
-/// after its own end mark, once both halves of its stream are whole again.
+/// after its own end mark, once both halves of its stream are whole again — or with the
+/// end mark itself when the opener's mark was already read by then (the usual case: a
+/// service answers the last request after reading it), which saves the peers a write and
+/// a wake-up per stream.
 pub(crate) const READY: [u8; wire::LEN_PREFIX] = [0; wire::LEN_PREFIX];
 
 /// Most bytes of the peer's frames a side reads and discards to reach the peer's end mark
@@ -64,6 +67,8 @@ pub(crate) struct Whole {
     pub(crate) rest: Option<BytesMut>,
     /// Bytes the local service read but did not decode, before the mark.
     pub(crate) unread: BytesMut,
+    /// The acceptor sent [`READY`] with its end mark.
+    pub(crate) ready_sent: bool,
 }
 
 type OnWhole = Box<dyn FnOnce(Whole) + Send>;
@@ -76,6 +81,9 @@ struct State {
     unread: BytesMut,
     sent_end: bool,
     broken: bool,
+    /// This side accepted the connection: it may send [`READY`] with its end mark.
+    acceptor: bool,
+    ready_sent: bool,
     on_whole: Option<OnWhole>,
 }
 
@@ -117,21 +125,25 @@ impl Halves {
         let rest = s.rest.take();
         let unread = std::mem::take(&mut s.unread);
         let on_whole = s.on_whole.take();
+        let ready_sent = s.ready_sent;
         drop(s);
         if whole && let Some(f) = on_whole {
             f(Whole {
                 conn: r.unsplit(w),
                 rest,
                 unread,
+                ready_sent,
             });
         }
     }
 }
 
 /// Splits `conn` into the two halves of a stream; `on_whole` gets the connection back if
-/// the stream ends cleanly in both directions.
+/// the stream ends cleanly in both directions. `acceptor`: this side accepted the
+/// connection (it tells the opener when it keeps it).
 pub(crate) fn split(
     conn: TlsTcp,
+    acceptor: bool,
     on_whole: impl FnOnce(Whole) + Send + 'static,
 ) -> (TcpSource, TcpSink) {
     let (r, w) = tokio::io::split(conn);
@@ -143,6 +155,8 @@ pub(crate) fn split(
         unread: BytesMut::new(),
         sent_end: false,
         broken: false,
+        acceptor,
+        ready_sent: false,
         on_whole: Some(Box::new(on_whole)),
     })));
     (
@@ -305,9 +319,21 @@ impl ByteSink for TcpSink {
     }
     async fn finish(&mut self) -> std::io::Result<()> {
         self.hold(Bytes::from_static(&wire::END_MARK))?;
+        // The opener's half already ended at its mark with nothing after it (it sends its
+        // next stream only after READY), and nothing read or written failed: once this
+        // write is out, the stream is whole whatever the service does next.
+        let ready = {
+            let s = self.halves.state();
+            s.acceptor && !s.broken && s.rest.as_ref().is_some_and(|r| r.is_empty())
+        };
+        if ready {
+            self.hold(Bytes::from_static(&READY))?;
+        }
         self.write_held(true).await?;
         self.ended = true;
-        self.halves.state().sent_end = true;
+        let mut s = self.halves.state();
+        s.sent_end = true;
+        s.ready_sent = ready;
         Ok(())
     }
 }
@@ -376,20 +402,23 @@ pub(crate) async fn await_ready(conn: &mut TlsTcp, mut rest: BytesMut, within: D
     matches!(got, Ok(Ok(()))) && rest[..] == READY
 }
 
-/// The acceptor's side: tells the opener the connection is kept, then waits up to `idle`
-/// for the first bytes of its next stream. The connection and those bytes, or `None` once
-/// the opener closed it or stayed silent.
+/// The acceptor's side: tells the opener the connection is kept (unless `ready_sent`
+/// with the end mark), then waits up to `idle` for the first bytes of its next stream.
+/// The connection and those bytes, or `None` once the opener closed it or stayed silent.
 pub(crate) async fn await_next(
     mut conn: TlsTcp,
     mut rest: BytesMut,
     idle: Duration,
+    ready_sent: bool,
 ) -> Option<(TlsTcp, BytesMut)> {
     if !rest.is_empty() {
         // The opener sends its next stream only after READY.
         return None;
     }
-    conn.write_all(&READY).await.ok()?;
-    conn.flush().await.ok()?;
+    if !ready_sent {
+        conn.write_all(&READY).await.ok()?;
+        conn.flush().await.ok()?;
+    }
     match tokio::time::timeout(idle, conn.read_buf(&mut rest)).await {
         Ok(Ok(n)) if n > 0 => Some((conn, rest)),
         _ => None,
