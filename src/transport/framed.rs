@@ -386,7 +386,11 @@ mod tests {
         assert_eq!(r.inner.1, None);
         assert_eq!(r.recv().await.unwrap().as_ref(), Some(&ack));
         assert!(r.try_end());
-        assert_eq!(r.inner.1.as_deref(), Some(&b"next"[..]), "bytes after the mark");
+        assert_eq!(
+            r.inner.1.as_deref(),
+            Some(&b"next"[..]),
+            "bytes after the mark"
+        );
         assert!(r.try_end(), "ended stays ended");
         assert!(r.recv().await.unwrap().is_none());
         // A pipe that takes no end marks: the same bytes are no end.
