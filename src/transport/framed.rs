@@ -114,8 +114,9 @@ impl<R: AsyncRead + EndMarks + Unpin> FrameReader<R> {
 
     /// Whether the stream has ended at an end mark, taking a mark that is already
     /// buffered (no IO). A service that knows the peer sent its last frame calls this
-    /// before it ends its own half: the peers then know at once that the connection can
-    /// carry their next stream.
+    /// right before it ends its own half and lets go of the stream: on a reused TCP
+    /// connection the opener then hears with that end that the connection is kept, and
+    /// may start its next stream on it at once (which waits until this one is dropped).
     pub fn try_end(&mut self) -> bool {
         if !self.ended && self.buf.starts_with(&wire::END_MARK) && self.inner.accepts_end_mark() {
             bytes::Buf::advance(&mut self.buf, wire::LEN_PREFIX);
