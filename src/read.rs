@@ -372,10 +372,13 @@ impl Reader {
             class: TrafficClass::Read,
             compression: Compression::Zstd,
         };
+        // The request is all this side sends: its end goes out in the same write, so the
+        // connection can carry the next stream once the answer is read.
         s.writer
-            .send(&Frame::ReadBlock(req))
+            .feed(&Frame::ReadBlock(req))
             .await
             .map_err(|e| link(&e))?;
+        s.writer.finish().await.map_err(|e| link(&e))?;
         let resp = match s.reader.recv().await.map_err(|e| link(&e))? {
             Some(Frame::ReadResponse(r)) => r,
             Some(Frame::Error(e)) => return Err(ReplicaFailure::from_peer(e.status, e.message)),
@@ -556,6 +559,8 @@ pub(crate) async fn serve(shared: Arc<NodeContext>, mut s: Stream, req: ReadBloc
         seq += 1;
         pos += n;
     }
-    // Ending the stream flushes: the last packets and the end mark go out together.
+    // Ending the stream flushes: the last packets and the end mark go out together (with
+    // word that the connection is kept: the client's end came with its request).
+    s.reader.try_end();
     let _ = s.writer.finish().await;
 }

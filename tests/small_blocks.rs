@@ -148,3 +148,39 @@ async fn thousands_of_small_blocks_keep_every_replica_and_release_resources() {
     assert!(fds1 <= fds0 + 16, "open fds {fds0} -> {fds1}");
     assert!(tasks1 <= tasks0 + 16, "tasks {tasks0} -> {tasks1}");
 }
+
+/// Small-block reads reuse TLS-over-TCP connections as writes do: a read's client ends
+/// its half with its request and the server its half with the last packet, so the next
+/// read to the same node costs no TCP or TLS handshake. (Every read made a connection of
+/// its own before: the client never ended its half.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_small_reads_reuse_connections() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = Cluster::start().await;
+    let data = Bytes::from(pattern(9, 65536));
+    let targets = c.ids(&["a1", "a2"]);
+    let out = write_one(c.node("a1"), BlockId(9), &targets, data.clone())
+        .await
+        .unwrap();
+    let reader = c.node("a3");
+    let counters = reader.transport().counters();
+    let connects = || counters.connections[1].load(Relaxed);
+    let before = (connects(), counters.tcp_reused.load(Relaxed));
+    for i in 0..20 {
+        let params = strait::read::ReadParams::default();
+        let r = reader.reader(BlockId(9), out.genstamp, &out.replicas, params);
+        assert_eq!(r.read_all().await.unwrap(), data, "read {i}");
+        // The next read finds the connection idle again (bounded wait: the opener keeps
+        // it once the server's word that it keeps it too has arrived).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while reader.transport().idle_tcp_connections() == 0 {
+            assert!(std::time::Instant::now() < deadline, "read {i}: never idle");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+    let made = connects() - before.0;
+    let reused = counters.tcp_reused.load(Relaxed) - before.1;
+    // A hedged read may open a second replica's connection.
+    assert!(made <= 2, "{made} connections for 20 reads");
+    assert!(reused >= 18, "{reused} of 20 reads on a kept connection");
+}
