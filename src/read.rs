@@ -372,13 +372,12 @@ impl Reader {
             class: TrafficClass::Read,
             compression: Compression::Zstd,
         };
-        // The request is all this side sends: its end goes out in the same write, so the
-        // connection can carry the next stream once the answer is read.
+        // The request is all this side sends: ending the stream with it lets the
+        // connection carry the next stream once the answer is read.
         s.writer
-            .feed(&Frame::ReadBlock(req))
+            .send_last(&Frame::ReadBlock(req))
             .await
             .map_err(|e| link(&e))?;
-        s.writer.finish().await.map_err(|e| link(&e))?;
         let resp = match s.reader.recv().await.map_err(|e| link(&e))? {
             Some(Frame::ReadResponse(r)) => r,
             Some(Frame::Error(e)) => return Err(ReplicaFailure::from_peer(e.status, e.message)),

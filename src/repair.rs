@@ -437,10 +437,9 @@ impl Repairs {
                 class: TrafficClass::Repair,
                 compression: Compression::None,
             });
-            s.writer.send(&ping).await.ok()?;
             // Nothing more to ask: the peer's handler ends with its answer instead of
             // waiting on this stream (and holding up that peer's shutdown).
-            let _ = s.writer.finish().await;
+            s.writer.send_last(&ping).await.ok()?;
             s.reader.recv().await.ok()?
         };
         let answered = matches!(

@@ -151,8 +151,10 @@ impl Transfers {
             class: self.class,
             compression: Compression::None,
         });
-        s.writer.send(&probe).await.map_err(|e| e.to_string())?;
-        let _ = s.writer.finish().await;
+        s.writer
+            .send_last(&probe)
+            .await
+            .map_err(|e| e.to_string())?;
         match s.reader.recv().await.map_err(|e| e.to_string())? {
             Some(Frame::ReadResponse(r)) if r.status == Status::Success => {
                 Ok(match (r.finalized, r.replica_len == len) {

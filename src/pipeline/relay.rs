@@ -610,9 +610,7 @@ async fn relay(
                         )
                         .await;
                     if last {
-                        // The last frame and the end of the stream go out together.
-                        w.feed(&Frame::Packet(p)).await?;
-                        w.finish().await
+                        w.send_last(&Frame::Packet(p)).await
                     } else {
                         w.send(&Frame::Packet(p)).await
                     }

@@ -220,6 +220,13 @@ impl<S: ByteSink + 'static> FrameWriter<S> {
         self.flush().await
     }
 
+    /// Sends one frame and ends the stream: the last thing a side has to say. A link that
+    /// holds what it is fed (TLS over TCP) writes the frame and the end mark at once.
+    pub async fn send_last(&mut self, frame: &Frame) -> Result<(), FramedError> {
+        self.feed(frame).await?;
+        self.finish().await
+    }
+
     /// Sends one frame without flushing (for a batch; call [`flush`](Self::flush) after).
     pub async fn feed(&mut self, frame: &Frame) -> Result<(), FramedError> {
         if self.stalled {
