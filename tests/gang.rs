@@ -31,9 +31,11 @@ async fn many_writers_over_two_slots_per_node_all_finish() {
         let targets = c.ids(&layouts[(w % 4) as usize]);
         tasks.push(tokio::spawn(async move {
             let data = pattern(w + 300, 3 << 20);
-            let mut wr = node
-                .writer(BlockId(300 + w), &targets, WriteParams::new(GenStamp(1)))
-                .await?;
+            // Half of them send the setup with their first packet: a refused setup
+            // then comes after hops wrote that packet, and is retried with it.
+            let mut params = WriteParams::new(GenStamp(1));
+            params.setup_with_first_packet = w % 2 == 1;
+            let mut wr = node.writer(BlockId(300 + w), &targets, params).await?;
             wr.write(Bytes::from(data)).await?;
             wr.close().await
         }));
@@ -83,9 +85,11 @@ async fn a_node_without_a_free_slot_refuses_and_nothing_is_left_behind() {
     c.limit_writes(1, Duration::from_secs(2)).await;
     // A write in progress holds b2's only slot.
     let holder = hold_b2(&c, BlockId(400)).await;
-    // Another pipeline through a3 and b2: refused by b2 and retried.
+    // Another pipeline through a3 and b2: refused by b2 and retried, each time with its
+    // only packet (a3 wrote it before b2's refusal came up, and removes it again).
     let mut params = WriteParams::new(GenStamp(1));
     params.spares = vec![];
+    params.setup_with_first_packet = true;
     let blocked = {
         let node = c.node("a2").clone();
         let targets = c.ids(&["a3", "b2"]);
@@ -113,7 +117,19 @@ async fn a_node_without_a_free_slot_refuses_and_nothing_is_left_behind() {
     assert_eq!(out.replicas, c.ids(&["a3", "b2"]));
     for name in ["a3", "b2"] {
         let info = c.node(name).store().get(BlockId(401)).unwrap();
-        assert_eq!(info.state, ReplicaState::Finalized);
+        assert_eq!((info.state, info.len), (ReplicaState::Finalized, 1000));
+        let got = c
+            .node("a1")
+            .reader(
+                BlockId(401),
+                out.genstamp,
+                &[c.id(name)],
+                Default::default(),
+            )
+            .read_all()
+            .await
+            .unwrap();
+        assert_eq!(got, vec![2u8; 1000], "{name}");
     }
     // Now hold b2 for longer than the admission timeout (2 s) of a writer that waits.
     let holder = hold_b2(&c, BlockId(403)).await;

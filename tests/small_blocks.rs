@@ -19,15 +19,34 @@ use strait::pipeline::{WriteError, WriteParams};
 use strait::store::ReplicaState;
 use strait::topology::NodeId;
 
+/// How a write sets its pipeline up.
+#[derive(Debug, Clone, Copy)]
+enum Setup {
+    /// When the writer is made (the default).
+    AtCreate,
+    /// With the first packet (`WriteParams::setup_with_first_packet`).
+    WithData,
+}
+
 async fn write_one(
     node: &Node,
     block: BlockId,
     targets: &[NodeId],
     data: Bytes,
 ) -> Result<strait::pipeline::WriteOutcome, WriteError> {
-    let mut w = node
-        .writer(block, targets, WriteParams::new(GenStamp(1)))
-        .await?;
+    write_with(Setup::AtCreate, node, block, targets, data).await
+}
+
+async fn write_with(
+    setup: Setup,
+    node: &Node,
+    block: BlockId,
+    targets: &[NodeId],
+    data: Bytes,
+) -> Result<strait::pipeline::WriteOutcome, WriteError> {
+    let mut params = WriteParams::new(GenStamp(1));
+    params.setup_with_first_packet = matches!(setup, Setup::WithData);
+    let mut w = node.writer(block, targets, params).await?;
     w.write(data).await?;
     w.close().await
 }
@@ -39,6 +58,17 @@ fn open_fds() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_the_target_already_holds_is_refused_not_dropped() {
+    refused_not_dropped(Setup::AtCreate).await;
+}
+
+/// The same with the setup sent with the data: the hops wrote the packet before the
+/// refusal came up from below, and still nothing of the refused write stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_the_target_already_holds_is_refused_when_the_setup_comes_with_the_data() {
+    refused_not_dropped(Setup::WithData).await;
+}
+
+async fn refused_not_dropped(setup: Setup) {
     let c = Cluster::start().await;
     let block = BlockId(7);
     let data = Bytes::from(pattern(7, 65536));
@@ -49,7 +79,7 @@ async fn a_block_the_target_already_holds_is_refused_not_dropped() {
         .unwrap();
     // The same id through a 2+2 pipeline whose first target is a1.
     let targets = c.ids(&["a1", "a2", "b1", "b2"]);
-    let err = write_one(c.node("a3"), block, &targets, data.clone())
+    let err = write_with(setup, c.node("a3"), block, &targets, data.clone())
         .await
         .expect_err("a reused block id must not silently lose a replica");
     match err {
@@ -75,16 +105,21 @@ async fn a_block_the_target_already_holds_is_refused_not_dropped() {
     write_one(c.node("b1"), block, &c.ids(&["b1"]), data.clone())
         .await
         .unwrap();
-    let err = write_one(c.node("a3"), block, &targets, data)
+    let err = write_with(setup, c.node("a3"), block, &targets, data)
         .await
         .expect_err("refused");
     assert!(
         matches!(&err, WriteError::BlockExists { node, .. } if node == "b1"),
         "{err}"
     );
-    for n in ["a1", "a2"] {
+    for n in ["a1", "a2", "b2"] {
         assert!(c.node(n).store().get(block).is_none(), "{n} kept a replica");
     }
+    let kept = c.node("b1").store().get(block).unwrap();
+    assert_eq!(
+        (kept.state, kept.genstamp),
+        (ReplicaState::Finalized, GenStamp(1))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +143,13 @@ async fn thousands_of_small_blocks_keep_every_replica_and_release_resources() {
     let data = Bytes::from(pattern(99, 65536));
     for i in 0..BLOCKS {
         let block = BlockId(1_000 + i);
-        let out = write_one(writer, block, &targets, data.clone())
+        // Both ways of setting a pipeline up, block after block.
+        let setup = if i % 2 == 0 {
+            Setup::AtCreate
+        } else {
+            Setup::WithData
+        };
+        let out = write_with(setup, writer, block, &targets, data.clone())
             .await
             .unwrap_or_else(|e| panic!("block {i}: {e}"));
         assert!(
@@ -183,4 +224,84 @@ async fn sequential_small_reads_reuse_connections() {
     // A hedged read may open a second replica's connection.
     assert!(made <= 2, "{made} connections for 20 reads");
     assert!(reused >= 18, "{reused} of 20 reads on a kept connection");
+}
+
+/// With `setup_with_first_packet` a small block costs one round trip through the
+/// pipeline, not two: the writer sends the setup and the block together, and every hop
+/// forwards the block before the answer to the setup has come up from below. Here the
+/// last hop holds its answer back for half a second; each node must have passed the
+/// block on by then, and the block is final on all four. (Set up at create, each hop
+/// sends its setup ack before it has even seen the block.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_setup_travels_with_the_first_packet() {
+    use std::sync::{Arc, Mutex};
+    use strait::transport::filter::{FrameAction, Hop};
+    use strait::wire::Frame;
+    let c = Cluster::start().await;
+    let names = ["a3", "a1", "a2", "b1", "b2"];
+    let ids: Vec<NodeId> = names.iter().map(|n| c.id(n)).collect();
+    let tail = ids[4];
+    // Every frame any node sends, in the order the nodes send them.
+    let log: Arc<Mutex<Vec<(NodeId, &'static str)>>> = Arc::default();
+    let filter = {
+        let log = log.clone();
+        Arc::new(move |hop: Hop, frame: &Frame| {
+            let kind = match frame {
+                Frame::WriteBlock(_) => "setup",
+                Frame::Packet(_) => "packet",
+                Frame::Ack(a) if a.seq == strait::pipeline::SETUP_SEQ => "setup ack",
+                Frame::Ack(_) => "ack",
+                _ => "other",
+            };
+            log.lock().unwrap().push((hop.from, kind));
+            if hop.from == tail && kind == "setup ack" {
+                FrameAction::Delay(std::time::Duration::from_millis(500))
+            } else {
+                FrameAction::Pass
+            }
+        })
+    };
+    for n in names {
+        c.node(n).transport().set_frame_filter(Some(filter.clone()));
+    }
+    let data = Bytes::from(pattern(31, 65536));
+    let t0 = std::time::Instant::now();
+    let out = write_with(
+        Setup::WithData,
+        c.node("a3"),
+        BlockId(31),
+        &ids[1..],
+        data.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(out.failed.is_empty() && out.replicas == ids[1..], "{out:?}");
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(500));
+    let log = log.lock().unwrap().clone();
+    let at = |node: NodeId, kind: &str| {
+        log.iter()
+            .position(|&(n, k)| n == node && k == kind)
+            .unwrap_or_else(|| panic!("{} sent no {kind}: {log:?}", c.name(node)))
+    };
+    // The writer and each relay with a hop below it: the block went on before the
+    // setup's answer went up.
+    assert!(at(ids[0], "packet") < at(ids[1], "setup ack"), "{log:?}");
+    for &n in &ids[1..4] {
+        assert!(
+            at(n, "packet") < at(n, "setup ack"),
+            "{}: {log:?}",
+            c.name(n)
+        );
+    }
+    for &n in &ids[1..] {
+        let info = c.node(c.name(n)).store().get(BlockId(31)).unwrap();
+        assert_eq!((info.state, info.len), (ReplicaState::Finalized, 65536));
+        let got = c
+            .node("a3")
+            .reader(BlockId(31), out.genstamp, &[n], Default::default())
+            .read_all()
+            .await
+            .unwrap();
+        assert_eq!(got, data, "{} holds other bytes", c.name(n));
+    }
 }

@@ -43,7 +43,7 @@ use crate::context::NodeContext;
 use crate::replication::ReplicationQueue;
 use crate::store::ReplicaState;
 use crate::topology::{IdcId, NodeId};
-use crate::transport::{PeerRole, Stream, TransportError};
+use crate::transport::{FrameReader, PeerRole, Source, Stream, TransportError};
 use crate::wire::{CopyBlock, ErrorFrame, Frame, Status, TrafficClass, WriteBlock, WriteMode};
 
 pub use writer::{AckHistogram, Writer};
@@ -140,6 +140,18 @@ pub struct WriteParams {
     /// adds replicas to them). Every replica records the whole set — these, the targets
     /// and the async remote targets — so that the survivors of a node loss can repair it.
     pub holders: Vec<NodeId>,
+    /// Send the pipeline's setup with the block's first packet instead of when the writer
+    /// is made: the `WriteBlock` and the first packet (for a block of one packet, the
+    /// whole block and the end of the stream) go out in one write, the hops forward the
+    /// packet while the hops after them are still being set up, and a small block costs
+    /// one round trip through the pipeline instead of two. The writer is then returned
+    /// without contacting any node, and a refused setup (the block exists, no write slot
+    /// before the admission timeout, denied, an IDC with no reachable target) is the
+    /// error of the `write`, `hflush`, `hsync` or `close` that sends the first packet.
+    /// A hop writes the packet before it knows that the whole pipeline was set up, but
+    /// finalizes nothing until it does, and removes the replica when the setup fails.
+    /// Off by default.
+    pub setup_with_first_packet: bool,
 }
 
 impl WriteParams {
@@ -154,6 +166,7 @@ impl WriteParams {
             mode: WriteMode::Sync,
             recover: true,
             holders: Vec::new(),
+            setup_with_first_packet: false,
         }
     }
 }
@@ -577,13 +590,10 @@ fn open_hop(
     }
 }
 
-/// Sends a `WriteBlock` and reads the setup ack's statuses.
-async fn setup_exchange(s: &mut Stream, req: WriteBlock) -> Result<Vec<Status>, (usize, String)> {
-    s.writer
-        .send(&Frame::WriteBlock(req))
-        .await
-        .map_err(|e| (0, e.to_string()))?;
-    match s.reader.recv().await {
+/// Reads the answer to a `WriteBlock`: the setup ack's statuses, one per node from the
+/// receiver down.
+async fn setup_answer(r: &mut FrameReader<Source>) -> Result<Vec<Status>, (usize, String)> {
+    match r.recv().await {
         Ok(Some(Frame::Ack(a))) if a.seq == SETUP_SEQ => Ok(a.statuses),
         Ok(Some(Frame::Error(e))) => Err((0, format!("{:?}: {}", e.status, e.message))),
         Ok(other) => Err((0, format!("unexpected setup answer {other:?}"))),

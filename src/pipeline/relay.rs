@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use super::{Pipelines, SETUP_SEQ, setup_exchange, window_for};
+use super::{Pipelines, SETUP_SEQ, setup_answer, window_for};
 use crate::block::{BlockId, ChecksumSpec, GenStamp};
 use crate::context::{NodeContext, SiblingSet};
 use crate::replication::ReplicationQueue;
@@ -106,6 +106,46 @@ async fn unless_cancelled<T>(
         _ = cancel.wait_for(|c| *c) => None,
         v = f => Some(v),
     }
+}
+
+/// [`unless_cancelled`], and `None` too once `stop` says so.
+async fn unless_stopped<T>(
+    cancel: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
+    f: impl Future<Output = T>,
+) -> Option<T> {
+    let stopped = async {
+        if stop.wait_for(|s| *s).await.is_err() {
+            // The ack loop ended without a word: only `true` stops.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = stopped => None,
+        v = unless_cancelled(cancel, f) => v,
+    }
+}
+
+/// The setup failed at or below this hop. A new replica nobody will write to is removed
+/// again (its packets, if any came with the setup, landed first) before upstream hears of
+/// the refusal, so the writer sees no leftovers; a resumed one stays for the writer's
+/// next recovery attempt.
+async fn refuse(
+    shared: &NodeContext,
+    req: &WriteBlock,
+    local: Arc<Local>,
+    mut up: FrameWriter<Sink>,
+    statuses: Vec<Status>,
+) {
+    if !req.resume {
+        let gs = local.genstamp();
+        drop(local);
+        if let Err(e) = shared.store.delete(req.block, gs).await {
+            tracing::warn!(block = %req.block, error = %e, "cannot remove the replica of a refused pipeline");
+        }
+    }
+    let _ = up.send(&setup_ack(statuses)).await;
 }
 
 /// A replica this node finalized before a recovery reached it: the resent packets are
@@ -447,11 +487,12 @@ async fn relay(
             return;
         }
     };
-    // The local replica is opened while the rest of the pipeline is set up: a setup
-    // costs one file creation, not one per hop.
+    // The local replica is opened while the next hop is asked for: a setup costs one
+    // file creation, not one per hop. Its answer is read beside the packets (see
+    // `ack_loop`), so packets sent with the setup are forwarded before it comes.
     let downstream = async {
         let Some(&next) = targets.first() else {
-            return (None, Vec::new());
+            return Ok(None);
         };
         let down_req = WriteBlock {
             targets: req.targets[1..].to_vec(),
@@ -459,30 +500,27 @@ async fn relay(
             ..req.clone()
         };
         let timeout = svc.config.setup_timeout;
-        let opened = tokio::time::timeout(timeout, shared.transport.open(next)).await;
-        match opened {
-            Ok(Ok(mut s)) => {
-                match tokio::time::timeout(timeout, setup_exchange(&mut s, down_req)).await {
-                    Ok(Ok(st)) if !st.is_empty() => {
-                        let ok = st.iter().all(|x| *x == Status::Success);
-                        (ok.then_some(s), st)
-                    }
-                    _ => (None, vec![Status::Unreachable]),
-                }
-            }
+        let asked = tokio::time::timeout(timeout, async {
+            let mut s = shared.transport.open(next).await?;
+            s.writer.send(&Frame::WriteBlock(down_req)).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(s)
+        })
+        .await;
+        match asked {
+            Ok(Ok(s)) => Ok(Some(s)),
             Ok(Err(e)) => {
                 tracing::warn!(%block, next = %shared.name(next), error = %e, "downstream unreachable");
-                (None, vec![Status::Unreachable])
+                Err(Status::Unreachable)
             }
-            Err(_) => (None, vec![Status::Unreachable]),
+            Err(_) => Err(Status::Unreachable),
         }
     };
-    let (local, (down, down_statuses)) = tokio::join!(open_replica(shared, &req), downstream);
+    let (local, down) = tokio::join!(open_replica(shared, &req), downstream);
     let local = match local {
         Ok(l) => Arc::new(l),
         Err((status, why)) => {
             tracing::warn!(%block, reason = why, "cannot open replica for pipeline");
-            if let Some(mut s) = down {
+            if let Ok(Some(mut s)) = down {
                 abandon(&mut s.writer, status).await;
                 drained(s.reader, svc.config.setup_timeout).await;
             }
@@ -490,24 +528,20 @@ async fn relay(
             return;
         }
     };
-    let mut statuses = vec![Status::Success];
-    statuses.extend(down_statuses);
-    let setup_ok = statuses.iter().all(|s| *s == Status::Success);
-    if !setup_ok && !req.resume {
-        // A new replica nobody will write to is removed again, before upstream hears of
-        // the refusal (so the writer sees no leftovers); a resumed one stays for the
-        // writer's next recovery attempt.
-        let gs = local.genstamp();
-        drop(local);
-        if let Err(e) = shared.store.delete(block, gs).await {
-            tracing::warn!(%block, error = %e, "cannot remove the replica of a refused pipeline");
+    let down = match down {
+        Ok(d) => d,
+        Err(status) => {
+            refuse(
+                shared,
+                &req,
+                local,
+                up.writer,
+                vec![Status::Success, status],
+            )
+            .await;
+            return;
         }
-        let _ = up.writer.send(&setup_ack(statuses)).await;
-        return;
-    }
-    if up.writer.send(&setup_ack(statuses)).await.is_err() || !setup_ok {
-        return;
-    }
+    };
 
     let down_tier = targets.first().map(|&n| topo.tier(shared.me, n));
     let (down_w, down_r) = match down {
@@ -530,6 +564,8 @@ async fn relay(
     // The ack loop runs beside the receive loop in this task (joined, not spawned): a
     // task per relay and block, and the wake-up of another runtime thread it often cost,
     // were a large part of what a small block cost.
+    // The ack loop says when the setup failed below: nothing more is received then.
+    let (stop_tx, mut stop) = watch::channel(false);
     let acker = ack_loop(
         svc.clone(),
         local.clone(),
@@ -540,6 +576,7 @@ async fn relay(
         targets.len(),
         queue,
         cancel.clone(),
+        stop_tx,
     );
 
     // Receive, verify, forward, write.
@@ -549,7 +586,7 @@ async fn relay(
         let mut abandoned = None;
         let mut down_ended = false;
         loop {
-            let p = match unless_cancelled(cancel, up_r.recv()).await {
+            let p = match unless_stopped(cancel, &mut stop, up_r.recv()).await {
                 Some(Ok(Some(Frame::Packet(p)))) => p,
                 // The only frame an upstream hop sends besides packets: see `abandon`.
                 Some(Ok(Some(Frame::Error(e)))) if !received => {
@@ -597,7 +634,7 @@ async fn relay(
             if !bad && let (Some(w), Some(&next)) = (down_w.as_mut(), targets.first()) {
                 let len = p.payload.len() as u64;
                 // Across the DCI: compressed when that pays, admitted by the governor.
-                let forwarded = unless_cancelled(cancel, async {
+                let forwarded = unless_stopped(cancel, &mut stop, async {
                     let p = shared
                         .dci
                         .govern_packet(
@@ -634,7 +671,7 @@ async fn relay(
             }
             // Hand the packet to the ack loop; a write that cannot be handed over lands here,
             // so that no write of this relay outlives it.
-            match unless_cancelled(cancel, tx.reserve()).await {
+            match unless_stopped(cancel, &mut stop, tx.reserve()).await {
                 Some(Ok(slot)) => slot.send(Pending { seq, last, write }),
                 _ => {
                     land(write).await;
@@ -651,7 +688,8 @@ async fn relay(
             }
         }
         drop(tx);
-        if let Some(mut w) = down_w.filter(|_| !down_ended) {
+        // After a failed setup below, the stream down is dropped, not ended.
+        if let Some(mut w) = down_w.filter(|_| !down_ended && !*stop.borrow()) {
             if let Some(status) = abandoned {
                 abandon(&mut w, status).await;
             }
@@ -659,7 +697,12 @@ async fn relay(
         }
         abandoned
     };
-    let (abandoned, (mut up_w, down_r)) = tokio::join!(receive, acker);
+    let (abandoned, (mut up_w, down_r, refused)) = tokio::join!(receive, acker);
+    if let Some(statuses) = refused {
+        drop(down_r);
+        refuse(shared, &req, local, up_w, statuses).await;
+        return;
+    }
     // Set up for nothing: an upstream hop could not open its own replica. The new
     // replica nobody will write to is removed, as a refused setup's is, once the hops
     // after this one removed theirs; upstream hears the end of this stream only then.
@@ -691,9 +734,39 @@ async fn ack_loop(
     downstream: usize,
     queue: Option<RemoteCopy>,
     mut cancel: watch::Receiver<bool>,
-) -> (FrameWriter<Sink>, Option<FrameReader<Source>>) {
+    stop: watch::Sender<bool>,
+) -> (
+    FrameWriter<Sink>,
+    Option<FrameReader<Source>>,
+    Option<Vec<Status>>,
+) {
     let shared = &svc.ctx;
     let block = req_block(&local);
+    // The setup first: the hops below answer while packets may already be arriving.
+    // Nothing is finalized or acknowledged before every hop below has said yes.
+    let mut setup = vec![Status::Success];
+    if let Some(r) = down_r.as_mut() {
+        let answer = tokio::time::timeout(svc.config.setup_timeout, setup_answer(r));
+        match unless_cancelled(&mut cancel, answer).await {
+            Some(Ok(Ok(st))) if !st.is_empty() => setup.extend(st),
+            Some(_) => setup.push(Status::Unreachable),
+            None => {
+                let _ = stop.send(true);
+                return (up_w, down_r, settle(rx, None).await);
+            }
+        }
+    }
+    if setup.iter().any(|s| *s != Status::Success) {
+        let _ = stop.send(true);
+        return (up_w, down_r, settle(rx, Some(setup)).await);
+    }
+    if unless_cancelled(&mut cancel, up_w.send(&setup_ack(setup)))
+        .await
+        .is_none_or(|sent| sent.is_err())
+    {
+        let _ = stop.send(true);
+        return (up_w, down_r, settle(rx, None).await);
+    }
     // The node next to a silent hop gives up first: each node further up waits one more
     // step.
     let ack_wait = svc.config.ack_timeout + svc.config.ack_step * downstream as u32;
@@ -805,12 +878,20 @@ async fn ack_loop(
             break;
         }
     }
-    // Let any writes still queued land before the replica is handed over.
+    (up_w, down_r, settle(rx, None).await)
+}
+
+/// Lets the writes still queued for the ack loop land before the replica is handed over
+/// (or removed); passes `refused` through.
+async fn settle(
+    mut rx: mpsc::Receiver<Pending>,
+    refused: Option<Vec<Status>>,
+) -> Option<Vec<Status>> {
     rx.close();
     while let Some(p) = rx.recv().await {
         land(p.write).await;
     }
-    (up_w, down_r)
+    refused
 }
 
 /// The message of the frame that abandons a pipeline before its first packet.
@@ -834,10 +915,17 @@ async fn drained(mut r: FrameReader<Source>, limit: Duration) {
     let _ = tokio::time::timeout(limit, async { while let Ok(Some(_)) = r.recv().await {} }).await;
 }
 
-/// Waits for a local write that no ack loop will see.
+/// Waits for a local write that no ack loop will see. It finalizes nothing: a replica is
+/// final only when the ack loop says so.
 async fn land(write: Result<Option<WriteTask>, Status>) {
-    if let Ok(Some(h)) = write {
-        let _ = h.wait().await;
+    match write {
+        Ok(Some(WriteTask::Spawned(h))) => {
+            let _ = h.await;
+        }
+        Ok(Some(WriteTask::Final(w))) => {
+            let _ = w.write(Durability::Buffered).await;
+        }
+        _ => {}
     }
 }
 

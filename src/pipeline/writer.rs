@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::window::{AckFault, IdcLost, Window};
 use super::{
-    Pipelines, SetupFailure, WriteError, WriteOutcome, WriteParams, copy, open_hop, setup_exchange,
+    Pipelines, SetupFailure, WriteError, WriteOutcome, WriteParams, copy, open_hop, setup_answer,
     window_for,
 };
 use crate::block::{BlockId, GenStamp};
@@ -66,6 +66,9 @@ pub struct Writer {
     flushed_in_buf: usize,
     window_bytes: usize,
     broken: bool,
+    /// No node was contacted yet: the setup goes out with the first packet
+    /// ([`WriteParams::setup_with_first_packet`]).
+    setup_pending: bool,
     ack_us: AckHistogram,
 }
 
@@ -162,13 +165,16 @@ impl Writer {
             flushed_in_buf: 0,
             window_bytes,
             broken: false,
+            setup_pending: params.setup_with_first_packet,
             ack_us: AckHistogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("valid histogram bounds"),
             params,
             ctx: shared.clone(),
             svc: svc.clone(),
         };
-        w.establish(0).await?;
+        if !w.setup_pending {
+            w.establish(0).await?;
+        }
         Ok(w)
     }
 
@@ -288,6 +294,11 @@ impl Writer {
         }
         let crcs = self.params.checksum.checksums(&data);
         let packet = self.win.push(offset, data, crcs, flags, Instant::now());
+        if self.setup_pending {
+            // The first packet: it goes out behind the setup (and, the last one, with the
+            // end of the stream).
+            return self.establish(0).await;
+        }
         let sent = self.send_frame(packet).await;
         if let Err(e) = sent {
             // The first hop is gone; recovery resends everything unacked.
@@ -303,9 +314,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Sends one packet to the first hop (governed when it crosses the DCI), unflushed.
-    async fn send_frame(&mut self, packet: Packet) -> Result<(), String> {
-        let frame = Frame::Packet(
+    /// A packet for the first hop: governed (and maybe compressed) when it crosses the DCI.
+    async fn governed(&self, packet: Packet) -> Frame {
+        Frame::Packet(
             self.ctx
                 .dci
                 .govern_packet(
@@ -317,7 +328,12 @@ impl Writer {
                     &self.ctx.metrics,
                 )
                 .await,
-        );
+        )
+    }
+
+    /// Sends one packet to the first hop (governed when it crosses the DCI), unflushed.
+    async fn send_frame(&mut self, packet: Packet) -> Result<(), String> {
+        let frame = self.governed(packet).await;
         match self.pipe.as_mut() {
             Some(p) => p.sink.feed(&frame).await.map_err(|e| e.to_string()),
             None => Err("no pipeline".into()),
@@ -406,6 +422,7 @@ impl Writer {
             match self.try_establish(offset, offset > 0).await {
                 Ok(p) => {
                     self.pipe = Some(p);
+                    self.setup_pending = false;
                     return Ok(());
                 }
                 Err(SetupFailure {
@@ -525,8 +542,9 @@ impl Writer {
         })
     }
 
-    /// Opens the first hop and sends the `WriteBlock`; on failure, says which node failed
-    /// setup, and why.
+    /// Opens the first hop and sends the `WriteBlock` (a first setup of a writer with
+    /// [`WriteParams::setup_with_first_packet`]: with the packets waiting for it); on
+    /// failure, says which node failed setup, and why.
     async fn try_establish(&mut self, offset: u64, resume: bool) -> Result<Pipe, SetupFailure> {
         let first = self.win.first();
         let req = WriteBlock {
@@ -552,9 +570,19 @@ impl Writer {
             .await
             .map_err(|_| (0, format!("setup timed out after {timeout:?}")))?
             .map_err(|e| (0, e.to_string()))?;
-        let statuses = tokio::time::timeout(timeout, setup_exchange(&mut s, req))
-            .await
-            .map_err(|_| (0, format!("setup ack timed out after {timeout:?}")))??;
+        let sent = self.send_setup(&mut s, req).await;
+        let answer = tokio::time::timeout(timeout, setup_answer(&mut s.reader)).await;
+        let (statuses, ended) = match (sent, answer) {
+            (Ok(ended), Ok(Ok(st))) => (st, ended),
+            // A hop that refuses ends the stream without reading what came with the
+            // setup, so the packets may fail to go out: its answer still says why.
+            (Err(_), Ok(Ok(st))) if st.iter().any(|s| *s != Status::Success) => (st, true),
+            (Err(e), _) => return Err((0, e.to_string()).into()),
+            (Ok(_), Ok(Err(e))) => return Err(e.into()),
+            (Ok(_), Err(_)) => {
+                return Err((0, format!("setup ack timed out after {timeout:?}")).into());
+            }
+        };
         if let Some(i) = statuses.iter().position(|s| *s != Status::Success) {
             return Err(SetupFailure {
                 index: i,
@@ -588,10 +616,36 @@ impl Writer {
         });
         Ok(Pipe {
             sink: writer,
-            ended: false,
+            ended,
             acks: rx,
             reader: task,
         })
+    }
+
+    /// Sends the `WriteBlock` and, on a first setup of a writer with
+    /// [`WriteParams::setup_with_first_packet`], the packets waiting for it (renumbered
+    /// from 0: a retry after a refusal sends them again), the last one with the end of the
+    /// stream. Returns whether the stream's sending half was ended.
+    async fn send_setup(
+        &mut self,
+        s: &mut Stream,
+        req: WriteBlock,
+    ) -> Result<bool, crate::transport::FramedError> {
+        s.writer.feed(&Frame::WriteBlock(req)).await?;
+        let mut ended = false;
+        if self.setup_pending {
+            for packet in self.win.renumber(Instant::now()) {
+                ended |= packet.flags.last;
+                let frame = self.governed(packet).await;
+                s.writer.feed(&frame).await?;
+            }
+        }
+        if ended {
+            s.writer.finish().await?;
+        } else {
+            s.writer.flush().await?;
+        }
+        Ok(ended)
     }
 
     /// Drops `targets[index]` (or the node a broken stream points to), brings in a spare

@@ -43,12 +43,25 @@ pub struct PipelineBenchParams {
     pub writer_on_first: bool,
     /// Sync or async writes.
     pub mode: WriteMode,
+    /// Writers send the pipeline's setup with their first packet
+    /// (`WriteParams::setup_with_first_packet`) instead of when they are made.
+    pub setup_with_data: bool,
     /// DCI budget between the two IDCs, bytes/s.
     pub dci_budget: u64,
     /// Intra-IDC link kinds to measure.
     pub links: Vec<LinkKind>,
     /// Directory for the node stores.
     pub dir: std::path::PathBuf,
+}
+
+impl PipelineBenchParams {
+    /// The parameters of each block's write.
+    fn write_params(&self, mode: WriteMode) -> WriteParams {
+        let mut params = WriteParams::new(GenStamp(1));
+        params.mode = mode;
+        params.setup_with_first_packet = self.setup_with_data;
+        params
+    }
 }
 
 struct Bench {
@@ -201,7 +214,7 @@ async fn run_blocks(
             writer,
             &ids,
             targets,
-            WriteMode::Sync,
+            p.write_params(WriteMode::Sync),
             &data,
             p.block_size,
             p.in_flight,
@@ -218,13 +231,12 @@ async fn write_one(
     writer: &Node,
     block: BlockId,
     targets: &[NodeId],
-    mode: WriteMode,
+    params: WriteParams,
     data: &Bytes,
     block_size: usize,
 ) -> Result<(AckHistogram, BlockTimes), String> {
     let t0 = std::time::Instant::now();
-    let mut params = WriteParams::new(GenStamp(1));
-    params.mode = mode;
+    let mode = params.mode;
     let mut w = writer
         .writer(block, targets, params)
         .await
@@ -256,13 +268,13 @@ async fn write_one(
 }
 
 /// Writes each block of `ids` (`block_size` bytes of `data`, repeated) through
-/// `targets`, `in_flight` blocks at a time; returns the merged packet-ack latencies and
+/// `targets` with `params`, `in_flight` blocks at a time; returns the merged packet-ack latencies and
 /// the per-block latencies. A sync block must keep every replica.
 async fn write_blocks(
     writer: &Node,
     ids: &[BlockId],
     targets: &[NodeId],
-    mode: WriteMode,
+    params: WriteParams,
     data: &Bytes,
     block_size: usize,
     in_flight: usize,
@@ -271,8 +283,9 @@ async fn write_blocks(
     // one future they would all run on one thread.
     let one = |block: BlockId| {
         let (writer, targets, data) = (writer.clone(), targets.to_vec(), data.clone());
+        let params = params.clone();
         let task = tokio::spawn(async move {
-            write_one(&writer, block, &targets, mode, &data, block_size).await
+            write_one(&writer, block, &targets, params, &data, block_size).await
         });
         async move { task.await.map_err(|e| e.to_string())? }
     };
@@ -467,8 +480,13 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
     let (link, single, _, full, fl) = rows.first().ok_or("no link measured")?;
     let acked = fl.acks.count() > 0;
     println!(
-        "{} {link}: pipeline setup p50 {} us p99 {} us; close (last packet to every replica final) p50 {} us p99 {} us; {:.1} context switches per block (single hop {:.1})",
+        "{} {link}: {}; pipeline setup p50 {} us p99 {} us; close (last packet to every replica final) p50 {} us p99 {} us; {:.1} context switches per block (single hop {:.1})",
         p.spec,
+        if p.setup_with_data {
+            "setup sent with the first packet (the setup figure is the writer's creation, no round trip)"
+        } else {
+            "setup when the writer is made"
+        },
         fl.setups.at(0.5),
         fl.setups.at(0.99),
         fl.closes.at(0.5),
@@ -484,6 +502,7 @@ pub async fn run(p: &PipelineBenchParams) -> Result<serde_json::Value, String> {
         "blocks": p.blocks,
         "block_bytes": p.block_size,
         "in_flight": p.in_flight,
+        "setup": if p.setup_with_data { "with-data" } else { "at-create" },
         "packet_bytes": p.packet,
         "writer": if p.writer_on_first { "first-replica" } else { "client" },
         "mb_s": r3(full.mb_s()),
@@ -562,7 +581,7 @@ pub async fn run_async(p: &PipelineBenchParams) -> Result<serde_json::Value, Str
             &head,
             &ids,
             &targets,
-            WriteMode::Async,
+            p.write_params(WriteMode::Async),
             &data,
             p.block_size,
             p.in_flight,

@@ -117,6 +117,11 @@ enum Scenario {
         /// always writes from the first replica's node, which holds the log.
         #[arg(long, value_enum, default_value_t = WriterAt::Client)]
         writer: WriterAt,
+        /// When a writer sets its pipeline up: `with-data` sends the setup with the first
+        /// packet (a small block then costs one round trip through the pipeline), `at-create`
+        /// when the writer is made (the library's default).
+        #[arg(long, value_enum, default_value_t = SetupAt::WithData)]
+        setup: SetupAt,
         /// DCI budget between the two IDCs.
         #[arg(long, default_value = "10gbit", value_parser = parse_rate)]
         dci_budget: u64,
@@ -218,6 +223,15 @@ enum WriterAt {
     First,
 }
 
+/// When a pipeline bench's writers set their pipelines up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SetupAt {
+    /// With the first packet (`WriteParams::setup_with_first_packet`).
+    WithData,
+    /// When the writer is made.
+    AtCreate,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The processes of a bench cluster run with runtimes of their own.
@@ -306,6 +320,7 @@ fn bench(scenario: Scenario) -> ExitCode {
                 packet,
                 window,
                 writer,
+                setup,
                 dci_budget,
                 links,
                 dir,
@@ -339,6 +354,7 @@ fn bench(scenario: Scenario) -> ExitCode {
                     window,
                     writer_on_first: writer_on_first || mode == strait::wire::WriteMode::Async,
                     mode,
+                    setup_with_data: setup == SetupAt::WithData,
                     dci_budget,
                     links,
                     dir,
