@@ -270,6 +270,10 @@ impl Transfers {
             .collect();
         // A copy keeps the block's genstamp; a failed target fails this attempt.
         params.recover = false;
+        // The setup travels with the first data: a small block's copy across the DCI costs
+        // one round trip over it, not two. (A refusal then fails a write or the close
+        // instead of the creation: a retry either way.)
+        params.setup_with_first_packet = true;
         // The pipeline to the targets opens only once the source has answered, so that an
         // obsolete task leaves nothing behind on them.
         let mut w: Option<Writer> = None;
