@@ -145,6 +145,8 @@ async fn writer(
         let data = Bytes::from(content(block, block_size));
         let mut params = WriteParams::new(GenStamp(1));
         params.mode = mode;
+        // Both ways of setting a pipeline up meet the faults.
+        params.setup_with_first_packet = n % 2 == 0;
         let done = async {
             let mut w = node.writer(block, p.targets(), params).await?;
             w.write(data).await?;
