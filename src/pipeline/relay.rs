@@ -561,11 +561,11 @@ async fn relay(
     let names =
         |v: &[String]| -> Vec<NodeId> { v.iter().filter_map(|n| topo.node_by_name(n)).collect() };
     let siblings = (names(&req.replicas), names(&req.lost));
+    // The ack loop says when the setup failed below: nothing more is received then.
+    let (stop_tx, mut stop) = watch::channel(false);
     // The ack loop runs beside the receive loop in this task (joined, not spawned): a
     // task per relay and block, and the wake-up of another runtime thread it often cost,
     // were a large part of what a small block cost.
-    // The ack loop says when the setup failed below: nothing more is received then.
-    let (stop_tx, mut stop) = watch::channel(false);
     let acker = ack_loop(
         svc.clone(),
         local.clone(),
@@ -723,6 +723,11 @@ async fn relay(
     let _ = unless_cancelled(cancel, up_w.finish()).await;
 }
 
+/// Reads the next hop's setup ack, answers upstream's setup, then acknowledges each
+/// packet once its local write (and, the last, the finalize) and the hops below are done.
+/// Returns the streams and, when the setup was refused below, the statuses that upstream
+/// has not been told yet (the caller removes the replica first); `stop` tells the receive
+/// loop to stop then.
 #[allow(clippy::too_many_arguments)]
 async fn ack_loop(
     svc: Arc<Pipelines>,
@@ -752,20 +757,23 @@ async fn ack_loop(
             Some(_) => setup.push(Status::Unreachable),
             None => {
                 let _ = stop.send(true);
-                return (up_w, down_r, settle(rx, None).await);
+                settle(rx).await;
+                return (up_w, down_r, None);
             }
         }
     }
     if setup.iter().any(|s| *s != Status::Success) {
         let _ = stop.send(true);
-        return (up_w, down_r, settle(rx, Some(setup)).await);
+        settle(rx).await;
+        return (up_w, down_r, Some(setup));
     }
     if unless_cancelled(&mut cancel, up_w.send(&setup_ack(setup)))
         .await
         .is_none_or(|sent| sent.is_err())
     {
         let _ = stop.send(true);
-        return (up_w, down_r, settle(rx, None).await);
+        settle(rx).await;
+        return (up_w, down_r, None);
     }
     // The node next to a silent hop gives up first: each node further up waits one more
     // step.
@@ -878,20 +886,17 @@ async fn ack_loop(
             break;
         }
     }
-    (up_w, down_r, settle(rx, None).await)
+    settle(rx).await;
+    (up_w, down_r, None)
 }
 
 /// Lets the writes still queued for the ack loop land before the replica is handed over
-/// (or removed); passes `refused` through.
-async fn settle(
-    mut rx: mpsc::Receiver<Pending>,
-    refused: Option<Vec<Status>>,
-) -> Option<Vec<Status>> {
+/// (or removed).
+async fn settle(mut rx: mpsc::Receiver<Pending>) {
     rx.close();
     while let Some(p) = rx.recv().await {
         land(p.write).await;
     }
-    refused
 }
 
 /// The message of the frame that abandons a pipeline before its first packet.

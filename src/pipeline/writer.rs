@@ -296,8 +296,10 @@ impl Writer {
         let packet = self.win.push(offset, data, crcs, flags, Instant::now());
         if self.setup_pending {
             // The first packet: it goes out behind the setup (and, the last one, with the
-            // end of the stream).
-            return self.establish(0).await;
+            // end of the stream). A setup that fails for good ends the write.
+            let established = self.establish(0).await;
+            self.broken = established.is_err();
+            return established;
         }
         let sent = self.send_frame(packet).await;
         if let Err(e) = sent {

@@ -146,7 +146,7 @@ async fn writer(
         let mut params = WriteParams::new(GenStamp(1));
         params.mode = mode;
         // Both ways of setting a pipeline up meet the faults.
-        params.setup_with_first_packet = n % 2 == 0;
+        params.setup_with_first_packet = n.is_multiple_of(2);
         let done = async {
             let mut w = node.writer(block, p.targets(), params).await?;
             w.write(data).await?;
