@@ -102,6 +102,16 @@ impl From<Mode> for strait::wire::WriteMode {
     }
 }
 
+/// When a writer sets its pipeline up, on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SetupAt {
+    /// With the first packet (`WriteParams::setup_with_first_packet`): a small block
+    /// costs one round trip through the pipeline.
+    WithData,
+    /// When the writer is made (the library's default).
+    AtCreate,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -169,8 +169,9 @@ pub fn peak_rss() -> u64 {
 }
 
 /// Writes `file` as blocks of `block_size` with `spec` from a client in `idc`,
-/// [`PUT_IN_FLIGHT`] blocks at a time, each streamed from the file in [`PIECE`]s;
-/// returns the manifest text and a summary.
+/// [`PUT_IN_FLIGHT`] blocks at a time, each streamed from the file in [`PIECE`]s, each
+/// block's pipeline set up with its first packet when `setup_with_data`; returns the
+/// manifest text and a summary.
 pub async fn put(
     dir: &Path,
     file: &Path,
@@ -178,6 +179,7 @@ pub async fn put(
     mode: strait::wire::WriteMode,
     idc: &str,
     block_size: u64,
+    setup_with_data: bool,
 ) -> Result<PutResult, String> {
     let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let size = f
@@ -213,6 +215,7 @@ pub async fn put(
         async move {
             let mut params = WriteParams::new(GenStamp(1));
             params.mode = mode;
+            params.setup_with_first_packet = setup_with_data;
             let mut w = node
                 .writer(block, &targets, params)
                 .await

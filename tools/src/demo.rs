@@ -183,7 +183,7 @@ async fn put(
     let spec = "2+2"
         .parse()
         .map_err(|e: strait::placement::SpecError| e.to_string())?;
-    client::put(dir, &file, &spec, mode, idc, block).await
+    client::put(dir, &file, &spec, mode, idc, block, true).await
 }
 
 /// Reads a data set back into `dir/read.bin` and compares it with `expect`. The file is

@@ -212,7 +212,7 @@ enum Scenario {
     },
 }
 
-use strait_tools::cli::{Mode, parse_rate, parse_size_usize as parse_size};
+use strait_tools::cli::{Mode, SetupAt, parse_rate, parse_size_usize as parse_size};
 
 /// Where a pipeline bench's writer runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -221,15 +221,6 @@ enum WriterAt {
     Client,
     /// The first replica's node, as HDFS clients on datanodes.
     First,
-}
-
-/// When a pipeline bench's writers set their pipelines up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum SetupAt {
-    /// With the first packet (`WriteParams::setup_with_first_packet`).
-    WithData,
-    /// When the writer is made.
-    AtCreate,
 }
 
 fn main() -> ExitCode {

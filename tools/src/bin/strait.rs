@@ -8,7 +8,7 @@ use strait::placement::ReplicationSpec;
 use strait::topology::Topology;
 use strait::transport::{CertAuthority, PeerRole};
 use strait_tools::certs;
-use strait_tools::cli::{Failure, Mode, parse_duration, parse_rate, parse_size};
+use strait_tools::cli::{Failure, Mode, SetupAt, parse_duration, parse_rate, parse_size};
 use strait_tools::plan::{self, PlanParams, Summary};
 
 #[derive(Parser)]
@@ -73,6 +73,11 @@ enum Command {
         /// Bytes per block.
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         block_size: u64,
+        /// When each block's pipeline is set up: with its first packet (one round trip
+        /// through the pipeline, across the DCI too, for a small block) or when its writer
+        /// is made.
+        #[arg(long, value_enum, default_value_t = SetupAt::WithData)]
+        setup: SetupAt,
         /// Where to write the manifest (default: FILE.strait).
         #[arg(long)]
         manifest: Option<PathBuf>,
@@ -301,6 +306,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             mode,
             from,
             block_size,
+            setup,
             manifest,
         } => {
             let rt = runtime()?;
@@ -311,6 +317,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 mode.into(),
                 &from,
                 block_size,
+                setup == SetupAt::WithData,
             ))?;
             let path = manifest.unwrap_or_else(|| file.with_extension("strait"));
             std::fs::write(&path, &r.manifest).map_err(|e| format!("{}: {e}", path.display()))?;
