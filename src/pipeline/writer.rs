@@ -567,19 +567,30 @@ impl Writer {
             replicas: self.replica_set().iter().map(|&t| self.name(t)).collect(),
             lost: self.lost().iter().map(|&t| self.name(t)).collect(),
         };
+        // The packets waiting for the setup (a first setup with
+        // `setup_with_first_packet`), renumbered from 0 (a retry after a refusal sends
+        // them again) and admitted by the DCI governor before the clock of the setup runs.
+        let mut waiting = Vec::new();
+        if self.setup_pending {
+            for packet in self.win.renumber(Instant::now()) {
+                waiting.push((packet.flags.last, self.governed(packet).await));
+            }
+        }
         let timeout = self.svc.config.setup_timeout;
         let mut s = tokio::time::timeout(timeout, open_hop(&self.svc, first))
             .await
             .map_err(|_| (0, format!("setup timed out after {timeout:?}")))?
             .map_err(|e| (0, e.to_string()))?;
-        let sent = self.send_setup(&mut s, req).await;
+        let sent = tokio::time::timeout(timeout, send_setup(&mut s, req, waiting))
+            .await
+            .unwrap_or_else(|_| Err(format!("setup timed out after {timeout:?}")));
         let answer = tokio::time::timeout(timeout, setup_answer(&mut s.reader)).await;
         let (statuses, ended) = match (sent, answer) {
             (Ok(ended), Ok(Ok(st))) => (st, ended),
             // A hop that refuses ends the stream without reading what came with the
             // setup, so the packets may fail to go out: its answer still says why.
             (Err(_), Ok(Ok(st))) if st.iter().any(|s| *s != Status::Success) => (st, true),
-            (Err(e), _) => return Err((0, e.to_string()).into()),
+            (Err(e), _) => return Err((0, e).into()),
             (Ok(_), Ok(Err(e))) => return Err(e.into()),
             (Ok(_), Err(_)) => {
                 return Err((0, format!("setup ack timed out after {timeout:?}")).into());
@@ -622,32 +633,6 @@ impl Writer {
             acks: rx,
             reader: task,
         })
-    }
-
-    /// Sends the `WriteBlock` and, on a first setup of a writer with
-    /// [`WriteParams::setup_with_first_packet`], the packets waiting for it (renumbered
-    /// from 0: a retry after a refusal sends them again), the last one with the end of the
-    /// stream. Returns whether the stream's sending half was ended.
-    async fn send_setup(
-        &mut self,
-        s: &mut Stream,
-        req: WriteBlock,
-    ) -> Result<bool, crate::transport::FramedError> {
-        s.writer.feed(&Frame::WriteBlock(req)).await?;
-        let mut ended = false;
-        if self.setup_pending {
-            for packet in self.win.renumber(Instant::now()) {
-                ended |= packet.flags.last;
-                let frame = self.governed(packet).await;
-                s.writer.feed(&frame).await?;
-            }
-        }
-        if ended {
-            s.writer.finish().await?;
-        } else {
-            s.writer.flush().await?;
-        }
-        Ok(ended)
     }
 
     /// Drops `targets[index]` (or the node a broken stream points to), brings in a spare
@@ -862,4 +847,29 @@ impl Writer {
             queued_remote: self.remote.clone(),
         })
     }
+}
+
+/// Sends a `WriteBlock` and the packets waiting for it in one write, the last packet with
+/// the end of the stream; returns whether the stream's sending half was ended.
+async fn send_setup(
+    s: &mut Stream,
+    req: WriteBlock,
+    waiting: Vec<(bool, Frame)>,
+) -> Result<bool, String> {
+    let broken = |e: crate::transport::FramedError| e.to_string();
+    s.writer
+        .feed(&Frame::WriteBlock(req))
+        .await
+        .map_err(broken)?;
+    let mut ended = false;
+    for (last, frame) in waiting {
+        ended |= last;
+        s.writer.feed(&frame).await.map_err(broken)?;
+    }
+    if ended {
+        s.writer.finish().await.map_err(broken)?;
+    } else {
+        s.writer.flush().await.map_err(broken)?;
+    }
+    Ok(ended)
 }
