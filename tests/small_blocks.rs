@@ -305,3 +305,41 @@ async fn the_setup_travels_with_the_first_packet() {
         assert_eq!(got, data, "{} holds other bytes", c.name(n));
     }
 }
+
+/// A target that is down when the setup goes out with the data: the hop before it
+/// cannot reach it and refuses for it (after it wrote the packet that came with the
+/// setup, which it removes); the writer drops the dead node, sets the pipeline up again
+/// with the data, and the block is final on the three others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_is_dropped_when_the_setup_comes_with_the_data() {
+    let mut c = Cluster::start().await;
+    c.stop("b2").await;
+    let targets = c.ids(&["a1", "a2", "b1", "b2"]);
+    let data = Bytes::from(pattern(41, 65536));
+    let out = write_with(
+        Setup::WithData,
+        c.node("a3"),
+        BlockId(41),
+        &targets,
+        data.clone(),
+    )
+    .await
+    .expect("written without b2");
+    assert_eq!(out.failed, c.ids(&["b2"]));
+    assert_eq!(out.replicas, c.ids(&["a1", "a2", "b1"]));
+    for n in ["a1", "a2", "b1"] {
+        let info = c.node(n).store().get(BlockId(41)).unwrap();
+        assert_eq!(
+            (info.state, info.genstamp),
+            (ReplicaState::Finalized, out.genstamp),
+            "{n}"
+        );
+        let got = c
+            .node("a3")
+            .reader(BlockId(41), out.genstamp, &[c.id(n)], Default::default())
+            .read_all()
+            .await
+            .unwrap();
+        assert_eq!(got, data, "{n} holds other bytes");
+    }
+}
