@@ -129,8 +129,7 @@ async fn unless_stopped<T>(
 
 /// The setup failed at or below this hop. A new replica nobody will write to is removed
 /// again (its packets, if any came with the setup, landed first) before upstream hears of
-/// the refusal, so the writer sees no leftovers; a resumed one stays for the writer's
-/// next recovery attempt.
+/// the refusal, so the writer sees no leftovers.
 async fn refuse(
     shared: &NodeContext,
     req: &WriteBlock,
@@ -138,14 +137,22 @@ async fn refuse(
     mut up: FrameWriter<Sink>,
     statuses: Vec<Status>,
 ) {
-    if !req.resume {
-        let gs = local.genstamp();
-        drop(local);
-        if let Err(e) = shared.store.delete(req.block, gs).await {
-            tracing::warn!(block = %req.block, error = %e, "cannot remove the replica of a refused pipeline");
-        }
-    }
+    remove_unused(shared, req, local, "refused").await;
     let _ = up.send(&setup_ack(statuses)).await;
+}
+
+/// Removes the replica a pipeline that never came (`what`: refused, abandoned) created
+/// here; a resumed one stays for the writer's next recovery attempt. Every write of it
+/// has landed.
+async fn remove_unused(shared: &NodeContext, req: &WriteBlock, local: Arc<Local>, what: &str) {
+    if req.resume || !matches!(*local, Local::Write(_)) {
+        return;
+    }
+    let gs = local.genstamp();
+    drop(local);
+    if let Err(e) = shared.store.delete(req.block, gs).await {
+        tracing::warn!(block = %req.block, error = %e, "cannot remove the replica of a {what} pipeline");
+    }
 }
 
 /// A replica this node finalized before a recovery reached it: the resent packets are
@@ -712,13 +719,7 @@ async fn relay(
         if let Some(r) = down_r {
             drained(r, svc.config.setup_timeout).await;
         }
-        if !req.resume && matches!(*local, Local::Write(_)) {
-            let gs = local.genstamp();
-            drop(local);
-            if let Err(e) = shared.store.delete(block, gs).await {
-                tracing::warn!(%block, error = %e, "cannot remove the replica of an abandoned pipeline");
-            }
-        }
+        remove_unused(shared, &req, local, "abandoned").await;
     }
     let _ = unless_cancelled(cancel, up_w.finish()).await;
 }

@@ -298,7 +298,9 @@ impl Writer {
             // The first packet: it goes out behind the setup (and, the last one, with the
             // end of the stream). A setup that fails for good ends the write.
             let established = self.establish(0).await;
-            self.broken = established.is_err();
+            if established.is_err() {
+                self.broken = true;
+            }
             return established;
         }
         let sent = self.send_frame(packet).await;
