@@ -304,37 +304,82 @@ pub(crate) fn governor_config(rate: u64, per_class: [u64; 4]) -> GovernorConfig 
     cfg
 }
 
-/// Per-class demand from what the governor saw over `elapsed`. A class that had
-/// requests waiting nearly all the period is limited by its rate: it asks for the whole
-/// link (the allocator gives it a fair part). Any other class asks for 10 % more than it
-/// used — a paced sender then runs backlogged about 91 % of the time and keeps asking for
-/// what it uses, instead of holding a rate it leaves idle.
+/// What a member remembers of its governor between two reports: the counters at the
+/// last one, and per lane (reserved then spot, per class) the largest burst offered
+/// lately with when it was seen.
+#[derive(Debug, Default)]
+struct Usage {
+    prev: [(u64, Duration); 8],
+    bursts: [Option<(u64, Instant)>; 8],
+}
+
+/// The classes whose senders wait for each packet's answer (a sync pipeline's acks, a
+/// remote read's next request): their rate must pass a burst at once, not only match
+/// their average use.
+fn latency_bound(class: TrafficClass) -> bool {
+    matches!(class, TrafficClass::Sync | TrafficClass::Read)
+}
+
+/// The demand of one lane, bytes/s. A lane `limited` by its rate (requests waiting
+/// nearly all the period) asks for the whole link; the allocator gives it a fair part.
+/// Otherwise it asks for 10 % more than it `used` — a paced sender then runs backlogged
+/// about 91 % of the time and keeps asking for what it uses, instead of holding a rate it
+/// leaves idle. A latency-bound class asks at least for the rate that sends its largest
+/// recent `burst` within `governor::BURST_WINDOW` (capped at the link): sized to its
+/// average alone, a sender that uses a few percent of the link in one-packet bursts
+/// waits for a one-packet bucket to refill before every packet.
+fn lane_demand(latency: bool, used: u64, limited: bool, burst: u64, budget: u64) -> u64 {
+    if limited {
+        return budget;
+    }
+    let average = used + used / 10;
+    if !latency {
+        return average;
+    }
+    let window = crate::dci::governor::BURST_WINDOW.as_nanos();
+    let burst_rate = (u128::from(burst) * 1_000_000_000 / window).min(u128::from(budget));
+    average.max(burst_rate as u64)
+}
+
+/// Per-class demand from what the governor saw over `elapsed` (see [`lane_demand`]). A
+/// burst counts until `hold` (a lease) after the last report that saw it: a
+/// latency-bound sender that pauses for a report period or two still finds its rate
+/// when it sends again, instead of its floor.
 fn measure(
     gov: &DciGovernor,
-    prev: &mut [(u64, Duration); 8],
+    usage: &mut Usage,
     elapsed: Duration,
     budget: u64,
+    now: Instant,
+    hold: Duration,
 ) -> Vec<DemandEntry> {
     const LIMITED: f64 = 0.95;
     let secs = elapsed.as_secs_f64().max(1e-3);
     let mut out = Vec::new();
     for (i, class) in TrafficClass::ALL.iter().enumerate() {
         let st = gov.stats(*class);
+        let peaks = gov.take_peak_offered(*class, now);
         // Reserved and spot traffic of the class, each its own demand entry.
-        for (j, (lane, spot)) in [(st.reserved, false), (st.spot, true)]
+        for (j, (lane, spot, peak)) in [(st.reserved, false, peaks.0), (st.spot, true, peaks.1)]
             .into_iter()
             .enumerate()
         {
-            let p = &mut prev[2 * i + j];
+            let p = &mut usage.prev[2 * i + j];
             let granted = lane.granted_bytes.saturating_sub(p.0);
             let backlogged = lane.backlogged.saturating_sub(p.1);
             *p = (lane.granted_bytes, lane.backlogged);
+            let held = &mut usage.bursts[2 * i + j];
+            if held.is_none_or(|(b, at)| peak >= b || now.saturating_duration_since(at) >= hold) {
+                *held = (peak > 0).then_some((peak, now));
+            }
             let used = (granted as f64 / secs) as u64;
-            let rate = if backlogged.as_secs_f64() >= LIMITED * secs {
-                budget
-            } else {
-                used + used / 10
-            };
+            let rate = lane_demand(
+                latency_bound(*class),
+                used,
+                backlogged.as_secs_f64() >= LIMITED * secs,
+                held.map_or(0, |(b, _)| b),
+                budget,
+            );
             if rate > 0 {
                 out.push(DemandEntry {
                     class: *class,
@@ -363,7 +408,7 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
     let mut skip_until: HashMap<NodeId, Instant> = HashMap::new();
     let mut failures: HashMap<NodeId, u32> = HashMap::new();
     let mut last_asked: Option<(NodeId, Instant)> = None;
-    let mut prev = [(0u64, Duration::ZERO); 8];
+    let mut usage = Usage::default();
     let mut applied: Option<(u64, [u64; 4])> = None;
     let mut last = Instant::now();
     let mut cold_start = false;
@@ -398,7 +443,14 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
             continue;
         }
         let sent_at = Instant::now();
-        let mut demand = measure(&gov, &mut prev, sent_at - last, budget);
+        let mut demand = measure(
+            &gov,
+            &mut usage,
+            sent_at - last,
+            budget,
+            sent_at,
+            config.lease,
+        );
         if std::mem::take(&mut cold_start) {
             // Senders are waiting at (nearly) the floor: ask for the link for them now;
             // the next regular report measures what they really use.
@@ -526,5 +578,71 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
                 l.leased = lease.grant(now).is_some();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: u64 = 125_000_000;
+
+    #[test]
+    fn a_limited_lane_asks_for_the_link_and_a_paced_one_for_a_tenth_more() {
+        assert_eq!(lane_demand(false, 1_000_000, true, 0, BUDGET), BUDGET);
+        assert_eq!(lane_demand(true, 1_000_000, true, 0, BUDGET), BUDGET);
+        assert_eq!(
+            lane_demand(false, 1_000_000, false, 4 << 20, BUDGET),
+            1_100_000
+        );
+        assert_eq!(lane_demand(false, 0, false, 0, BUDGET), 0);
+    }
+
+    #[test]
+    fn a_latency_bound_lane_asks_for_what_passes_its_burst_within_the_window() {
+        // One 64 KiB packet at a time, 2 MB/s on average: 64 KiB per 5 ms.
+        assert_eq!(
+            lane_demand(true, 2_000_000, false, 65_536, BUDGET),
+            13_107_200
+        );
+        // Its average decides when it is the larger.
+        assert_eq!(
+            lane_demand(true, 20_000_000, false, 65_536, BUDGET),
+            22_000_000
+        );
+        // Never more than the link.
+        assert_eq!(lane_demand(true, 0, false, 16 << 20, BUDGET), BUDGET);
+        // A bulk class's bursts do not count.
+        assert_eq!(
+            lane_demand(false, 2_000_000, false, 65_536, BUDGET),
+            2_200_000
+        );
+    }
+
+    fn sync_demand(d: &[DemandEntry]) -> Option<u64> {
+        d.iter()
+            .find(|e| e.class == TrafficClass::Sync && !e.spot)
+            .map(|e| e.rate)
+    }
+
+    #[tokio::test]
+    async fn a_burst_counts_for_a_lease_after_it_was_offered() {
+        let gov = DciGovernor::start(GovernorConfig::for_link(BUDGET)).unwrap();
+        gov.acquire(TrafficClass::Sync, 64 << 10).await;
+        let mut usage = Usage::default();
+        let (t, period, hold) = (
+            Instant::now(),
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        );
+        let burst_rate = Some(13_107_200);
+        let d = measure(&gov, &mut usage, period, BUDGET, t, hold);
+        assert_eq!(sync_demand(&d), burst_rate);
+        // A period with nothing sent: the burst still counts.
+        let d = measure(&gov, &mut usage, period, BUDGET, t + period, hold);
+        assert_eq!(sync_demand(&d), burst_rate);
+        // A lease after the last report that saw it: nothing is asked.
+        let d = measure(&gov, &mut usage, period, BUDGET, t + period + hold, hold);
+        assert_eq!(sync_demand(&d), None);
     }
 }

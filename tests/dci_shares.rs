@@ -444,3 +444,37 @@ async fn a_spot_write_uses_idle_capacity_and_yields_to_reserved_traffic() {
     assert_eq!(out.replicas.len(), 2);
     assert!(spot(&gov) >= 4 << 20);
 }
+
+/// A latency-bound sync sender — 64 KiB sends now and then (10–50 ms apart), as the DCI
+/// hop of a pipeline writing small blocks sees them — uses ~5 % of the link on average.
+/// Its share must let a send through within a few milliseconds: a share sized to its
+/// average use alone makes a one-packet bucket refill for tens of milliseconds before
+/// each send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latency_bound_sync_sender_is_not_held_to_its_average_rate() {
+    let c = Cluster::start_shared(BUDGET, settings()).await;
+    let gov = governor(&c, "a2");
+    let mut waits = Vec::new();
+    let mut gaps = 0x9e37_79b9_u32;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        let t = Instant::now();
+        gov.acquire(TrafficClass::Sync, 64 << 10).await;
+        // The first two seconds let the shares settle (several report periods).
+        if start.elapsed() >= Duration::from_secs(2) {
+            waits.push(t.elapsed());
+        }
+        gaps = gaps.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        tokio::time::sleep(Duration::from_millis(10 + u64::from(gaps >> 16) % 41)).await;
+    }
+    waits.sort();
+    assert!(waits.len() >= 30, "only {} sends in 2 s", waits.len());
+    let p50 = waits[waits.len() / 2];
+    let p90 = waits[waits.len() * 9 / 10];
+    let rate = gov.config().rate;
+    assert!(
+        p50 <= Duration::from_millis(2) && p90 <= Duration::from_millis(5),
+        "sends waited p50 {p50:?} p90 {p90:?} at a rate of {rate} B/s ({} sends)",
+        waits.len()
+    );
+}

@@ -23,6 +23,13 @@
 //!
 //! Call order: [`Governor::request`] any time; then [`Governor::poll_grant`] until it
 //! returns `None`; then sleep until [`Governor::next_wakeup`] or the next request.
+//!
+//! **Bursts offered.** Besides what it granted, the governor keeps the largest burst a
+//! class offered: the bytes of the sends ([`Governor::offer`], one per packet, before
+//! they are split into requests) that arrived within [`BURST_WINDOW`] of the first of
+//! them. A latency-bound sender — a pipeline's DCI hop waiting for acks — uses little
+//! on average but needs its bursts through at once; the cluster-wide shares size its
+//! rate from this figure (`bandwidth`), not from its average alone.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -33,6 +40,45 @@ use crate::wire::TrafficClass;
 pub const CLASSES: [TrafficClass; 4] = TrafficClass::ALL;
 
 const NANOS: u128 = 1_000_000_000;
+
+/// How close together sends must arrive to count as one burst offered (see the module
+/// docs): the time a link's default burst lasts ([`GovernorConfig::for_link`]).
+pub const BURST_WINDOW: Duration = Duration::from_millis(5);
+
+/// The bursts one lane offered: the current one and the largest since it was last taken.
+#[derive(Debug, Clone, Copy, Default)]
+struct Offered {
+    /// When the current burst's first send arrived.
+    since: Option<Instant>,
+    bytes: u64,
+    peak: u64,
+}
+
+impl Offered {
+    /// Closes the current burst when its window has passed at `now`.
+    fn close(&mut self, now: Instant) {
+        if self
+            .since
+            .is_some_and(|t| now.saturating_duration_since(t) >= BURST_WINDOW)
+        {
+            self.since = None;
+            self.bytes = 0;
+        }
+    }
+
+    fn add(&mut self, bytes: u64, now: Instant) {
+        self.close(now);
+        self.since.get_or_insert(now);
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.peak = self.peak.max(self.bytes);
+    }
+
+    /// The peak so far; counting starts again from the burst under way at `now`.
+    fn take(&mut self, now: Instant) -> u64 {
+        self.close(now);
+        std::mem::replace(&mut self.peak, self.bytes)
+    }
+}
 
 /// Rate and ceiling of one class, bytes per second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -245,6 +291,7 @@ pub struct Governor {
     backlogged: [Duration; LANES],
     /// Time with requests waiting in either lane, per class.
     class_backlogged: [Duration; 4],
+    offered: [Offered; LANES],
     last: Instant,
     next_id: u64,
 }
@@ -265,6 +312,7 @@ impl Governor {
             granted: [0; LANES],
             backlogged: [Duration::ZERO; LANES],
             class_backlogged: [Duration::ZERO; 4],
+            offered: [Offered::default(); LANES],
             last: now,
             next_id: 0,
             config,
@@ -328,6 +376,22 @@ impl Governor {
         self.next_id += 1;
         self.queues[lane].push_back((id, bytes));
         Ok(id)
+    }
+
+    /// Notes a send of `bytes` arriving in `class` (spot or reserved) at `now`, before it
+    /// is split into requests: it joins the burst that began less than [`BURST_WINDOW`]
+    /// ago, or begins one.
+    pub fn offer(&mut self, class: TrafficClass, spot: bool, bytes: u64, now: Instant) {
+        self.offered[class as usize + if spot { 4 } else { 0 }].add(bytes, now);
+    }
+
+    /// The largest burst `class` offered since the last call, reserved and spot: the
+    /// bytes of sends that arrived within [`BURST_WINDOW`] of the first of them. Counting
+    /// starts anew at `now` (from the bytes of a burst still under way).
+    pub fn take_peak_offered(&mut self, class: TrafficClass, now: Instant) -> (u64, u64) {
+        let (r, sp) = (class as usize, class as usize + 4);
+        let reserved = self.offered[r].take(now);
+        (reserved, self.offered[sp].take(now))
     }
 
     /// Withdraws a queued request; returns whether it was queued.
@@ -825,6 +889,38 @@ mod tests {
 
     fn class_of(i: u8) -> TrafficClass {
         CLASSES[i as usize % 4]
+    }
+
+    #[test]
+    fn the_largest_burst_offered_counts_sends_within_the_window() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut g = Governor::new(GovernorConfig::for_link(100 * MB), t0).unwrap();
+        let (sync, asy) = (TrafficClass::Sync, TrafficClass::Async);
+        // Four packets within 3 ms: one burst of 256 KiB.
+        for k in 0..4 {
+            g.offer(sync, false, 64 << 10, t0 + ms(k));
+        }
+        // The next arrives a window after the burst began: a burst of its own.
+        g.offer(sync, false, 64 << 10, t0 + BURST_WINDOW);
+        g.offer(sync, true, 1000, t0 + ms(6));
+        g.offer(asy, false, 1 << 20, t0 + ms(7));
+        assert_eq!(g.take_peak_offered(sync, t0 + ms(7)), (256 << 10, 1000));
+        assert_eq!(g.take_peak_offered(asy, t0 + ms(7)), (1 << 20, 0));
+        // Taken: what counts next starts from the bursts under way (64 KiB and 1000 B
+        // so far), and a burst under way counts until its window closes.
+        g.offer(sync, false, 64 << 10, t0 + ms(8));
+        assert_eq!(g.take_peak_offered(sync, t0 + ms(9)), (128 << 10, 1000));
+        assert_eq!(g.take_peak_offered(sync, t0 + ms(9)), (128 << 10, 1000));
+        // Both bursts closed by 11 ms (they began at 5 and 6 ms): taken once more, then
+        // nothing is left.
+        assert_eq!(g.take_peak_offered(sync, t0 + ms(11)), (128 << 10, 1000));
+        assert_eq!(g.take_peak_offered(sync, t0 + ms(11)), (0, 0));
+        g.offer(sync, false, 10, t0 + ms(20));
+        assert_eq!(g.take_peak_offered(sync, t0 + ms(20)), (10, 0));
+        // Offering requests nothing: nothing is queued or granted.
+        assert_eq!(g.stats(sync).queued, 0);
+        assert_eq!(g.stats(sync).granted_bytes, 0);
     }
 
     proptest! {

@@ -116,6 +116,13 @@ impl DciGovernor {
         g.stats(class)
     }
 
+    /// The largest burst `class` offered since the last call, reserved and spot
+    /// (`governor::Governor::take_peak_offered`): the shares size a latency-bound
+    /// class's rate from it.
+    pub fn take_peak_offered(&self, class: TrafficClass, now: Instant) -> (u64, u64) {
+        self.lock().take_peak_offered(class, now)
+    }
+
     /// Waits until `bytes` may be sent in `class`. Sends are admitted in parts of at
     /// most a quarter burst, in order: the bucket then has room to keep filling while the
     /// driver's timer fires late (tokio timers round up to the millisecond), and no
@@ -127,7 +134,11 @@ impl DciGovernor {
     /// Like [`acquire`](Self::acquire), as a spot request (`spot`: it uses idle
     /// capacity and yields to every reserved request) or a reserved one.
     pub async fn acquire_as(&self, class: TrafficClass, spot: bool, bytes: u64) {
-        let part_max = (self.lock().config().burst / 4).max(1);
+        let part_max = {
+            let mut g = self.lock();
+            g.offer(class, spot, bytes, Instant::now());
+            (g.config().burst / 4).max(1)
+        };
         let mut left = bytes;
         while left > 0 {
             let part = left.min(part_max);
