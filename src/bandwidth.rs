@@ -304,14 +304,18 @@ pub(crate) fn governor_config(rate: u64, per_class: [u64; 4]) -> GovernorConfig 
     cfg
 }
 
-/// What a member remembers of its governor between two reports: the counters at the
-/// last one, and per lane (reserved then spot, per class) the largest burst offered
-/// lately with when it was seen.
-#[derive(Debug, Default)]
-struct Usage {
-    prev: [(u64, Duration); 8],
-    bursts: [Option<(u64, Instant)>; 8],
+/// What a member remembers of one lane of its governor (a class's reserved or spot
+/// requests) between two reports: its counters at the last one, and the largest burst
+/// it offered lately with the report that last saw it.
+#[derive(Debug, Default, Clone, Copy)]
+struct LaneUsage {
+    granted_bytes: u64,
+    backlogged: Duration,
+    burst: Option<(u64, Instant)>,
 }
+
+/// Per lane: the reserved then the spot one of each class, in class order.
+type Usage = [LaneUsage; 8];
 
 /// The classes whose senders wait for each packet's answer (a sync pipeline's acks, a
 /// remote read's next request): their rate must pass a burst at once, not only match
@@ -369,20 +373,19 @@ fn measure(
         let mut rates = [0u64; 2];
         let mut headroom = 0u64;
         for (j, (lane, peak)) in lanes.into_iter().enumerate() {
-            let p = &mut usage.prev[2 * i + j];
-            let granted = lane.granted_bytes.saturating_sub(p.0);
-            let backlogged = lane.backlogged.saturating_sub(p.1);
-            *p = (lane.granted_bytes, lane.backlogged);
-            let held = &mut usage.bursts[2 * i + j];
+            let u = &mut usage[2 * i + j];
+            let granted = lane.granted_bytes.saturating_sub(u.granted_bytes);
+            let backlogged = lane.backlogged.saturating_sub(u.backlogged);
+            (u.granted_bytes, u.backlogged) = (lane.granted_bytes, lane.backlogged);
             let expired = |at: Instant| now.saturating_duration_since(at) >= hold;
-            if held.is_none_or(|(b, at)| peak >= b || expired(at)) {
-                *held = (peak > 0).then_some((peak, now));
+            if u.burst.is_none_or(|(b, at)| peak >= b || expired(at)) {
+                u.burst = (peak > 0).then_some((peak, now));
             }
             let (rate, room) = lane_demand(
                 latency_bound(*class),
                 (granted as f64 / secs) as u64,
                 backlogged.as_secs_f64() >= LIMITED * secs,
-                held.map_or(0, |(b, _)| b),
+                u.burst.map_or(0, |(b, _)| b),
                 budget,
             );
             rates[j] = rate;
@@ -418,7 +421,7 @@ async fn member(svc: Arc<Bandwidth>, to: IdcId, gov: DciGovernor) {
     let mut skip_until: HashMap<NodeId, Instant> = HashMap::new();
     let mut failures: HashMap<NodeId, u32> = HashMap::new();
     let mut last_asked: Option<(NodeId, Instant)> = None;
-    let mut usage = Usage::default();
+    let mut usage = [LaneUsage::default(); 8];
     let mut applied: Option<(u64, [u64; 4])> = None;
     let mut last = Instant::now();
     let mut cold_start = false;
@@ -646,7 +649,7 @@ mod tests {
     async fn a_burst_counts_for_a_lease_after_it_was_offered() {
         let gov = DciGovernor::start(GovernorConfig::for_link(BUDGET)).unwrap();
         gov.acquire(TrafficClass::Sync, 64 << 10).await;
-        let mut usage = Usage::default();
+        let mut usage = [LaneUsage::default(); 8];
         let (t, period, hold) = (
             Instant::now(),
             Duration::from_millis(100),
