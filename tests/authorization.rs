@@ -37,6 +37,11 @@ impl Setup {
 }
 
 async fn setup(net: u8) -> Setup {
+    setup_with(net, None).await
+}
+
+/// Like [`setup`], with the client's pipeline `setup_timeout` when given.
+async fn setup_with(net: u8, client_setup_timeout: Option<Duration>) -> Setup {
     let addr = |h: u8| -> SocketAddr { SocketAddr::from(([127, 7, net, h], 7900)) };
     let topo = Arc::new(
         Topology::builder()
@@ -73,7 +78,10 @@ async fn setup(net: u8) -> Setup {
         .iter()
         .map(|n| start(n, PeerRole::Node))
         .collect();
-    let client_cfg = start("c1", PeerRole::Client);
+    let mut client_cfg = start("c1", PeerRole::Client);
+    if let Some(t) = client_setup_timeout {
+        client_cfg.pipeline.setup_timeout = t;
+    }
     let mut nodes = Vec::new();
     for cfg in cfgs {
         nodes.push(Node::start(cfg).await.unwrap().0);
@@ -331,4 +339,54 @@ async fn a_tcp_peer_without_a_certificate_is_refused() {
     .await;
     assert!(result.is_err(), "a peer without a certificate got through");
     assert_eq!(s.node("n1").resources().handlers, 0, "no stream was served");
+}
+
+/// A client sends a one-packet block with its setup; the first hop forwards it all, the
+/// two below finalize it, and the first hop's setup answer never reaches the client (held
+/// past the client's setup timeout). The client drops the first hop and sets the pipeline
+/// up again at the next genstamp: that retry is its own write, not a replacement of the
+/// finalized replicas its first attempt left (found by `strait-bench chaos`: "a client
+/// may not replace the finalized replica at gs1" failed a healthy write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_retry_after_a_lost_setup_answer_is_its_own_write() {
+    use strait::transport::filter::{FrameAction, Hop};
+    let s = setup_with(5, Some(Duration::from_millis(500))).await;
+    let (c1, n1) = (s.client.id(), s.id("n1"));
+    s.node("n1")
+        .transport()
+        .set_frame_filter(Some(Arc::new(move |hop: Hop, frame: &Frame| match frame {
+            Frame::Ack(a) if hop == (Hop { from: n1, to: c1 }) && a.seq == u64::MAX => {
+                FrameAction::Stall
+            }
+            _ => FrameAction::Pass,
+        })));
+    let targets = [n1, s.id("n2"), s.id("n3")];
+    let block = BlockId(5);
+    let data = vec![5u8; 100];
+    let mut params = WriteParams::new(GenStamp(1));
+    params.setup_with_first_packet = true;
+    let out = async {
+        let mut w = s.client.writer(block, &targets, params).await?;
+        w.write(Bytes::copy_from_slice(&data)).await?;
+        w.close().await
+    }
+    .await
+    .expect("the retry is the client's own write");
+    assert_eq!(out.failed, vec![n1]);
+    assert_eq!(out.replicas, vec![s.id("n2"), s.id("n3")]);
+    for name in ["n2", "n3"] {
+        let info = s.node(name).store().get(block).unwrap();
+        assert_eq!(
+            (info.state, info.genstamp, info.len),
+            (ReplicaState::Finalized, out.genstamp, 100),
+            "{name}"
+        );
+        let got = s
+            .client
+            .reader(block, out.genstamp, &[s.id(name)], ReadParams::default())
+            .read_all()
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &data[..], "{name}");
+    }
 }

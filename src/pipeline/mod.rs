@@ -453,7 +453,9 @@ impl Pipelines {
                 Some(_) if !own => {
                     return Err("the replica here is another writer's".into());
                 }
-                None if req.resume => {
+                // Resuming at offset 0 where there is no replica creates one: a new
+                // block, which a client may always write.
+                None if req.resume && req.offset > 0 => {
                     return Err("a client may only resume its own write".into());
                 }
                 _ => {}

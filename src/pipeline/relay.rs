@@ -293,7 +293,9 @@ async fn open_replica(shared: &NodeContext, req: &WriteBlock) -> Result<Local, (
     let store = &shared.store;
     let existing = store.get(req.block);
     let fail = |e: StoreError| (Status::from(&e), e.to_string());
-    if !req.resume {
+    // A resume at offset 0 of a replica this node never got (a retried setup whose first
+    // attempt did not reach it) is a first setup here.
+    if !req.resume || (req.offset == 0 && existing.is_none()) {
         if let Some(r) = existing {
             if r.state == ReplicaState::Finalized && r.genstamp >= req.genstamp {
                 return Err((

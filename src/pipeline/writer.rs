@@ -69,6 +69,9 @@ pub struct Writer {
     /// No node was contacted yet: the setup goes out with the first packet
     /// ([`WriteParams::setup_with_first_packet`]).
     setup_pending: bool,
+    /// A setup went out with packets: the hops it reached may hold the replica (even
+    /// final), so a first setup tried again resumes at offset 0 instead of creating.
+    sent_with_setup: bool,
     ack_us: AckHistogram,
 }
 
@@ -166,6 +169,7 @@ impl Writer {
             window_bytes,
             broken: false,
             setup_pending: params.setup_with_first_packet,
+            sent_with_setup: false,
             ack_us: AckHistogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("valid histogram bounds"),
             params,
@@ -422,8 +426,12 @@ impl Writer {
                 continue;
             }
             // A first setup creates the replicas (a retry after a refusal too: the refused
-            // attempt's replicas were removed); only a recovery resumes them.
-            match self.try_establish(offset, offset > 0).await {
+            // attempt's replicas were removed); a recovery resumes them, and so does a
+            // retry after a setup that carried packets: a first hop that failed after
+            // passing them on leaves replicas below it, even final ones (a hop without
+            // the replica creates it on a resume at offset 0).
+            let resume = offset > 0 || self.sent_with_setup;
+            match self.try_establish(offset, resume).await {
                 Ok(p) => {
                     self.pipe = Some(p);
                     self.setup_pending = false;
@@ -583,6 +591,7 @@ impl Writer {
             .await
             .map_err(|_| (0, format!("setup timed out after {timeout:?}")))?
             .map_err(|e| (0, e.to_string()))?;
+        self.sent_with_setup |= !waiting.is_empty();
         let sent = tokio::time::timeout(timeout, send_setup(&mut s, req, waiting))
             .await
             .unwrap_or_else(|_| Err(format!("setup timed out after {timeout:?}")));
