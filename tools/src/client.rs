@@ -168,10 +168,30 @@ pub fn peak_rss() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Bits of a block id that number the blocks of one file (see [`put`]): up to 2^20
+/// blocks per file.
+const FILE_ID_BITS: u32 = 20;
+
+/// The first block id of a file of `blocks` blocks, from `random`: its low
+/// [`FILE_ID_BITS`] bits cleared, so the file's ids are `base..base + blocks`.
+fn file_id_base(blocks: u64, random: u64) -> Result<u64, String> {
+    if blocks > 1 << FILE_ID_BITS {
+        return Err(format!(
+            "{blocks} blocks; a file holds at most {} blocks (use larger blocks)",
+            1u64 << FILE_ID_BITS
+        ));
+    }
+    Ok(random & !((1u64 << FILE_ID_BITS) - 1))
+}
+
 /// Writes `file` as blocks of `block_size` with `spec` from a client in `idc`,
 /// [`PUT_IN_FLIGHT`] blocks at a time, each streamed from the file in [`PIECE`]s, each
 /// block's pipeline set up with its first packet when `setup_with_data`; returns the
-/// manifest text and a summary.
+/// manifest text and a summary. The file's blocks take consecutive ids from a random
+/// base whose low [`FILE_ID_BITS`] bits are zero, as a namenode hands ids out in
+/// sequence: a store files replicas in directories named from bits 8..24 of the id, so
+/// a file's blocks share a few directories instead of making a new pair per block
+/// (random ids cost a `mkdir` per block and replica in each state directory).
 pub async fn put(
     dir: &Path,
     file: &Path,
@@ -203,12 +223,19 @@ pub async fn put(
     // Placement first (one random source), then the writes, `PUT_IN_FLIGHT` at a time:
     // while one block's pipeline drains (last acks, finalize), the next one streams.
     let block_size = block_size.max(1);
+    let base = file_id_base(size.div_ceil(block_size), rng.random())
+        .map_err(|e| format!("{}: {e} of {block_size} bytes", file.display()))?;
     let mut plans = Vec::new();
-    for start in (0..size).step_by(block_size as usize) {
+    for (index, start) in (0..size).step_by(block_size as usize).enumerate() {
         let p = placement::choose_targets(&topo, &origin, spec, &excluded, &states, &mut rng)
             .map_err(|e| e.to_string())?;
         let len = block_size.min(size - start);
-        plans.push((BlockId(rng.random()), p.targets().to_vec(), start, len));
+        plans.push((
+            BlockId(base | index as u64),
+            p.targets().to_vec(),
+            start,
+            len,
+        ));
     }
     let writes = plans.into_iter().map(|(block, targets, start, len)| {
         let (node, pb, f) = (&node, &pb, &f);
@@ -390,6 +417,22 @@ pub async fn get(dir: &Path, manifest: &str, idc: &str, out: &Path) -> Result<Ge
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_files_blocks_share_a_base_and_a_file_has_at_most_2_pow_20() {
+        let base = file_id_base(1000, u64::MAX).unwrap();
+        assert_eq!(base, u64::MAX << 20);
+        // The blocks of a file fall in a few store directories (bits 8..24).
+        let dirs: std::collections::HashSet<u64> =
+            (0..1000).map(|i| ((base | i) >> 8) & 0xffff).collect();
+        assert_eq!(dirs.len(), 4);
+        assert_eq!(
+            file_id_base(1 << 20, 0x1234_5678_9abc_def0),
+            Ok(0x1234_5678_9ab0_0000)
+        );
+        let err = file_id_base((1 << 20) + 1, 7).unwrap_err();
+        assert!(err.contains("at most 1048576 blocks"), "{err}");
+    }
 
     #[test]
     fn manifests_parse_and_refuse_junk() {
