@@ -350,7 +350,7 @@ async fn a_tcp_peer_without_a_certificate_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_retry_after_a_lost_setup_answer_is_its_own_write() {
     use strait::transport::filter::{FrameAction, Hop};
-    let s = setup_with(5, Some(Duration::from_millis(500))).await;
+    let s = setup_with(5, Some(Duration::from_secs(1))).await;
     let (c1, n1) = (s.client.id(), s.id("n1"));
     s.node("n1")
         .transport()
