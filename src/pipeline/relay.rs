@@ -752,31 +752,28 @@ async fn ack_loop(
     let block = req_block(&local);
     // The setup first: the hops below answer while packets may already be arriving.
     // Nothing is finalized or acknowledged before every hop below has said yes.
+    // `Some(refused)`: the relay ends here (cancelled, refused below, or upstream gone);
+    // `refused` is the refusal upstream has not been told of yet.
     let mut setup = vec![Status::Success];
-    if let Some(r) = down_r.as_mut() {
-        let answer = tokio::time::timeout(svc.config.setup_timeout, setup_answer(r));
-        match unless_cancelled(&mut cancel, answer).await {
-            Some(Ok(Ok(st))) if !st.is_empty() => setup.extend(st),
-            Some(_) => setup.push(Status::Unreachable),
-            None => {
-                let _ = stop.send(true);
-                settle(rx).await;
-                return (up_w, down_r, None);
+    let ended = 'setup: {
+        if let Some(r) = down_r.as_mut() {
+            let answer = tokio::time::timeout(svc.config.setup_timeout, setup_answer(r));
+            match unless_cancelled(&mut cancel, answer).await {
+                Some(Ok(Ok(st))) if !st.is_empty() => setup.extend(st),
+                Some(_) => setup.push(Status::Unreachable),
+                None => break 'setup Some(None),
             }
         }
-    }
-    if setup.iter().any(|s| *s != Status::Success) {
+        if setup.iter().any(|s| *s != Status::Success) {
+            break 'setup Some(Some(setup));
+        }
+        let sent = unless_cancelled(&mut cancel, up_w.send(&setup_ack(setup))).await;
+        sent.is_none_or(|sent| sent.is_err()).then_some(None)
+    };
+    if let Some(refused) = ended {
         let _ = stop.send(true);
         settle(rx).await;
-        return (up_w, down_r, Some(setup));
-    }
-    if unless_cancelled(&mut cancel, up_w.send(&setup_ack(setup)))
-        .await
-        .is_none_or(|sent| sent.is_err())
-    {
-        let _ = stop.send(true);
-        settle(rx).await;
-        return (up_w, down_r, None);
+        return (up_w, down_r, refused);
     }
     // The node next to a silent hop gives up first: each node further up waits one more
     // step.

@@ -583,7 +583,7 @@ impl Writer {
         let mut waiting = Vec::new();
         if self.setup_pending {
             for packet in self.win.renumber(Instant::now()) {
-                waiting.push((packet.flags.last, self.governed(packet).await));
+                waiting.push(self.governed(packet).await);
             }
         }
         let timeout = self.svc.config.setup_timeout;
@@ -862,19 +862,15 @@ impl Writer {
 
 /// Sends a `WriteBlock` and the packets waiting for it in one write, the last packet with
 /// the end of the stream; returns whether the stream's sending half was ended.
-async fn send_setup(
-    s: &mut Stream,
-    req: WriteBlock,
-    waiting: Vec<(bool, Frame)>,
-) -> Result<bool, String> {
+async fn send_setup(s: &mut Stream, req: WriteBlock, waiting: Vec<Frame>) -> Result<bool, String> {
     let broken = |e: crate::transport::FramedError| e.to_string();
     s.writer
         .feed(&Frame::WriteBlock(req))
         .await
         .map_err(broken)?;
     let mut ended = false;
-    for (last, frame) in waiting {
-        ended |= last;
+    for frame in waiting {
+        ended |= matches!(&frame, Frame::Packet(p) if p.flags.last);
         s.writer.feed(&frame).await.map_err(broken)?;
     }
     if ended {
