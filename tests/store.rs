@@ -588,6 +588,95 @@ async fn reserved_write_dropped_unrun(backend: BackendKind) {
     assert_eq!(read_all(&store, BlockId(401), GS).await, data);
 }
 
+/// Names of the replica files under `root/state` (both levels of subdirectories).
+fn files_in(root: &Path, state: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.join(state)];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A new replica's files are made by whatever first needs them. Written in one
+/// `write_and_finalize` (a small block) or finalized empty, the committer creates,
+/// writes, seals, commits and moves it: nothing of it is on disk before, its meta is the
+/// sealed header and the checksums, and it reads back, after a reopen too. A sync, a
+/// write or a genstamp bump before that creates the files in `rbw` as before; a replica
+/// nothing touched leaves nothing to recover.
+async fn a_new_replica_is_made_by_its_first_write_or_its_finalize(backend: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChecksumSpec::default();
+    let data = bytes::Bytes::from(pattern(500, 70_000));
+    {
+        let store = open(dir.path(), backend).await;
+        let baseline = store.open_files();
+        let w = std::sync::Arc::new(store.create(BlockId(500), GS, spec).await.unwrap());
+        assert_eq!(files_in(dir.path(), "rbw"), Vec::<String>::new());
+        assert_eq!(store.open_files(), baseline);
+        let last = w
+            .reserve_owned(0, data.clone(), spec.checksums(&data))
+            .unwrap();
+        assert_eq!(last.write_and_finalize().await.unwrap(), 70_000);
+        assert_eq!(
+            files_in(dir.path(), "finalized"),
+            vec!["blk_500_1", "blk_500_1.meta"]
+        );
+        assert_eq!(files_in(dir.path(), "rbw"), Vec::<String>::new());
+        let meta_len = std::fs::metadata(dir.path().join("finalized/00/01/blk_500_1.meta"))
+            .unwrap()
+            .len();
+        assert_eq!(meta_len, 32 + 4 * spec.chunks_for(70_000));
+        assert_eq!(read_all(&store, BlockId(500), GS).await, data);
+
+        // Empty: finalized by the committer too.
+        let w = store.create(BlockId(501), GS, spec).await.unwrap();
+        assert_eq!(w.finalize().await.unwrap(), 0);
+        assert_eq!(read_all(&store, BlockId(501), GS).await, Vec::<u8>::new());
+
+        // A sync before any write makes the empty replica's files exist (and durable).
+        let w = store.create(BlockId(502), GS, spec).await.unwrap();
+        w.write(0, &[], &[], Durability::Sync).await.unwrap();
+        assert_eq!(
+            files_in(dir.path(), "rbw"),
+            vec!["blk_502_1", "blk_502_1.meta"]
+        );
+        drop(w);
+        // A genstamp bump before any write renames files it first creates.
+        let w = store.create(BlockId(503), GS, spec).await.unwrap();
+        w.bump_genstamp(GenStamp(2)).await.unwrap();
+        write_all(&w, &data, 65_536, Durability::Buffered).await;
+        assert_eq!(w.finalize().await.unwrap(), 70_000);
+        // Never written, never finalized: nothing on disk.
+        let w = store.create(BlockId(504), GS, spec).await.unwrap();
+        drop(w);
+    }
+    assert_eq!(
+        files_in(dir.path(), "rbw"),
+        vec!["blk_502_1", "blk_502_1.meta"]
+    );
+    let store = open(dir.path(), backend).await;
+    assert_eq!(read_all(&store, BlockId(500), GS).await, data);
+    assert_eq!(
+        store.get(BlockId(501)).unwrap().state,
+        ReplicaState::Finalized
+    );
+    let info = store.get(BlockId(502)).unwrap();
+    assert_eq!((info.state, info.len), (ReplicaState::Rbw, 0));
+    assert_eq!(read_all(&store, BlockId(503), GenStamp(2)).await, data);
+    assert!(store.get(BlockId(504)).is_none());
+}
+
 async fn second_open_is_locked(backend: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let _store = open(dir.path(), backend).await;
@@ -642,4 +731,5 @@ conformance!(
     second_open_is_locked,
     last_write_and_finalize_in_one_step,
     reserved_write_dropped_unrun,
+    a_new_replica_is_made_by_its_first_write_or_its_finalize,
 );

@@ -314,6 +314,36 @@ async fn crash_cut_recovers_to_the_prefix_that_reached_the_disk() {
     );
 }
 
+/// A small block's replica made in one hand-off (the committer creates its files, writes
+/// data, then the sealed header with the checksums) cut by a crash at its data write or
+/// at its meta write: after the restart it is never finalized, it is an `rbw` replica
+/// with nothing verified, and its data is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_inside_a_replica_made_in_one_step_leaves_nothing_final() {
+    for file in ["blk_8_1", "blk_8_1.meta"] {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = FaultPlan::new();
+        let store = open(dir.path(), Some(&plan)).await;
+        let spec = ChecksumSpec::default();
+        plan.add(FaultRule::new(FaultOp::Write, Fault::Crash).on_file(file));
+        let data = bytes::Bytes::from(pattern(8, 65_536));
+        let w = std::sync::Arc::new(store.create(BlockId(8), GS, spec).await.unwrap());
+        let last = w
+            .reserve_owned(0, data.clone(), spec.checksums(&data))
+            .unwrap();
+        let err = last.write_and_finalize().await.unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{file}: {err}");
+        assert!(plan.crashed(), "{file}");
+        drop((w, store));
+
+        let store = open(dir.path(), None).await;
+        let info = store.get(BlockId(8)).unwrap();
+        assert_eq!((info.state, info.len), (ReplicaState::Rbw, 0), "{file}");
+        assert!(read_all(&store, BlockId(8)).await.unwrap().is_empty());
+        assert!(!replica_paths(dir.path(), "finalized", 8, 1).0.exists());
+    }
+}
+
 /// The files of a replica in `state`'s directory.
 fn replica_paths(
     dir: &std::path::Path,

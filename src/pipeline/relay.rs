@@ -294,8 +294,10 @@ async fn open_replica(shared: &NodeContext, req: &WriteBlock) -> Result<Local, (
     let existing = store.get(req.block);
     let fail = |e: StoreError| (Status::from(&e), e.to_string());
     // A resume at offset 0 of a replica this node never got (a retried setup whose first
-    // attempt did not reach it) is a first setup here.
-    if !req.resume || (req.offset == 0 && existing.is_none()) {
+    // attempt did not reach it), or got nothing of (a replica being written with nothing
+    // landed, whose files may not even exist yet), is a first setup here.
+    let nothing_here = existing.is_none_or(|r| r.state == ReplicaState::Rbw && r.len == 0);
+    if !req.resume || (req.offset == 0 && nothing_here) {
         if let Some(r) = existing {
             if r.state == ReplicaState::Finalized && r.genstamp >= req.genstamp {
                 return Err((

@@ -13,8 +13,10 @@
 //! this with plain syscalls: a finalize costs the caller one hand-off to that thread and
 //! one back (a seal through an IO thread, a sync through another, and a rename through
 //! the blocking pool cost five). A replica's last write may come with its finalize
-//! ([`LastWrite`]): a small block's replica then costs one hand-off in all. The writes
-//! and the `syncfs` run under the engine's fault plan, so tests can fail them.
+//! ([`LastWrite`]), and a replica whose files nothing has created yet is created here
+//! ([`FinalizeFiles::Create`]): a small block's replica then costs one hand-off in all,
+//! for two creates, two writes, its share of a `syncfs` and two renames. The writes and
+//! the `syncfs` run under the engine's fault plan, so tests can fail them.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::aligned::AlignedBuf;
 use super::engine::{Engine, FileRef};
+use super::layout::NewFiles;
+use super::writer::Files;
 use super::{ReplicaState, StoreError, io_err, layout, meta};
 use crate::block::{BlockId, GenStamp};
 
@@ -31,18 +35,24 @@ use crate::block::{BlockId, GenStamp};
 pub(super) struct Finalize {
     pub(super) block: BlockId,
     pub(super) genstamp: GenStamp,
-    /// The replica's meta file: its header is rewritten sealed.
-    pub(super) meta: Arc<FileRef>,
+    /// The replica's files: its meta header is rewritten sealed.
+    pub(super) files: FinalizeFiles,
     pub(super) header: [u8; meta::HEADER_LEN],
     /// The replica's last write, done here just before the seal (a small block's only
     /// write: the committer is woken anyway, so the write costs no hop of its own).
     pub(super) write: Option<LastWrite>,
 }
 
+/// The files of a replica to finalize.
+pub(super) enum FinalizeFiles {
+    /// Open already (the replica was written before).
+    Open(Files),
+    /// Not created yet: the committer creates them, in `rbw`, before the last write.
+    Create(NewFiles),
+}
+
 /// A replica's last write, done by the committer before it seals the replica.
 pub(super) struct LastWrite {
-    /// The data file.
-    pub(super) file: Arc<FileRef>,
     pub(super) offset: u64,
     /// The data, padded for O_DIRECT.
     pub(super) data: AlignedBuf,
@@ -55,27 +65,45 @@ pub(super) struct LastWrite {
 
 impl LastWrite {
     /// Data, then (cut to length) the checksums: a crash in between leaves the old
-    /// checksums over an unchanged prefix, as a write through the IO threads does.
-    fn run(self, engine: &Engine, meta: &Arc<FileRef>) -> Result<(), StoreError> {
-        let path = &self.file.path;
+    /// checksums over an unchanged prefix, as a write through the IO threads does. When
+    /// the checksums start right after the header (the replica's only write), `seal` is
+    /// written with them, in one write; otherwise it is handed back for the caller.
+    fn run(
+        self,
+        engine: &Engine,
+        files: &Files,
+        seal: AlignedBuf,
+    ) -> Result<Option<AlignedBuf>, StoreError> {
+        let path = &files.data.path;
         engine
-            .write_here(&self.file, self.offset, self.data)
+            .write_here(&files.data, self.offset, self.data)
             .map_err(|e| io_err("write", path, e))?;
         if let Some(len) = self.cut_to {
-            self.file
+            files
+                .data
                 .file
                 .set_len(len)
                 .map_err(|e| io_err("truncate", path, e))?;
         }
+        let (at, buf, seal) = if self.meta_at == seal.len() as u64 {
+            let mut both = AlignedBuf::new(seal.len() + self.crcs.len());
+            both.set_len(seal.len() + self.crcs.len());
+            both[..seal.len()].copy_from_slice(&seal);
+            both[seal.len()..].copy_from_slice(&self.crcs);
+            (0, both, None)
+        } else {
+            (self.meta_at, self.crcs, Some(seal))
+        };
         engine
-            .write_here(meta, self.meta_at, self.crcs)
-            .map_err(|e| io_err("write", &meta.path, e))
+            .write_here(&files.meta, at, buf)
+            .map_err(|e| io_err("write", &files.meta.path, e))?;
+        Ok(seal)
     }
 }
 
 enum Job {
     Commit(oneshot::Sender<io::Result<()>>),
-    Finalize(Finalize, oneshot::Sender<Result<(), StoreError>>),
+    Finalize(Box<Finalize>, oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// The store's group committer. Its thread stops when the committer is dropped.
@@ -125,10 +153,13 @@ impl Committer {
     /// moves it into `finalized`. An error names the step that failed; after a failed
     /// seal or sync nothing was moved.
     pub(super) async fn finalize(&self, job: Finalize) -> Result<(), StoreError> {
-        let path = job.meta.path.clone();
+        let path = match &job.files {
+            FinalizeFiles::Open(f) => f.meta.path.clone(),
+            FinalizeFiles::Create(n) => n.meta.clone(),
+        };
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job::Finalize(job, reply))
+            .send(Job::Finalize(Box::new(job), reply))
             .await
             .map_err(|_| io_err("fsync", &path, stopped()))?;
         rx.await.map_err(|_| io_err("fsync", &path, stopped()))?
@@ -142,23 +173,12 @@ fn run_batch(engine: &Engine, anchor: &Arc<FileRef>, root: &Path, batch: Vec<Job
     for job in batch {
         match job {
             Job::Commit(reply) => commits.push(reply),
-            Job::Finalize(mut f, reply) => {
-                if let Some(w) = f.write.take()
-                    && let Err(e) = w.run(engine, &f.meta)
-                {
+            Job::Finalize(f, reply) => match prepare(engine, *f) {
+                Ok(ready) => sealed.push((ready, reply)),
+                Err(e) => {
                     let _ = reply.send(Err(e));
-                    continue;
                 }
-                let mut header = AlignedBuf::new(meta::HEADER_LEN);
-                header.set_len(meta::HEADER_LEN);
-                header.copy_from_slice(&f.header);
-                match engine.write_here(&f.meta, 0, header) {
-                    Ok(()) => sealed.push((f, reply)),
-                    Err(e) => {
-                        let _ = reply.send(Err(io_err("write", &f.meta.path, e)));
-                    }
-                }
-            }
+            },
         }
     }
     let synced = engine.sync_here(anchor);
@@ -175,7 +195,7 @@ fn run_batch(engine: &Engine, anchor: &Arc<FileRef>, root: &Path, batch: Vec<Job
     }
     for (f, reply) in sealed {
         let res = match outcome() {
-            Err(e) => Err(io_err("fsync", &f.meta.path, e)),
+            Err(e) => Err(io_err("fsync", &f.files.meta.path, e)),
             Ok(()) => layout::move_replica(
                 root,
                 f.block,
@@ -186,4 +206,41 @@ fn run_batch(engine: &Engine, anchor: &Arc<FileRef>, root: &Path, batch: Vec<Job
         };
         let _ = reply.send(res);
     }
+}
+
+/// A replica sealed in this batch, to move once the `syncfs` has completed.
+struct Sealed {
+    block: BlockId,
+    genstamp: GenStamp,
+    files: Files,
+}
+
+/// A replica's part of a batch before the `syncfs`: its files (created if need be), its
+/// last write and its seal.
+fn prepare(engine: &Engine, f: Finalize) -> Result<Sealed, StoreError> {
+    let files = match f.files {
+        FinalizeFiles::Open(files) => files,
+        FinalizeFiles::Create(new) => {
+            let (data, meta) = new.create()?;
+            let (data, meta) = engine.pair((data, new.data), (meta, new.meta));
+            Files { data, meta }
+        }
+    };
+    let mut seal = AlignedBuf::new(meta::HEADER_LEN);
+    seal.set_len(meta::HEADER_LEN);
+    seal.copy_from_slice(&f.header);
+    let seal = match f.write {
+        Some(w) => w.run(engine, &files, seal)?,
+        None => Some(seal),
+    };
+    if let Some(seal) = seal {
+        engine
+            .write_here(&files.meta, 0, seal)
+            .map_err(|e| io_err("write", &files.meta.path, e))?;
+    }
+    Ok(Sealed {
+        block: f.block,
+        genstamp: f.genstamp,
+        files,
+    })
 }

@@ -53,6 +53,39 @@ pub(super) fn replica_paths(
     (dir.join(&name), dir.join(format!("{name}.meta")))
 }
 
+/// The files of a new `rbw` replica, not created yet.
+pub(super) struct NewFiles {
+    pub(super) dir: PathBuf,
+    pub(super) data: PathBuf,
+    pub(super) meta: PathBuf,
+    /// The data file takes O_DIRECT.
+    pub(super) direct: bool,
+}
+
+impl NewFiles {
+    /// Creates (or empties) the meta file, then the data file, each in one open (the
+    /// directory only when the first open finds it missing); returns (data, meta). The
+    /// meta file is empty: recovery takes a meta file without a header as an empty
+    /// replica.
+    pub(super) fn create(&self) -> Result<(File, File), StoreError> {
+        let create = || {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true).create(true).truncate(true);
+            o
+        };
+        let meta = in_dir(&self.dir, || create().open(&self.meta))
+            .map_err(|e| io_err("create", &self.meta, e))?;
+        let mut o = create();
+        if self.direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let data = o
+            .open(&self.data)
+            .map_err(|e| io_err("create", &self.data, e))?;
+        Ok((data, meta))
+    }
+}
+
 /// See [`Inner::move_replica`].
 pub(super) fn move_replica(
     root: &Path,
@@ -99,14 +132,15 @@ impl Inner {
         o.open(path)
     }
 
-    /// Creates (or empties) a replica's data file and opens it for writing, in one open.
-    pub(super) fn create_data(&self, path: &Path, spec: ChecksumSpec) -> io::Result<File> {
-        let mut o = OpenOptions::new();
-        o.read(true).write(true).create(true).truncate(true);
-        if self.uses_direct(spec) {
-            o.custom_flags(libc::O_DIRECT);
+    /// Where a new `rbw` replica's files go.
+    pub(super) fn new_files(&self, block: BlockId, gs: GenStamp, spec: ChecksumSpec) -> NewFiles {
+        let (data, meta) = self.paths(ReplicaState::Rbw, block, gs);
+        NewFiles {
+            dir: self.dir(ReplicaState::Rbw, block),
+            data,
+            meta,
+            direct: self.uses_direct(spec),
         }
-        o.open(path)
     }
 
     /// Moves a replica's files from one state directory to another, meta first (a meta

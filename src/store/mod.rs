@@ -385,7 +385,10 @@ impl BlockStore {
     }
 
     /// Starts a new replica in `rbw`. Fails if a replica of the block is already here
-    /// (a corrupt one is removed first).
+    /// (a corrupt one is removed first). The replica's files are created by its first
+    /// write or its finalize, so an error creating them (a full disk, say) comes from
+    /// there; until then the block is reserved in the index, and a reader of the empty
+    /// replica finds no files.
     pub async fn create(
         &self,
         block: BlockId,
@@ -419,46 +422,37 @@ impl BlockStore {
                 },
             );
         }
-        let inner = self.inner.clone();
-        let opened = blocking(move || {
-            let (data_path, meta_path) = inner.paths(ReplicaState::Rbw, block, genstamp);
-            let dir = inner.dir(ReplicaState::Rbw, block);
-            let meta = layout::in_dir(&dir, || {
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&meta_path)
-            })
-            .map_err(|e| io_err("create", &meta_path, e))?;
+        // The files are created by the replica's first write, or by its finalize (see
+        // `ReplicaWriter`).
+        Ok(ReplicaWriter::new(
+            self.clone(),
+            block,
+            genstamp,
+            spec,
+            None,
+            0,
+        ))
+    }
+
+    /// Creates a new `rbw` replica's files, the meta file with its unsealed header. A
+    /// failure fails the write that needed them; the block stays reserved in `rbw` until
+    /// it is deleted (a retried pipeline does that) or the store reopens.
+    async fn create_files(
+        &self,
+        block: BlockId,
+        genstamp: GenStamp,
+        spec: ChecksumSpec,
+    ) -> Result<writer::Files, StoreError> {
+        let new = self.inner.new_files(block, genstamp, spec);
+        let (data, meta) = blocking(move || {
+            let (data, meta) = new.create()?;
             std::os::unix::fs::FileExt::write_all_at(&meta, &meta::encode_header(block, spec), 0)
-                .map_err(|e| io_err("write", &meta_path, e))?;
-            let data = inner
-                .create_data(&data_path, spec)
-                .map_err(|e| io_err("create", &data_path, e))?;
-            Ok((data, data_path, meta, meta_path))
+                .map_err(|e| io_err("write", &new.meta, e))?;
+            Ok(((data, new.data), (meta, new.meta)))
         })
-        .await;
-        match opened {
-            Ok((data, data_path, meta, meta_path)) => {
-                let engine = &self.inner.engine;
-                let (data, meta) = engine.pair((data, data_path), (meta, meta_path));
-                Ok(ReplicaWriter::new(
-                    self.clone(),
-                    block,
-                    genstamp,
-                    spec,
-                    data,
-                    meta,
-                    0,
-                ))
-            }
-            Err(e) => {
-                self.index().remove(&block);
-                Err(e)
-            }
-        }
+        .await?;
+        let (data, meta) = self.inner.engine.pair(data, meta);
+        Ok(writer::Files { data, meta })
     }
 
     /// Reopens an `rbw` replica for writing (e.g. after a restart, to let the pipeline
@@ -516,8 +510,7 @@ impl BlockStore {
             block,
             genstamp,
             spec,
-            data,
-            meta,
+            Some(writer::Files { data, meta }),
             e.len,
         ))
     }

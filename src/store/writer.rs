@@ -55,15 +55,28 @@ struct Reservation {
     ticket: u64,
 }
 
+/// A replica's open data and meta files.
+#[derive(Clone)]
+pub(super) struct Files {
+    pub(super) data: Arc<FileRef>,
+    pub(super) meta: Arc<FileRef>,
+}
+
 /// Writes one `rbw` replica. Appends may run concurrently (each reserves its range
 /// first); a write that ends in a short chunk, a rewrite of the last partial chunk and a
 /// truncate run alone. Dropping the writer leaves the replica in `rbw`.
+///
+/// A new replica's files are created by whatever first needs them: a replica finalized
+/// before anything else touched its files (a small block written in one call to
+/// [`ReservedWrite::write_and_finalize`], or an empty one) is created, written, sealed,
+/// committed and moved by the store's committer in one hand-off.
 pub struct ReplicaWriter {
     store: BlockStore,
     block: BlockId,
     spec: ChecksumSpec,
-    data: Arc<FileRef>,
-    meta: Arc<FileRef>,
+    /// Set once the files exist (from the start for a reopened replica). Set only under
+    /// the `tail` lock, so a finalize that finds it empty creates them itself.
+    files: tokio::sync::OnceCell<Files>,
     state: Mutex<WriterState>,
     /// Appends of whole chunks share it; anything that changes the tail takes it alone.
     tail: RwLock<()>,
@@ -87,16 +100,14 @@ impl ReplicaWriter {
         block: BlockId,
         genstamp: GenStamp,
         spec: ChecksumSpec,
-        data: Arc<FileRef>,
-        meta: Arc<FileRef>,
+        files: Option<Files>,
         len: u64,
     ) -> Self {
         ReplicaWriter {
             store,
             block,
             spec,
-            data,
-            meta,
+            files: tokio::sync::OnceCell::new_with(files),
             state: Mutex::new(WriterState {
                 len,
                 landed: len,
@@ -110,6 +121,17 @@ impl ReplicaWriter {
             tail: RwLock::new(()),
             landed: Notify::new(),
         }
+    }
+
+    /// The replica's files, created (with an unsealed header) if they do not exist yet.
+    /// Callers hold the `tail` lock.
+    async fn files(&self) -> Result<&Files, StoreError> {
+        self.files
+            .get_or_try_init(|| {
+                self.store
+                    .create_files(self.block, self.genstamp(), self.spec)
+            })
+            .await
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
@@ -330,12 +352,17 @@ impl ReplicaWriter {
     /// replica durable (data, meta, directory entry) through the store's group commit.
     async fn make_durable(&self, limit: u64) -> Result<(), StoreError> {
         self.wait_landed(limit).await?;
+        // A sync before any write makes the (empty) replica's files durable.
+        let data = {
+            let _guard = self.tail.read().await;
+            self.files().await?.data.clone()
+        };
         self.store
             .inner
             .committer
             .commit()
             .await
-            .map_err(|e| io_err("fsync", &self.data.path, e))
+            .map_err(|e| io_err("fsync", &data.path, e))
     }
 
     /// Waits until every write with a ticket below `limit` has landed; an error if one of
@@ -438,12 +465,16 @@ impl ReplicaWriter {
         ordered: bool,
     ) -> Result<(), StoreError> {
         let engine = &self.store.inner.engine;
+        let Files {
+            data: dfile,
+            meta: mfile,
+        } = self.files().await?;
         let (dbuf, mbuf, meta_at, direct) = self.buffers(offset, data, crcs);
         let end = offset + data.len() as u64;
         let cut = async {
             if short_end && direct {
                 // The padded tail went to disk; cut the file to the true length.
-                let data = self.data.clone();
+                let data = dfile.clone();
                 blocking(move || {
                     data.file
                         .set_len(end)
@@ -455,23 +486,23 @@ impl ReplicaWriter {
         };
         if ordered {
             engine
-                .write_at(&self.data, offset, dbuf)
+                .write_at(dfile, offset, dbuf)
                 .await
                 .0
-                .map_err(|e| io_err("write", &self.data.path, e))?;
+                .map_err(|e| io_err("write", &dfile.path, e))?;
             cut.await?;
             engine
-                .write_at(&self.meta, meta_at, mbuf)
+                .write_at(mfile, meta_at, mbuf)
                 .await
                 .0
-                .map_err(|e| io_err("write", &self.meta.path, e))?;
+                .map_err(|e| io_err("write", &mfile.path, e))?;
         } else {
             let (dres, mres) = tokio::join!(
-                engine.write_at(&self.data, offset, dbuf),
-                engine.write_at(&self.meta, meta_at, mbuf),
+                engine.write_at(dfile, offset, dbuf),
+                engine.write_at(mfile, meta_at, mbuf),
             );
-            dres.0.map_err(|e| io_err("write", &self.data.path, e))?;
-            mres.0.map_err(|e| io_err("write", &self.meta.path, e))?;
+            dres.0.map_err(|e| io_err("write", &dfile.path, e))?;
+            mres.0.map_err(|e| io_err("write", &mfile.path, e))?;
             cut.await?;
         }
         Ok(())
@@ -512,7 +543,7 @@ impl ReplicaWriter {
         }
         let chunks = self.spec.chunks_for(len);
         let (spec, block) = (self.spec, self.block);
-        let (data, meta) = (self.data.clone(), self.meta.clone());
+        let Files { data, meta } = self.files().await?.clone();
         blocking(move || {
             data.file
                 .set_len(len)
@@ -567,6 +598,8 @@ impl ReplicaWriter {
     /// Gives the replica a new, larger generation stamp while it is being written.
     pub async fn bump_genstamp(&self, new: GenStamp) -> Result<(), StoreError> {
         let _guard = self.tail.write().await;
+        // The files are renamed to the new stamp: they must exist.
+        self.files().await?;
         let old = self.genstamp();
         self.store.bump_genstamp(self.block, old, new).await?;
         self.state().genstamp = new;
@@ -629,7 +662,6 @@ impl ReplicaWriter {
             let end = p.offset + p.data.len() as u64;
             let bpc = u64::from(self.spec.bytes_per_chunk());
             super::commit::LastWrite {
-                file: self.data.clone(),
                 offset: p.offset,
                 data,
                 // The padded tail of a short last chunk goes to disk: cut it off.
@@ -638,6 +670,14 @@ impl ReplicaWriter {
                 crcs,
             }
         });
+        // Files nothing has created yet are created by the committer: the whole replica
+        // then costs one hand-off.
+        let files = match self.files.get() {
+            Some(f) => super::commit::FinalizeFiles::Open(f.clone()),
+            None => super::commit::FinalizeFiles::Create(
+                self.store.inner.new_files(self.block, gs, self.spec),
+            ),
+        };
         // Sealed, then data and meta durable (one group commit), then the renames, all
         // on the committer's thread. The renames become durable with a later commit:
         // until then a crash leaves a sealed `rbw` replica, which recovery finishes (see
@@ -649,7 +689,7 @@ impl ReplicaWriter {
             .finalize(super::commit::Finalize {
                 block: self.block,
                 genstamp: gs,
-                meta: self.meta.clone(),
+                files,
                 header: meta::encode_sealed_header(self.block, self.spec),
                 write,
             })
