@@ -336,6 +336,14 @@ impl Incoming {
     }
 }
 
+/// Bytes of TLS records rustls may hold before the socket takes them (per connection,
+/// held only while the socket is full). Its default (64 KiB) is less than one 64 KiB
+/// packet with its frame head, so every such packet went out in two `writev`s: with 256
+/// KiB (what the frame sink holds back anyway) a 2+2 pipeline of 64 KiB blocks makes one
+/// `writev` fewer per hop and block (measured with `perf trace -s`: 36 096 to 28 095 for
+/// 2000 blocks in the bench's two pipelines).
+const TLS_BUFFER_LIMIT: usize = 256 << 10;
+
 fn bdp_window(topology: &Topology, me: NodeId, peer: NodeId, config: &TransportConfig) -> u64 {
     let (a, b) = (topology.location(me).idc, topology.location(peer).idc);
     let bdp = if a == b {
@@ -836,6 +844,8 @@ impl Transport {
                     after,
                 })??;
         self.inner.counters.connections[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut tls = tls;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
         Ok(tokio_rustls::TlsStream::Client(tls))
     }
 
@@ -1148,6 +1158,8 @@ async fn accept_tcp(
                 }
             };
             t.note_reach(peer, true);
+            let mut tls = tls;
+            tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
             let s = t.accepted_tcp(
                 tokio_rustls::TlsStream::Server(tls),
                 bytes::BytesMut::new(),
