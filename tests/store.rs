@@ -638,6 +638,12 @@ async fn a_new_replica_is_made_by_its_first_write_or_its_finalize(backend: Backe
             .len();
         assert_eq!(meta_len, 32 + 4 * spec.chunks_for(70_000));
         assert_eq!(read_all(&store, BlockId(500), GS).await, data);
+        // Final: the writer makes no files for it any more.
+        let e = w.bump_genstamp(GenStamp(2)).await.unwrap_err();
+        assert!(matches!(e, StoreError::WrongState { .. }), "{e}");
+        let e = w.truncate_to(0).await.unwrap_err();
+        assert!(matches!(e, StoreError::WrongState { .. }), "{e}");
+        assert_eq!(files_in(dir.path(), "rbw"), Vec::<String>::new());
 
         // Empty: finalized by the committer too.
         let w = store.create(BlockId(501), GS, spec).await.unwrap();

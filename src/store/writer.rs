@@ -124,8 +124,16 @@ impl ReplicaWriter {
     }
 
     /// The replica's files, created (with an unsealed header) if they do not exist yet.
-    /// Callers hold the `tail` lock.
+    /// Callers hold the `tail` lock. A finalized replica's files are in `finalized` (the
+    /// committer may have made them without setting them here): none are made for it.
     async fn files(&self) -> Result<&Files, StoreError> {
+        if self.files.get().is_none() && self.state().finalized {
+            return Err(StoreError::WrongState {
+                block: self.block,
+                state: ReplicaState::Finalized,
+                needed: ReplicaState::Rbw,
+            });
+        }
         self.files
             .get_or_try_init(|| {
                 self.store
