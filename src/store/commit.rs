@@ -26,8 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::aligned::AlignedBuf;
 use super::engine::{Engine, FileRef};
-use super::layout::NewFiles;
-use super::writer::Files;
+use super::layout::{Files, NewFiles};
 use super::{ReplicaState, StoreError, io_err, layout, meta};
 use crate::block::{BlockId, GenStamp};
 
@@ -64,16 +63,12 @@ pub(super) struct LastWrite {
 }
 
 impl LastWrite {
-    /// Data, then (cut to length) the checksums: a crash in between leaves the old
-    /// checksums over an unchanged prefix, as a write through the IO threads does. When
-    /// the checksums start right after the header (the replica's only write), `seal` is
-    /// written with them, in one write; otherwise it is handed back for the caller.
-    fn run(
-        self,
-        engine: &Engine,
-        files: &Files,
-        seal: AlignedBuf,
-    ) -> Result<Option<AlignedBuf>, StoreError> {
+    /// Data, then (cut to length) the checksums, then the sealed header: a crash in
+    /// between leaves the old checksums over an unchanged prefix, as a write through the
+    /// IO threads does, and never a seal over checksums not written. When the checksums
+    /// start right after the header (the replica's only write) the header and the
+    /// checksums are one write.
+    fn run(self, engine: &Engine, files: &Files, seal: AlignedBuf) -> Result<(), StoreError> {
         let path = &files.data.path;
         engine
             .write_here(&files.data, self.offset, self.data)
@@ -85,19 +80,21 @@ impl LastWrite {
                 .set_len(len)
                 .map_err(|e| io_err("truncate", path, e))?;
         }
-        let (at, buf, seal) = if self.meta_at == seal.len() as u64 {
+        let meta = |at, buf| {
+            engine
+                .write_here(&files.meta, at, buf)
+                .map_err(|e| io_err("write", &files.meta.path, e))
+        };
+        if self.meta_at == seal.len() as u64 {
             let mut both = AlignedBuf::new(seal.len() + self.crcs.len());
             both.set_len(seal.len() + self.crcs.len());
             both[..seal.len()].copy_from_slice(&seal);
             both[seal.len()..].copy_from_slice(&self.crcs);
-            (0, both, None)
+            meta(0, both)
         } else {
-            (self.meta_at, self.crcs, Some(seal))
-        };
-        engine
-            .write_here(&files.meta, at, buf)
-            .map_err(|e| io_err("write", &files.meta.path, e))?;
-        Ok(seal)
+            meta(self.meta_at, self.crcs)?;
+            meta(0, seal)
+        }
     }
 }
 
@@ -220,23 +217,16 @@ struct Sealed {
 fn prepare(engine: &Engine, f: Finalize) -> Result<Sealed, StoreError> {
     let files = match f.files {
         FinalizeFiles::Open(files) => files,
-        FinalizeFiles::Create(new) => {
-            let (data, meta) = new.create()?;
-            let (data, meta) = engine.pair((data, new.data), (meta, new.meta));
-            Files { data, meta }
-        }
+        FinalizeFiles::Create(new) => new.create_in(engine)?,
     };
     let mut seal = AlignedBuf::new(meta::HEADER_LEN);
     seal.set_len(meta::HEADER_LEN);
     seal.copy_from_slice(&f.header);
-    let seal = match f.write {
+    match f.write {
         Some(w) => w.run(engine, &files, seal)?,
-        None => Some(seal),
-    };
-    if let Some(seal) = seal {
-        engine
+        None => engine
             .write_here(&files.meta, 0, seal)
-            .map_err(|e| io_err("write", &files.meta.path, e))?;
+            .map_err(|e| io_err("write", &files.meta.path, e))?,
     }
     Ok(Sealed {
         block: f.block,

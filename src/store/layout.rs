@@ -8,6 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::aligned::{self, ALIGN};
+use super::engine::{Engine, FileRef};
 use super::{Inner, ReplicaState, StoreError, io_err};
 use crate::block::{BlockId, ChecksumSpec, GenStamp};
 
@@ -53,6 +54,13 @@ pub(super) fn replica_paths(
     (dir.join(&name), dir.join(format!("{name}.meta")))
 }
 
+/// A replica's open data and meta files.
+#[derive(Clone)]
+pub(super) struct Files {
+    pub(super) data: std::sync::Arc<FileRef>,
+    pub(super) meta: std::sync::Arc<FileRef>,
+}
+
 /// The files of a new `rbw` replica, not created yet.
 pub(super) struct NewFiles {
     pub(super) dir: PathBuf,
@@ -64,10 +72,10 @@ pub(super) struct NewFiles {
 
 impl NewFiles {
     /// Creates (or empties) the meta file, then the data file, each in one open (the
-    /// directory only when the first open finds it missing); returns (data, meta). The
-    /// meta file is empty: recovery takes a meta file without a header as an empty
-    /// replica.
-    pub(super) fn create(&self) -> Result<(File, File), StoreError> {
+    /// directory only when the first open finds it missing), and opens both in
+    /// `engine` (one IO lane). The meta file is empty: recovery takes a meta file
+    /// without a header as an empty replica. Blocking: call it off the runtime.
+    pub(super) fn create_in(self, engine: &Engine) -> Result<Files, StoreError> {
         let create = || {
             let mut o = OpenOptions::new();
             o.read(true).write(true).create(true).truncate(true);
@@ -82,7 +90,8 @@ impl NewFiles {
         let data = o
             .open(&self.data)
             .map_err(|e| io_err("create", &self.data, e))?;
-        Ok((data, meta))
+        let (data, meta) = engine.pair((data, self.data), (meta, self.meta));
+        Ok(Files { data, meta })
     }
 }
 

@@ -442,21 +442,23 @@ impl BlockStore {
         block: BlockId,
         genstamp: GenStamp,
         spec: ChecksumSpec,
-    ) -> Result<writer::Files, StoreError> {
+    ) -> Result<layout::Files, StoreError> {
         let new = self.inner.new_files(block, genstamp, spec);
-        let (data, meta) = blocking(move || {
-            let (data, meta) = new.create()?;
-            std::os::unix::fs::FileExt::write_all_at(&meta, &meta::encode_header(block, spec), 0)
-                .map_err(|e| io_err("write", &new.meta, e))?;
-            Ok(((data, new.data), (meta, new.meta)))
+        let engine = self.inner.engine.clone();
+        blocking(move || {
+            let files = new.create_in(&engine)?;
+            let header = meta::encode_header(block, spec);
+            std::os::unix::fs::FileExt::write_all_at(&files.meta.file, &header, 0)
+                .map_err(|e| io_err("write", &files.meta.path, e))?;
+            Ok(files)
         })
-        .await?;
-        let (data, meta) = self.inner.engine.pair(data, meta);
-        Ok(writer::Files { data, meta })
+        .await
     }
 
     /// Reopens an `rbw` replica for writing (e.g. after a restart, to let the pipeline
-    /// recover it). The writer starts at the replica's recovered length.
+    /// recover it). The writer starts at the replica's recovered length. A replica
+    /// nothing was written to may have no files to reopen (see [`create`](Self::create)):
+    /// delete it and create it again instead.
     pub async fn reopen_rbw(
         &self,
         block: BlockId,
@@ -510,7 +512,7 @@ impl BlockStore {
             block,
             genstamp,
             spec,
-            Some(writer::Files { data, meta }),
+            Some(layout::Files { data, meta }),
             e.len,
         ))
     }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, RwLock};
 
 use super::aligned::{self, round_up};
-use super::engine::FileRef;
+use super::layout::Files;
 use super::{BlockStore, Durability, MAX_IO, ReplicaState, StoreError, blocking, io_err, meta};
 use crate::block::{BlockId, ChecksumSpec, GenStamp, MAX_BLOCK_SIZE};
 
@@ -53,13 +53,6 @@ struct Reservation {
     /// It changes the replica's tail (a short last chunk, a rewrite): it runs alone.
     exclusive: bool,
     ticket: u64,
-}
-
-/// A replica's open data and meta files.
-#[derive(Clone)]
-pub(super) struct Files {
-    pub(super) data: Arc<FileRef>,
-    pub(super) meta: Arc<FileRef>,
 }
 
 /// Writes one `rbw` replica. Appends may run concurrently (each reserves its range

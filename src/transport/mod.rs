@@ -344,6 +344,11 @@ impl Incoming {
 /// 2000 blocks in the bench's two pipelines).
 const TLS_BUFFER_LIMIT: usize = 256 << 10;
 
+/// Applies [`TLS_BUFFER_LIMIT`] to a new TLS connection (either side).
+fn limit_tls_buffer<D>(conn: &mut rustls::ConnectionCommon<D>) {
+    conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+}
+
 fn bdp_window(topology: &Topology, me: NodeId, peer: NodeId, config: &TransportConfig) -> u64 {
     let (a, b) = (topology.location(me).idc, topology.location(peer).idc);
     let bdp = if a == b {
@@ -835,7 +840,7 @@ impl Transport {
                 .await
                 .map_err(|e| connect_err(e.to_string()))
         };
-        let tls =
+        let mut tls =
             tokio::time::timeout(after, fut)
                 .await
                 .map_err(|_| TransportError::Timeout {
@@ -844,8 +849,7 @@ impl Transport {
                     after,
                 })??;
         self.inner.counters.connections[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut tls = tls;
-        tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+        limit_tls_buffer(tls.get_mut().1);
         Ok(tokio_rustls::TlsStream::Client(tls))
     }
 
@@ -1137,18 +1141,18 @@ async fn accept_tcp(
         let (t, tx, acceptor) = (t.clone(), tx.clone(), acceptor.clone());
         tokio::spawn(async move {
             let after = t.inner.config.connect_timeout;
-            let tls = match tokio::time::timeout(after, acceptor.accept(reuse::buffered(tcp))).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::warn!(%remote, error = %e, "TLS handshake from a peer failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%remote, "TLS handshake from a peer timed out");
-                    return;
-                }
-            };
+            let mut tls =
+                match tokio::time::timeout(after, acceptor.accept(reuse::buffered(tcp))).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%remote, error = %e, "TLS handshake from a peer failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%remote, "TLS handshake from a peer timed out");
+                        return;
+                    }
+                };
             drop(permit);
             let (peer, role) = match t.identify(tls.get_ref().1.peer_certificates()) {
                 Ok(p) => p,
@@ -1158,8 +1162,7 @@ async fn accept_tcp(
                 }
             };
             t.note_reach(peer, true);
-            let mut tls = tls;
-            tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+            limit_tls_buffer(tls.get_mut().1);
             let s = t.accepted_tcp(
                 tokio_rustls::TlsStream::Server(tls),
                 bytes::BytesMut::new(),
